@@ -1,5 +1,8 @@
 """Qwen3-MoE (``Qwen3MoeForCausalLM``): the worked example of adding a family (see docs/adapters.md).
 
+This family is registered the way a third-party plugin is: not by an import in ``model_adapters/__init__.py`` but
+through the ``mcmoe_vl.adapters`` entry-point group in ``pyproject.toml``, which the registry loads on first use.
+
 Softmax router, optional top-k renormalisation (``norm_topk_prob``), no shared experts, dense layers where
 ``mlp_only_layers`` or ``decoder_sparse_step`` say so (those are simply not MoE blocks).
 """
@@ -13,10 +16,8 @@ from torch import nn
 from mcmoe_vl.moe.interface import RoutingSpec, Scoring
 
 from .base import MoEAdapter
-from .registry import ADAPTERS
 
 
-@ADAPTERS.register("qwen3_moe")
 class Qwen3MoeAdapter(MoEAdapter):
     name = "qwen3_moe"
     family = "Qwen3-MoE (Qwen3MoeForCausalLM): softmax routing, optional renormalisation"
