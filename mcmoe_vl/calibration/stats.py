@@ -98,6 +98,7 @@ class LayerStats(_Strict):
     eps: dict[str, list[float]] = Field(default_factory=dict)  # width -> (n,)
     hawq: dict[str, list[float]] = Field(default_factory=dict)  # width -> (n,)
     weight_error: dict[str, list[float]] = Field(default_factory=dict)  # width -> ||W - Q(W)||_F^2 (n,)
+    starved: list[int] = Field(default_factory=list)  # experts below the configured minimum of tokens
 
     @model_validator(mode="after")
     def _check(self) -> LayerStats:
@@ -112,7 +113,7 @@ class LayerStats(_Strict):
                     raise ValueError(f"layer {self.index}: {k}-bit entry must have {n} entries, has {len(v)}")
         return self
 
-    def starved(self, min_tokens: int) -> list[int]:
+    def starved_experts(self, min_tokens: int) -> list[int]:
         """Experts that received fewer than ``min_tokens`` calibration tokens."""
         return [i for i, c in enumerate(self.all.counts) if c < min_tokens]
 
@@ -129,6 +130,7 @@ class CalibrationStats(_Strict):
     num_decoder_layers: int
     moe_layer_indices: list[int]  # every MoE layer of the model, finished or not
     num_sequences: int = 0
+    data_fingerprint: str | None = None  # sha256 of the calibration token ids (resume refuses other data)
     config: dict = Field(default_factory=dict)  # the CalibrationConfig used
     layers: list[LayerStats] = Field(default_factory=list)  # finished layers, in layer order
 

@@ -1,0 +1,257 @@
+"""The calibration pass: expert significance, Hessian traces, ODP ratio quantiles and eps, layer by layer.
+
+::
+
+    from mcmoe_vl.calibration.calibrate import CalibrationConfig, calibrate
+
+    stats = calibrate(model, batches, CalibrationConfig(eps_bits=(1, 2, 3)), output="runs/stats.json")
+
+``batches``: dicts of model inputs (``input_ids``, ``attention_mask``, and for vision-language models the image
+inputs), each optionally with ``image_token_mask`` (B, S) bool marking image tokens (removed before the call, used
+to split the statistics by image and text tokens). Tokens with ``attention_mask == 0`` are left out of every
+statistic.
+
+Memory is bounded by one decoder layer's activations: :func:`mcmoe_vl.moe.layerwise.iterate_layers` runs the
+decoder layers one at a time over cached inputs; while a MoE layer runs, an observer keeps its block inputs and
+routing, the statistics and the eps table (:mod:`.eps`) are computed from them, and they are dropped before the
+next layer. After each MoE layer the statistics file is rewritten atomically, so an interrupted run resumes at
+the first unfinished layer (earlier layers are re-run only to rebuild the inputs).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from torch import nn
+
+from mcmoe_vl.io import read_json, write_json_atomic
+from mcmoe_vl.moe.interface import ExpertInterface, MoELayer, RoutingEvent
+from mcmoe_vl.moe.layerwise import LayerInput, iterate_layers
+
+from .eps import CapturedBatch, expert_errors, rtn_quantizer
+from .significance import SignificanceAccumulator
+from .stats import FORMAT_VERSION, CalibrationStats, LayerStats
+
+log = logging.getLogger(__name__)
+
+TOKEN_INFO = "_mcmoe_token_info"  # batch key carrying the padding / image masks through layer caching
+IMAGE_MASK_KEY = "image_token_mask"
+
+
+class CalibrationConfig(BaseModel):
+    """What the calibration pass measures.
+
+    ``eps_bits``: widths of the eps table (empty: no eps, no HAWQ; frequencies, weights and Hessian traces only).
+    ``min_tokens``: experts with fewer calibration tokens are listed as starved.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    eps_bits: tuple[int, ...] = (1, 2, 3)
+    group_size: int = Field(128, ge=1)
+    quantizer: str = "rtn"  # round-to-nearest, METHOD.md section 2
+    ratio_quantiles: tuple[float, ...] = (0.05, 0.1, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.9, 0.95)
+    min_tokens: int = Field(16, ge=0)
+
+    @field_validator("eps_bits")
+    @classmethod
+    def _bits(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        if any(b < 1 or b > 8 for b in v):
+            raise ValueError(f"eps widths must be in 1..8, got {list(v)}")
+        return tuple(sorted(set(v)))
+
+    @field_validator("quantizer")
+    @classmethod
+    def _quantizer(cls, v: str) -> str:
+        if v != "rtn":
+            raise ValueError(f"unknown eps quantizer {v!r}; valid: rtn")
+        return v
+
+    @field_validator("ratio_quantiles")
+    @classmethod
+    def _qs(cls, v: tuple[float, ...]) -> tuple[float, ...]:
+        if any(not 0 <= q <= 1 for q in v) or 0.5 not in v:
+            raise ValueError("ratio_quantiles must lie in [0, 1] and include 0.5 (ODP's median)")
+        return tuple(sorted(set(v)))
+
+
+def prepare_batches(batches: Iterable[Mapping[str, Any]]) -> tuple[list[dict[str, Any]], str | None]:
+    """Move the padding / image masks of each batch into one side-channel key; fingerprint the token ids."""
+    out: list[dict[str, Any]] = []
+    h = hashlib.sha256()
+    fingerprintable = True
+    for b in batches:
+        b = dict(b)
+        image = b.pop(IMAGE_MASK_KEY, None)
+        valid = b.get("attention_mask")
+        ids = b.get("input_ids")
+        if ids is None:
+            fingerprintable = False
+        else:
+            t = torch.as_tensor(ids).cpu().contiguous()
+            h.update(str(tuple(t.shape)).encode())
+            h.update(t.to(torch.int64).numpy().tobytes())
+        if image is not None:
+            h.update(torch.as_tensor(image).cpu().bool().numpy().tobytes())
+        b[TOKEN_INFO] = {"valid": None if valid is None else torch.as_tensor(valid).bool(),
+                         "image": None if image is None else torch.as_tensor(image).bool()}
+        out.append(b)
+    if not out:
+        raise ValueError("no calibration batches were given")
+    return out, (h.hexdigest() if fingerprintable else None)
+
+
+class _Recorder:
+    """Observer keeping one layer's block inputs and routing per batch (padding removed)."""
+
+    def __init__(self, inputs: list[LayerInput], top_k: int, num_experts: int) -> None:
+        self.inputs = inputs
+        self.batches: list[CapturedBatch] = []
+        self.acc = SignificanceAccumulator(num_experts, top_k)
+
+    def __call__(self, ev: RoutingEvent) -> None:
+        b = len(self.batches)
+        if b >= len(self.inputs):
+            raise RuntimeError("the MoE block ran more often than there are calibration batches")
+        info = self.inputs[b].extras.get(TOKEN_INFO) or {}
+        T = ev.hidden.shape[0]
+        valid, image = info.get("valid"), info.get("image")
+        keep = torch.ones(T, dtype=torch.bool) if valid is None else valid.reshape(-1)
+        if keep.numel() != T:
+            raise ValueError(f"attention_mask has {keep.numel()} positions but the MoE block saw {T} tokens")
+        keep = keep.to(ev.hidden.device)
+        r = ev.routing
+        img = None
+        if image is not None:
+            img = image.reshape(-1).to(ev.hidden.device)
+            if img.numel() != T:
+                raise ValueError(f"image_token_mask has {img.numel()} positions but the MoE block saw {T} tokens")
+            img = img[keep]
+        idx, prob, weight = r.topk_idx[keep], r.topk_prob[keep], r.topk_weight[keep]
+        self.acc.add(idx, prob, weight, img)
+        self.batches.append(CapturedBatch(ev.hidden[keep].detach(), idx.detach(), weight.detach()))
+
+
+def layer_statistics(layer: MoELayer, rec: _Recorder, config: CalibrationConfig, *, progress: bool = False
+                     ) -> LayerStats:
+    """Finish one layer: significance groups, ODP quantiles, traces, eps / HAWQ tables."""
+    all_, image, text = rec.acc.groups()
+    k, N = layer.top_k, all_.num_tokens
+    if sum(all_.counts) != k * N:  # integer counts: exact by construction, checked anyway
+        raise AssertionError(f"{layer.path}: counts sum to {sum(all_.counts)}, expected {k} x {N}")
+    errs = expert_errors(
+        rec.batches, layer.expert_weights, layer.storage.act_fn, layer.num_experts, config.eps_bits,
+        rtn_quantizer(config.group_size), progress=progress, desc=f"eps layer {layer.index}",
+    )
+    stats = LayerStats(
+        index=layer.index,
+        path=layer.path,
+        num_experts=layer.num_experts,
+        top_k=k,
+        scoring=layer.spec.scoring.value,
+        all=all_,
+        image=image,
+        text=text,
+        hessian_trace_in=errs.hessian_trace_in,
+        hessian_trace_mid=errs.hessian_trace_mid,
+        odp_ratio=rec.acc.ratio_quantiles(config.ratio_quantiles),
+        eps={str(b): v for b, v in errs.eps.items()},
+        hawq={str(b): v for b, v in errs.hawq.items()},
+        weight_error={str(b): v for b, v in errs.weight_error.items()},
+    )
+    stats.starved = stats.starved_experts(config.min_tokens)
+    return stats
+
+
+def calibrate(
+    model: nn.Module,
+    batches: Iterable[Mapping[str, Any]],
+    config: CalibrationConfig | None = None,
+    *,
+    output: str | os.PathLike[str] | None = None,
+    resume: bool = True,
+    model_name: str | None = None,
+    progress: bool = True,
+) -> CalibrationStats:
+    """Run the calibration pass over ``model`` and return (and, with ``output``, save) the statistics.
+
+    With ``output`` and ``resume``, an existing file from the same model, data and config is continued: finished
+    layers are kept and skipped. A file from another model, data set or config is an error (delete it or pass
+    ``resume=False`` to start over).
+    """
+    config = config or CalibrationConfig()
+    iface = ExpertInterface(model)
+    moe: dict[int, MoELayer] = {la.index: la for la in iface.layers}
+    prepared, fingerprint = prepare_batches(batches)
+    n_dec = len(iface.adapter.decoder_layers(model))
+    fresh = CalibrationStats(
+        format_version=FORMAT_VERSION,
+        model_type=str(getattr(model.config, "model_type", type(model).__name__)),
+        model_name=model_name,
+        num_decoder_layers=n_dec,
+        moe_layer_indices=sorted(moe),
+        num_sequences=sum(int(torch.as_tensor(b["input_ids"]).shape[0]) if "input_ids" in b else 1
+                          for b in prepared),
+        data_fingerprint=fingerprint,
+        config=config.model_dump(mode="json"),
+    )
+    stats = fresh
+    if output is not None and resume and Path(output).exists():
+        stats = _resume(Path(output), fresh)
+    done = {la.index for la in stats.layers}
+    todo = [i for i in sorted(moe) if i not in done]
+    if not todo:
+        log.info("calibration statistics already complete in %s", output)
+        return stats
+    was_training = model.training
+    model.eval()
+    try:
+        with iface:
+            for step in iterate_layers(model, prepared, adapter=iface.adapter, extras_key=TOKEN_INFO,
+                                       start=todo[0], stop=todo[-1] + 1, progress="calibration" if progress else False):
+                if step.index not in moe or step.index in done:
+                    continue
+                layer = moe[step.index]
+                rec = _Recorder(step.inputs, layer.top_k, layer.num_experts)
+                with iface.observe(rec, layers=[step.index]):
+                    step.run()
+                if len(rec.batches) != len(step.inputs):
+                    raise RuntimeError(f"{layer.path}: the MoE block ran {len(rec.batches)} times for "
+                                       f"{len(step.inputs)} batches")
+                with torch.no_grad():
+                    stats.layers.append(layer_statistics(layer, rec, config, progress=progress))
+                del rec
+                if output is not None:
+                    write_json_atomic(output, stats.model_dump(mode="json"))
+    finally:
+        model.train(was_training)
+    return stats
+
+
+def _resume(path: Path, fresh: CalibrationStats) -> CalibrationStats:
+    old = load_stats(path)
+    for field_name in ("model_type", "num_decoder_layers", "moe_layer_indices", "data_fingerprint", "config"):
+        a, b = getattr(old, field_name), getattr(fresh, field_name)
+        if a != b:
+            raise ValueError(
+                f"{path} was made with a different {field_name} ({a!r} vs now {b!r}); delete it or run without "
+                f"resume to start over"
+            )
+    log.info("resuming calibration from %s: %d of %d MoE layers done", path, len(old.layers),
+             len(old.moe_layer_indices))
+    return old
+
+
+def load_stats(path: str | os.PathLike[str]) -> CalibrationStats:
+    """Read a calibration statistics file (validated against the schema)."""
+    data = read_json(path, what="calibration statistics")
+    if not isinstance(data, dict) or data.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{path}: not a calibration statistics file of format version {FORMAT_VERSION}")
+    return CalibrationStats.model_validate(data)
