@@ -126,8 +126,10 @@ def resolve_budget(
 ) -> Budget:
     """Turn a target average into an integer budget for ``n`` experts, or raise naming ``name`` and the range.
 
-    Equality when ``n * target * scale`` is an integer the widths can reach; otherwise ``<=`` its floor (the
-    achieved average is reported by the caller).
+    Nominal budgets: equality when ``n * target`` is an integer the widths can reach, otherwise ``<=`` its floor
+    (the achieved average is reported by the caller). Effective budgets are always a cap (``<=``): which exact
+    totals the per-width costs (e.g. 9, 18, 26 units for 1, 2, 3 bits at group 128) can reach is a number-theoretic
+    accident, and the equality makes the program one to two orders of magnitude slower to solve.
     """
     if not math.isfinite(target_bits):
         raise AllocationError(f"{name}: target average must be a finite number, got {target_bits!r}")
@@ -144,5 +146,5 @@ def resolve_budget(
             f"{name}: target {target_bits:g} {units.kind.value} bits is outside the reachable range "
             f"[{lo:.4g}, {hi:.4g}] for {n} experts with widths {list(units.widths)} and the width constraints"
         )
-    exact = integral and bool(reachable[b])
+    exact = units.kind is BudgetKind.NOMINAL and integral and bool(reachable[b])
     return Budget(units=int(min(b, idx[-1])), exact=exact, requested_bits=target_bits)
