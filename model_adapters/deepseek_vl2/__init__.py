@@ -1,0 +1,22 @@
+"""DeepSeek-VL2 (``model_type: deepseek_vl_v2``): a port on transformers 5, its processor, generation and adapter.
+
+- :mod:`.configuration`: the official ``config.json`` parsed and checked; transformers configs from it.
+- :mod:`.modeling`: :class:`DeepseekVL2ForCausalLM`.
+- :mod:`.loading`: :func:`model_from_config`, :func:`load_official`, :func:`save_official`.
+
+The lmms-eval model lives in :mod:`.lmms_model` (imported on demand: it needs lmms-eval).
+"""
+
+from .configuration import DeepseekVL2Config, OfficialConfig, parse_official_config
+from .loading import load_official, model_from_config, save_official
+from .modeling import DeepseekVL2ForCausalLM
+
+__all__ = [
+    "DeepseekVL2Config",
+    "DeepseekVL2ForCausalLM",
+    "OfficialConfig",
+    "load_official",
+    "model_from_config",
+    "parse_official_config",
+    "save_official",
+]

@@ -1,0 +1,408 @@
+"""DeepSeek-VL2 on transformers 5: SigLIP tower, ``downsample_mlp_gelu`` projector, tiled image embeddings, MoE LM.
+
+The computation follows the official ``DeepseekVLV2ForCausalLM`` (deepseek-ai/DeepSeek-VL2):
+
+1. Vision: every tile (a global view and the local crops of each image) goes through a SigLIP ViT; the output is
+   the token grid after the final layer norm (no pooling head), ``(N_tiles, g*g, C)`` with g = 27 at 384 px.
+2. Projector ``downsample_mlp_gelu``: the grid is zero-padded to even (27 -> 28), 2x2 neighbourhoods are
+   concatenated in the channel-major order of ``F.unfold`` (feature ``c*4 + 2*dy + dx``), then
+   ``Linear(4C -> D*r), GELU, ..., Linear(D*r -> D)``: ``(N_tiles, (g/2)^2, D)``.
+3. Layout per image (``tile_tag: 2D``): the global view's h x w grid with an ``image_newline`` embedding after each
+   row, then ``view_seperator``, then the local tiles stitched into one (th*h) x (tw*w) grid, again with a newline
+   after each row (``global_view_pos: head``; ``tail`` puts the global view last). The image embeddings of a
+   sequence replace, in order, the positions where ``images_seq_mask`` is true.
+4. Language model: a DeepSeek MoE decoder built from transformers' DeepseekV2 / DeepseekV3 pieces (see
+   :func:`build_language_model`).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import (
+    DeepseekV2Config,
+    DeepseekV2ForCausalLM,
+    DeepseekV3Config,
+    DeepseekV3ForCausalLM,
+    PreTrainedModel,
+    SiglipVisionModel,
+)
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.deepseek_v2 import modeling_deepseek_v2 as _v2
+from transformers.models.deepseek_v3 import modeling_deepseek_v3 as _v3
+
+from .configuration import DeepseekVL2Config, ProjectorConfig, VisionConfig
+
+log = logging.getLogger(__name__)
+
+
+# -- projector --------------------------------------------------------------------------------------------------------
+
+
+class DeepseekVL2Projector(nn.Module):
+    """``downsample_mlp_gelu``: pad to even, 2x2 unfold merge, MLP with GELU. Keys ``projector.layers.{0,2,..}``."""
+
+    def __init__(self, cfg: ProjectorConfig) -> None:
+        super().__init__()
+        self.ratio = cfg.downsample_ratio
+        hidden = cfg.n_embed * cfg.mlp_ratio
+        mods: list[nn.Module] = [nn.Linear(cfg.input_dim * self.ratio * self.ratio, hidden)]
+        for _ in range(1, cfg.depth - 1):
+            mods += [nn.GELU(), nn.Linear(hidden, hidden)]
+        if cfg.depth > 1:
+            mods += [nn.GELU(), nn.Linear(hidden, cfg.n_embed)]
+        self.layers = nn.Sequential(*mods)
+
+    def merge(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, g*g, C) -> (N, ceil(g/r)^2, C*r*r), features in unfold's channel-major order."""
+        n, hw, c = x.shape
+        g = int(round(hw**0.5))
+        if g * g != hw:
+            raise ValueError(f"projector input has {hw} tokens per tile, not a square grid")
+        pad = (-g) % self.ratio
+        x = x.reshape(n, g, g, c)
+        if pad:
+            x = F.pad(x, (0, 0, 0, pad, 0, pad))  # zero rows/columns at the bottom/right
+        x = F.unfold(x.permute(0, 3, 1, 2), kernel_size=self.ratio, stride=self.ratio)  # (N, C*r*r, L)
+        return x.permute(0, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, g*g, C) -> (N, L, D)
+        return self.layers(self.merge(x))
+
+
+class UnusedAttentionPool(nn.Module):
+    """The SigLIP ``map`` pooling head stored in official checkpoints (``vision.attn_pool.*``).
+
+    DeepSeek-VL2 builds it but never runs it (``ignore_head``); it is kept only so that checkpoints load strictly
+    and are written back complete. ``forward`` is deliberately absent.
+    """
+
+    def __init__(self, vis: VisionConfig) -> None:
+        super().__init__()
+        c, i = vis.width, vis.intermediate_size
+        self.latent = nn.Parameter(torch.zeros(1, 1, c))
+        self.q = nn.Linear(c, c)
+        self.kv = nn.Linear(c, 2 * c)
+        self.proj = nn.Linear(c, c)
+        self.norm = nn.LayerNorm(c, eps=1e-6)
+        self.mlp = nn.Module()
+        self.mlp.fc1 = nn.Linear(c, i)
+        self.mlp.fc2 = nn.Linear(i, c)
+        self.requires_grad_(False)
+
+
+# -- language model ---------------------------------------------------------------------------------------------------
+
+
+class RotaryCosSin(nn.Module):
+    """Rotary embedding over the whole head (Llama layout: ``cat(freqs, freqs)``), returned as ``(cos, sin)``."""
+
+    def __init__(self, config: DeepseekV2Config | DeepseekV3Config) -> None:
+        super().__init__()
+        dim = config.hidden_size // config.num_attention_heads
+        theta = config.rope_parameters["rope_theta"]
+        inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+        self.inv_freq = nn.Buffer(inv_freq, persistent=False)
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = position_ids[..., None].float() * self.inv_freq.to(x.device)  # (B, S, D/2)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+
+
+class DeepseekVL2MHAttention(nn.Module):
+    """Standard multi-head attention of ``deepseek-vl2-tiny`` (the official code uses transformers 4.38's
+    ``LlamaAttention``): q/k/v/o projections, rotary on the whole head with ``rotate_half``, softmax scale
+    ``head_dim**-0.5``, grouped key/value heads. Keys ``self_attn.{q,k,v,o}_proj``."""
+
+    def __init__(self, config: DeepseekV2Config | DeepseekV3Config, layer_idx: int) -> None:
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.num_key_value_heads = config.num_key_value_heads
+        self.head_dim = config.hidden_size // self.num_heads
+        self.num_key_value_groups = self.num_heads // self.num_key_value_heads
+        self.scaling = self.head_dim**-0.5
+        self.attention_dropout = config.attention_dropout
+        self.is_causal = True
+        bias = config.attention_bias
+        h = config.hidden_size
+        self.q_proj = nn.Linear(h, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(h, self.num_key_value_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(h, self.num_key_value_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, h, bias=bias)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,  # (B, S, H)
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: Any = None,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        b, s, _ = hidden_states.shape
+        shape = (b, s, -1, self.head_dim)
+        q = self.q_proj(hidden_states).view(shape).transpose(1, 2)  # (B, nh, S, hd)
+        k = self.k_proj(hidden_states).view(shape).transpose(1, 2)  # (B, nkv, S, hd)
+        v = self.v_proj(hidden_states).view(shape).transpose(1, 2)
+        cos, sin = position_embeddings
+        q, k = _v3.apply_rotary_pos_emb(q, k, cos, sin)
+        if past_key_values is not None:
+            k, v = past_key_values.update(k, v, self.layer_idx)
+        attend = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, _v2.eager_attention_forward)
+        out, weights = attend(
+            self, q, k, v, attention_mask,
+            dropout=0.0 if not self.training else self.attention_dropout, scaling=self.scaling, **kwargs,
+        )
+        return self.o_proj(out.reshape(b, s, -1).contiguous()), weights
+
+
+def _mha_classes(family: str) -> tuple[type, type]:
+    """(text model, causal LM) classes of a family with multi-head attention instead of latent attention.
+
+    Everything but the attention and its rotary embedding is transformers' own DeepseekV2 / DeepseekV3 code
+    (decoder layer forward, MoE block, router, fused experts, norms, caching, output recording).
+    """
+    m = _v2 if family == "deepseek_v2" else _v3
+    p = "DeepseekV2" if family == "deepseek_v2" else "DeepseekV3"
+    moe_cls = getattr(m, "DeepseekV2Moe" if family == "deepseek_v2" else "DeepseekV3MoE")
+    mlp_cls, norm_cls = getattr(m, f"{p}MLP"), getattr(m, f"{p}RMSNorm")
+    layer_base, model_base, lm_base = (getattr(m, f"{p}{n}") for n in ("DecoderLayer", "Model", "ForCausalLM"))
+
+    class Layer(layer_base):
+        def __init__(self, config: Any, layer_idx: int) -> None:
+            GradientCheckpointingLayer.__init__(self)
+            self.hidden_size = config.hidden_size
+            self.self_attn = DeepseekVL2MHAttention(config, layer_idx)
+            self.mlp = moe_cls(config) if layer_idx >= config.first_k_dense_replace else mlp_cls(config)
+            self.input_layernorm = norm_cls(config.hidden_size, eps=config.rms_norm_eps)
+            self.post_attention_layernorm = norm_cls(config.hidden_size, eps=config.rms_norm_eps)
+
+    class TextModel(model_base):
+        def __init__(self, config: Any) -> None:
+            model_base.__mro__[1].__init__(self, config)  # the family's PreTrainedModel
+            self.padding_idx = config.pad_token_id
+            self.vocab_size = config.vocab_size
+            self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+            self.layers = nn.ModuleList([Layer(config, i) for i in range(config.num_hidden_layers)])
+            self.norm = norm_cls(config.hidden_size, eps=config.rms_norm_eps)
+            self.rotary_emb = RotaryCosSin(config)
+            self.gradient_checkpointing = False
+            self.post_init()
+
+    class ForCausalLM(lm_base):
+        def __init__(self, config: Any) -> None:
+            model_base.__mro__[1].__init__(self, config)
+            self.model = TextModel(config)
+            self.vocab_size = config.vocab_size
+            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+            self.post_init()
+
+    tag = "V2" if family == "deepseek_v2" else "V3"
+    for cls, name in ((Layer, "DecoderLayer"), (TextModel, "TextModel"), (ForCausalLM, "ForCausalLM")):
+        cls.__name__ = cls.__qualname__ = f"DeepseekVL2MHA{tag}{name}"
+    return TextModel, ForCausalLM
+
+
+DeepseekVL2MHAV2TextModel, DeepseekVL2MHAV2ForCausalLM = _mha_classes("deepseek_v2")
+DeepseekVL2MHAV3TextModel, DeepseekVL2MHAV3ForCausalLM = _mha_classes("deepseek_v3")
+
+
+def language_model_class(text_config: DeepseekV2Config | DeepseekV3Config) -> type[PreTrainedModel]:
+    """The causal-LM class for a text config from :func:`~.configuration.text_config_from_official`.
+
+    - latent attention + softmax routing: transformers' ``DeepseekV2ForCausalLM``;
+    - latent attention + sigmoid ``noaux_tc``: transformers' ``DeepseekV3ForCausalLM`` (exact with any n_group);
+    - multi-head attention: the same families with :class:`DeepseekVL2MHAttention`.
+    """
+    v3 = isinstance(text_config, DeepseekV3Config)
+    if getattr(text_config, "use_mla", None) is None:
+        raise ValueError("text config lacks use_mla; build it with text_config_from_official()")
+    if text_config.use_mla:
+        return DeepseekV3ForCausalLM if v3 else DeepseekV2ForCausalLM
+    return DeepseekVL2MHAV3ForCausalLM if v3 else DeepseekVL2MHAV2ForCausalLM
+
+
+def build_language_model(text_config: DeepseekV2Config | DeepseekV3Config) -> PreTrainedModel:
+    return language_model_class(text_config)(text_config)
+
+
+# -- the VLM ----------------------------------------------------------------------------------------------------------
+
+
+class DeepseekVL2PreTrainedModel(PreTrainedModel):
+    config: DeepseekVL2Config
+    config_class = DeepseekVL2Config
+    base_model_prefix = ""
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_attention_backend = True
+    _no_split_modules = ["SiglipEncoderLayer"]
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        # Submodels (SigLIP, the language model) initialise themselves; here only the VLM's own parts.
+        if isinstance(module, DeepseekVL2Projector):
+            for lin in module.layers:
+                if isinstance(lin, nn.Linear):
+                    nn.init.normal_(lin.weight, std=0.02)
+                    nn.init.zeros_(lin.bias)
+        elif isinstance(module, UnusedAttentionPool):
+            nn.init.normal_(module.latent, std=module.latent.shape[-1] ** -0.5)
+        elif isinstance(module, DeepseekVL2ForCausalLM):
+            std = module.image_newline.shape[0] ** -0.5  # the official embed_std = 1/sqrt(n_embed)
+            nn.init.normal_(module.image_newline, std=std)
+            nn.init.normal_(module.view_seperator, std=std)
+
+
+class DeepseekVL2ForCausalLM(DeepseekVL2PreTrainedModel):
+    """DeepSeek-VL2. Module names follow the official checkpoint where it can (``projector``, ``image_newline``,
+    ``view_seperator``, ``language``); the vision tower is transformers' ``SiglipVisionModel`` (``vision``).
+
+    Build with :func:`model_adapters.deepseek_vl2.loading.model_from_config` (random init) or
+    :func:`~model_adapters.deepseek_vl2.loading.load_official` (a checkpoint directory).
+    """
+
+    def __init__(self, config: DeepseekVL2Config) -> None:
+        super().__init__(config)
+        off = config.official
+        self.vision = SiglipVisionModel(config.vision_config)
+        self.vision_attn_pool = UnusedAttentionPool(off.vision) if off.vision.global_pool == "map" else None
+        self.projector = DeepseekVL2Projector(off.projector)
+        d = off.projector.n_embed
+        self.image_newline = nn.Parameter(torch.zeros(d))
+        self.view_seperator = nn.Parameter(torch.zeros(d))  # (sic) the official name
+        self.language = build_language_model(config.text_config)
+        self.global_view_pos = off.global_view_pos
+        self.post_init()
+
+    # -- parts ----------------------------------------------------------------------------------------------------
+    @property
+    def lm_head(self) -> nn.Module:
+        return self.language.lm_head
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.language.get_input_embeddings()
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.language.lm_head
+
+    def vision_features(self, tiles: torch.Tensor) -> torch.Tensor:
+        """(N, 3, S, S) normalised tiles -> (N, g*g, C): SigLIP after the final layer norm."""
+        dtype = self.vision.embeddings.patch_embedding.weight.dtype
+        return self.vision(pixel_values=tiles.to(dtype)).last_hidden_state
+
+    def image_tile_embeddings(self, tiles: torch.Tensor) -> torch.Tensor:
+        """(N, 3, S, S) -> (N, h*w, D) projected tile embeddings."""
+        return self.projector(self.vision_features(tiles))
+
+    # -- image embedding placement --------------------------------------------------------------------------------
+    def image_embeddings(self, images: torch.Tensor, images_spatial_crop: torch.Tensor) -> list[torch.Tensor]:
+        """Per sequence, the image embeddings in sequence order, ``[(n_b, D)]``.
+
+        ``images`` (B, max_tiles, 3, S, S); ``images_spatial_crop`` (B, max_images, 2) holds (width tiles, height
+        tiles) per image, zero rows after the last image. Tile order per image: global view, then the local tiles
+        row-major.
+        """
+        crops = images_spatial_crop.tolist()
+        counts = []
+        for row in crops:
+            n = 0
+            for tw, th in row:
+                if tw == 0 or th == 0:
+                    break
+                n += 1 + tw * th
+            counts.append(n)
+        tiles = [images[b, :n] for b, n in enumerate(counts) if n]
+        if not tiles:
+            return [images.new_zeros(0, self.image_newline.shape[0]) for _ in crops]
+        emb = self.image_tile_embeddings(torch.cat(tiles))  # (N, h*w, D)
+        emb = emb.to(self.image_newline.dtype)
+        n_tiles, hw, d = emb.shape
+        h = w = int(round(hw**0.5))
+        newline = self.image_newline
+        out: list[torch.Tensor] = []
+        t = 0
+        for row in crops:
+            parts = []
+            for tw, th in row:
+                if tw == 0 or th == 0:
+                    break
+                glob = emb[t].view(h, w, d)
+                local = emb[t + 1 : t + 1 + tw * th].view(th, tw, h, w, d)
+                t += 1 + tw * th
+                glob = torch.cat([glob, newline.expand(h, 1, d)], dim=1).reshape(-1, d)  # (h*(w+1), D)
+                local = local.permute(0, 2, 1, 3, 4).reshape(th * h, tw * w, d)  # tiles stitched row-major
+                local = torch.cat([local, newline.expand(th * h, 1, d)], dim=1).reshape(-1, d)
+                sep = self.view_seperator[None]
+                parts.append(torch.cat([glob, sep, local] if self.global_view_pos == "head" else [local, sep, glob]))
+            out.append(torch.cat(parts) if parts else emb.new_zeros(0, d))
+        return out
+
+    def prepare_inputs_embeds(
+        self,
+        input_ids: torch.Tensor,
+        images: torch.Tensor | None = None,
+        images_seq_mask: torch.Tensor | None = None,
+        images_spatial_crop: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Token embeddings with the image embeddings written where ``images_seq_mask`` is true."""
+        embeds = self.get_input_embeddings()(input_ids)  # (B, S, D)
+        if images is None or images_spatial_crop is None or int(images_spatial_crop.sum()) == 0:
+            return embeds
+        if images_seq_mask is None:
+            raise ValueError("images were given without images_seq_mask")
+        per_seq = self.image_embeddings(images, images_spatial_crop)
+        rows = []
+        for b, img in enumerate(per_seq):
+            mask = images_seq_mask[b].bool()
+            n = int(mask.sum())
+            if n != img.shape[0]:
+                raise ValueError(
+                    f"sequence {b}: images_seq_mask has {n} image positions but the images give {img.shape[0]} "
+                    "embeddings; the processor's token layout and the model's config disagree"
+                )
+            row = embeds[b]
+            if n:
+                row = row.masked_scatter(mask[:, None], img.to(row.dtype))
+            rows.append(row)
+        return torch.stack(rows)
+
+    # -- forward --------------------------------------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        images: torch.Tensor | None = None,
+        images_seq_mask: torch.Tensor | None = None,
+        images_spatial_crop: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        past_key_values: Any = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs: Any,
+    ) -> Any:
+        """Logits (B, S, V) of the language model over the text with images placed (see the module docstring)."""
+        if inputs_embeds is None:
+            if input_ids is None:
+                raise ValueError("give input_ids or inputs_embeds")
+            inputs_embeds = self.prepare_inputs_embeds(input_ids, images, images_seq_mask, images_spatial_crop)
+        return self.language(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            labels=labels,
+            use_cache=use_cache,
+            logits_to_keep=logits_to_keep,
+            **kwargs,
+        )
