@@ -43,7 +43,8 @@ class AllocationConfig(BaseModel):
     block_widths: tuple[int, int] = (2, 4)  # the block (BSP-like) baseline: (low, high) layer widths
     group_size: int = Field(128, ge=1)  # effective-bit accounting
     param_bits: int = Field(16, ge=1)  # bits of each stored scale / zero
-    other_bits: int = Field(4, ge=1)  # every other quantized linear layer (attention, router, shared experts)
+    other_bits: int = Field(4, ge=1)  # every other quantized linear layer (attention, router, dense MLPs)
+    shared_experts_bits: int = Field(4, ge=1)  # shared experts are not in the program (METHOD.md section 3)
 
     @field_validator("bits")
     @classmethod
