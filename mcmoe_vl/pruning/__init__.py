@@ -1,0 +1,1 @@
+"""Dynamic expert pruning: ODP (ratio rule + token protection, MC-MoE) and OTP (learned top-any masks, MC#)."""
