@@ -396,6 +396,10 @@ class DeepseekVL2ForCausalLM(DeepseekVL2PreTrainedModel):
             if input_ids is None:
                 raise ValueError("give input_ids or inputs_embeds")
             inputs_embeds = self.prepare_inputs_embeds(input_ids, images, images_seq_mask, images_spatial_crop)
+        if position_ids is None and attention_mask is not None:
+            # Left padding: positions count the real tokens (all-ones mask: 0..S-1, as the official forward).
+            pos = attention_mask.long().cumsum(-1) - 1
+            position_ids = pos.masked_fill(attention_mask == 0, 1)[:, -inputs_embeds.shape[1] :]
         return self.language(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
