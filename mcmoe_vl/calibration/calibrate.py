@@ -31,13 +31,13 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
-from mcmoe_vl.io import read_json, write_json_atomic
+from mcmoe_vl.io import write_json_atomic
 from mcmoe_vl.moe.interface import ExpertInterface, MoELayer, RoutingEvent
 from mcmoe_vl.moe.layerwise import LayerInput, iterate_layers
 
 from .eps import CapturedBatch, expert_errors, rtn_quantizer
 from .significance import SignificanceAccumulator
-from .stats import FORMAT_VERSION, CalibrationStats, LayerStats
+from .stats import FORMAT_VERSION, CalibrationStats, LayerStats, load_stats
 
 log = logging.getLogger(__name__)
 
@@ -247,11 +247,3 @@ def _resume(path: Path, fresh: CalibrationStats) -> CalibrationStats:
     log.info("resuming calibration from %s: %d of %d MoE layers done", path, len(old.layers),
              len(old.moe_layer_indices))
     return old
-
-
-def load_stats(path: str | os.PathLike[str]) -> CalibrationStats:
-    """Read a calibration statistics file (validated against the schema)."""
-    data = read_json(path, what="calibration statistics")
-    if not isinstance(data, dict) or data.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{path}: not a calibration statistics file of format version {FORMAT_VERSION}")
-    return CalibrationStats.model_validate(data)

@@ -20,7 +20,11 @@ expert's three matrices.
 
 from __future__ import annotations
 
+import os
+
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from mcmoe_vl.io import read_json
 
 FORMAT_VERSION = 1
 
@@ -147,3 +151,11 @@ class CalibrationStats(_Strict):
     @property
     def num_tokens(self) -> int:
         return self.layers[0].all.num_tokens if self.layers else 0
+
+
+def load_stats(path: str | os.PathLike[str]) -> CalibrationStats:
+    """Read and validate a calibration statistics file."""
+    data = read_json(path, what="calibration statistics")
+    if not isinstance(data, dict) or data.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{path}: not a calibration statistics file of format version {FORMAT_VERSION}")
+    return CalibrationStats.model_validate(data)

@@ -1,0 +1,109 @@
+"""Calibrate a model directory on a data file and save the statistics (what ``mcmoe-vl calibrate`` runs).
+
+::
+
+    calibrate_files(CalibrationRun(model="path/to/model", data="calib.txt", output="runs/stats.json"))
+
+Data: a ``.txt`` file (tokenized with the model directory's tokenizer), a token-ids file (``.json`` /
+``.safetensors``, see :mod:`.data`), or ``embedded:<name>`` for the package's embedded calibration corpus when
+``mcmoe_vl.data`` provides it. From one token stream, ``num_sequences`` seeded random windows of ``seq_len`` tokens
+are drawn (the paper: 128 x 2048 from C4); token-ids files are used as they are (first ``num_sequences`` rows).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from .calibrate import CalibrationConfig, calibrate
+from .data import batches_from_ids, load_token_ids, token_windows
+from .stats import CalibrationStats
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class CalibrationRun(BaseModel):
+    """Everything ``mcmoe-vl calibrate`` needs."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str  # a model directory (Hugging Face layout, or an official DeepSeek-VL2 checkpoint)
+    data: str  # text file, token-ids file, or embedded:<name>
+    output: str
+    calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
+    num_sequences: int = Field(128, ge=1)
+    seq_len: int = Field(2048, ge=1)
+    batch_size: int = Field(1, ge=1)
+    seed: int = 0
+    dtype: str = "float32"
+    device: str = "cpu"
+    resume: bool = True
+    significance_plot: str | None = None  # also write the Fig. 3 heatmaps here (PNG)
+    progress: bool = True
+
+
+def load_model(path: str | os.PathLike[str], *, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+    """Load a causal LM from a local directory (transformers; official DeepSeek-VL2 checkpoints via its port)."""
+    p = Path(path)
+    cfg_file = p / "config.json"
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"model directory {p} has no config.json")
+    model_type = json.loads(cfg_file.read_text(encoding="utf-8")).get("model_type")
+    if model_type == "deepseek_vl_v2":
+        from model_adapters.deepseek_vl2.loading import load_official
+
+        return load_official(p, dtype=dtype, device=device)
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(p), dtype=dtype).to(device).eval()
+
+
+def calibration_ids(run: CalibrationRun) -> torch.Tensor:
+    """The (N, S) calibration token ids the run describes."""
+    data = run.data
+    if data.startswith("embedded:"):
+        try:
+            from mcmoe_vl import data as embedded  # provided by the embedded-data package when present
+        except ImportError:
+            raise ValueError("embedded calibration data is not available in this installation; pass a text or "
+                             "token-ids file") from None
+        name = data.split(":", 1)[1]
+        ids = embedded.calibration_token_ids(name)  # type: ignore[attr-defined]
+        return token_windows(ids, run.seq_len, run.num_sequences, seed=run.seed)
+    p = Path(data)
+    if not p.is_file():
+        raise FileNotFoundError(f"calibration data not found: {p}")
+    if p.suffix in (".json", ".safetensors"):
+        return load_token_ids(p)[: run.num_sequences]
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(run.model)
+    ids = tok(p.read_text(encoding="utf-8"), add_special_tokens=False)["input_ids"]
+    return token_windows(ids, run.seq_len, run.num_sequences, seed=run.seed)
+
+
+def calibrate_files(run: CalibrationRun) -> CalibrationStats:
+    """Load the model and data, run :func:`calibrate` (resumable) and save the statistics (and heatmaps)."""
+    if run.dtype not in _DTYPES:
+        raise ValueError(f"unknown dtype {run.dtype!r}; valid: {', '.join(_DTYPES)}")
+    ids = calibration_ids(run)  # before loading the model: bad data fails fast
+    model = load_model(run.model, dtype=_DTYPES[run.dtype], device=run.device)
+    vocab = getattr(getattr(model.config, "text_config", None) or model.config, "vocab_size", None)
+    if vocab is not None and int(ids.max()) >= vocab:
+        raise ValueError(f"token id {int(ids.max())} is outside the model's vocabulary of {vocab}")
+    batches = [{k: v.to(run.device) for k, v in b.items()} for b in batches_from_ids(ids, run.batch_size)]
+    log.info("calibrating %s on %d sequences x %d tokens", run.model, ids.shape[0], ids.shape[1])
+    stats = calibrate(model, batches, run.calibration, output=run.output, resume=run.resume,
+                      model_name=Path(run.model).name, progress=run.progress)
+    if run.significance_plot:
+        from mcmoe_vl.plots import significance_heatmaps
+
+        significance_heatmaps(stats, run.significance_plot)
+    return stats

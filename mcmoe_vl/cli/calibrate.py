@@ -1,0 +1,51 @@
+"""``mcmoe-vl calibrate``: model directory + calibration data -> statistics file (phi, w, eps, Hessian traces).
+
+    mcmoe-vl calibrate MODEL_DIR --data calib.txt --output runs/stats.json [--eps-bits 1 2 3] [--plot sig.png]
+
+Resumes an interrupted run from ``--output`` unless ``--no-resume``. Calls
+:func:`mcmoe_vl.calibration.workflow.calibrate_files`.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("calibrate", help="measure expert significance and the eps table on calibration data",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", help="model directory (config.json + safetensors)")
+    p.add_argument("--data", required=True,
+                   help="text file, token-ids file (.json / .safetensors), or embedded:<name>")
+    p.add_argument("--output", "-o", required=True, help="statistics JSON to write (and resume from)")
+    p.add_argument("--num-sequences", type=int, default=128, help="calibration sequences (default 128)")
+    p.add_argument("--seq-len", type=int, default=2048, help="tokens per sequence for text data (default 2048)")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0, help="seed of the random calibration windows")
+    p.add_argument("--eps-bits", type=int, nargs="*", default=[1, 2, 3],
+                   help="widths of the eps table (none: skip eps and HAWQ)")
+    p.add_argument("--group-size", type=int, default=128, help="quantization group size for eps")
+    p.add_argument("--min-tokens", type=int, default=16, help="experts with fewer tokens are listed as starved")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--no-resume", action="store_true", help="start over even if --output exists")
+    p.add_argument("--plot", default=None, help="also write the significance heatmaps (PNG)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from mcmoe_vl.calibration.calibrate import CalibrationConfig
+    from mcmoe_vl.calibration.workflow import CalibrationRun, calibrate_files
+
+    stats = calibrate_files(CalibrationRun(
+        model=args.model, data=args.data, output=args.output, num_sequences=args.num_sequences,
+        seq_len=args.seq_len, batch_size=args.batch_size, seed=args.seed, dtype=args.dtype, device=args.device,
+        resume=not args.no_resume, significance_plot=args.plot, progress=not args.no_progress,
+        calibration=CalibrationConfig(eps_bits=tuple(args.eps_bits), group_size=args.group_size,
+                                      min_tokens=args.min_tokens),
+    ))
+    starved = {la.index: la.starved for la in stats.layers if la.starved}
+    print(f"wrote {args.output}: {len(stats.layers)} MoE layers, {stats.num_tokens} tokens"
+          + (f"; starved experts (layer: experts): {starved}" if starved else ""))
+    return 0
