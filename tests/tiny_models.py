@@ -74,9 +74,19 @@ def tiny_qwen3_moe(seed: int = 0) -> Qwen3MoeForCausalLM:
     return _init(Qwen3MoeForCausalLM(cfg), seed)
 
 
+def tiny_deepseek_vl2(seed: int = 0):
+    """DeepSeek-VL2 (tiny variant: multi-head attention, greedy softmax), official layout, 3 layers, 8 experts."""
+    from model_adapters.deepseek_vl2 import model_from_config
+    from model_adapters.deepseek_vl2.tiny import tiny_official_config
+
+    torch.manual_seed(seed)
+    return _init(model_from_config(tiny_official_config(), attn_implementation="eager"), seed)
+
+
 TINY_BUILDERS = {
     "mixtral": tiny_mixtral,
     "deepseek_v2": tiny_deepseek_v2,
     "deepseek_v3": tiny_deepseek_v3,
     "qwen3_moe": tiny_qwen3_moe,
+    "deepseek_vl_v2": tiny_deepseek_vl2,
 }
