@@ -8,8 +8,8 @@
 
 ``batches``: dicts of model inputs (``input_ids``, ``attention_mask``, and for vision-language models the image
 inputs), each optionally with ``image_token_mask`` (B, S) bool marking image tokens (removed before the call, used
-to split the statistics by image and text tokens). Tokens with ``attention_mask == 0`` are left out of every
-statistic.
+to split the statistics by image and text tokens; DeepSeek-VL2's ``images_seq_mask`` input serves when absent).
+Tokens with ``attention_mask == 0`` are left out of every statistic.
 
 Memory is bounded by one decoder layer's activations: :func:`mcmoe_vl.moe.layerwise.iterate_layers` runs the
 decoder layers one at a time over cached inputs; while a MoE layer runs, an observer keeps its block inputs and
@@ -90,6 +90,8 @@ def prepare_batches(batches: Iterable[Mapping[str, Any]]) -> tuple[list[dict[str
     for b in batches:
         b = dict(b)
         image = b.pop(IMAGE_MASK_KEY, None)
+        if image is None and b.get("images_seq_mask") is not None:  # DeepSeek-VL2's own image-position mask
+            image = b["images_seq_mask"]
         valid = b.get("attention_mask")
         ids = b.get("input_ids")
         if ids is None:
