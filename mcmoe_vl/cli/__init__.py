@@ -12,8 +12,8 @@ import logging
 import sys
 from collections.abc import Sequence
 
-# Order is the order shown in --help.
-SUBCOMMANDS: tuple[str, ...] = ("adapters",)
+# Order is the order shown in --help. A listed module that is absent is skipped (partial installs stay usable).
+SUBCOMMANDS: tuple[str, ...] = ("run", "report", "calibrate", "allocate", "quantize", "prune", "adapters")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,7 +24,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in SUBCOMMANDS:
-        importlib.import_module(f"mcmoe_vl.cli.{name}").register(sub)
+        try:
+            module = importlib.import_module(f"mcmoe_vl.cli.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"mcmoe_vl.cli.{name}":
+                raise
+            continue
+        module.register(sub)
     return parser
 
 
