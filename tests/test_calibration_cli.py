@@ -75,3 +75,22 @@ def test_token_windows_are_seeded():
     assert torch.equal(a[:, 1:] - a[:, :-1], torch.ones(4, 15, dtype=torch.int64))  # contiguous windows
     with pytest.raises(ValueError, match="fewer than one window"):
         token_windows(ids[:10], 16, 1)
+
+
+def test_text_data_is_tokenized_with_the_model_tokenizer(tmp_path):
+    from mcmoe_vl.calibration.workflow import CalibrationRun, calibrate_files
+    from mcmoe_vl.data.tokenizer import byte_tokenizer
+
+    tok = byte_tokenizer()
+    model = tiny_mixtral(seed=6, layers=1)
+    model.resize_token_embeddings(len(tok))
+    model.save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    text = tmp_path / "calib.txt"
+    text.write_text("Return the sum of a and b. " * 20)
+    stats = calibrate_files(CalibrationRun(model=str(tmp_path / "model"), data=str(text), output=str(tmp_path / "s.json"),
+                                           num_sequences=3, seq_len=32, batch_size=3, progress=False))
+    assert stats.num_tokens == 96 and stats.num_sequences == 3
+    with pytest.raises(ValueError, match="unknown embedded split"):
+        calibrate_files(CalibrationRun(model=str(tmp_path / "model"), data="embedded:nope",
+                                       output=str(tmp_path / "t.json")))

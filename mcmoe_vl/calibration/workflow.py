@@ -4,9 +4,10 @@
 
     calibrate_files(CalibrationRun(model="path/to/model", data="calib.txt", output="runs/stats.json"))
 
-Data: a ``.txt`` file (tokenized with the model directory's tokenizer), a token-ids file (``.json`` /
-``.safetensors``, see :mod:`.data`), or ``embedded:<name>`` for the package's embedded calibration corpus when
-``mcmoe_vl.data`` provides it. From one token stream, ``num_sequences`` seeded random windows of ``seq_len`` tokens
+Data: a text file (tokenized with the model directory's tokenizer), a token-ids file (``.json`` /
+``.safetensors``, see :mod:`.data`), or ``embedded:train`` / ``embedded:heldout`` / ``embedded:ood`` for the
+package's embedded corpus (:mod:`mcmoe_vl.data.text`: standard-library docstrings, held-out docstrings, held-out
+code). From one token stream, ``num_sequences`` seeded random windows of ``seq_len`` tokens
 are drawn (the paper: 128 x 2048 from C4); token-ids files are used as they are (first ``num_sequences`` rows).
 """
 
@@ -65,27 +66,39 @@ def load_model(path: str | os.PathLike[str], *, dtype: torch.dtype = torch.float
     return AutoModelForCausalLM.from_pretrained(str(p), dtype=dtype).to(device).eval()
 
 
-def calibration_ids(run: CalibrationRun) -> torch.Tensor:
-    """The (N, S) calibration token ids the run describes."""
-    data = run.data
-    if data.startswith("embedded:"):
-        try:
-            from mcmoe_vl import data as embedded  # provided by the embedded-data package when present
-        except ImportError:
-            raise ValueError("embedded calibration data is not available in this installation; pass a text or "
-                             "token-ids file") from None
-        name = data.split(":", 1)[1]
-        ids = embedded.calibration_token_ids(name)  # type: ignore[attr-defined]
-        return token_windows(ids, run.seq_len, run.num_sequences, seed=run.seed)
+EMBEDDED_SPLITS = ("train", "heldout", "ood")
+
+
+def calibration_text(data: str) -> str:
+    """Text of a ``.txt`` file or of an embedded split (``embedded:train|heldout|ood``, the stdlib corpus)."""
+    if data.startswith("embedded"):
+        split = data.split(":", 1)[1] if ":" in data else "train"
+        if split not in EMBEDDED_SPLITS:
+            raise ValueError(f"unknown embedded split {split!r}; valid: {', '.join(EMBEDDED_SPLITS)}")
+        from mcmoe_vl.data.text import stdlib_splits
+
+        splits = stdlib_splits()
+        return {"train": splits.train_text, "heldout": splits.heldout_text, "ood": splits.ood_text}[split]()
     p = Path(data)
     if not p.is_file():
         raise FileNotFoundError(f"calibration data not found: {p}")
-    if p.suffix in (".json", ".safetensors"):
+    return p.read_text(encoding="utf-8")
+
+
+def calibration_ids(run: CalibrationRun) -> torch.Tensor:
+    """The (N, S) calibration token ids the run describes."""
+    p = Path(run.data)
+    if p.suffix in (".json", ".safetensors") and not run.data.startswith("embedded"):
         return load_token_ids(p)[: run.num_sequences]
+    text = calibration_text(run.data)
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(run.model)
-    ids = tok(p.read_text(encoding="utf-8"), add_special_tokens=False)["input_ids"]
+    try:
+        tok = AutoTokenizer.from_pretrained(run.model)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{run.model}: no tokenizer to encode text calibration data ({exc}); save one with the "
+                         "model or pass a token-ids file") from exc
+    ids = tok(text, add_special_tokens=False)["input_ids"]
     return token_windows(ids, run.seq_len, run.num_sequences, seed=run.seed)
 
 

@@ -16,7 +16,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", help="model directory (config.json + safetensors)")
     p.add_argument("--data", required=True,
-                   help="text file, token-ids file (.json / .safetensors), or embedded:<name>")
+                   help="text file, token-ids file (.json / .safetensors), or embedded:train / embedded:heldout / "
+                        "embedded:ood (the embedded standard-library corpus)")
     p.add_argument("--output", "-o", required=True, help="statistics JSON to write (and resume from)")
     p.add_argument("--num-sequences", type=int, default=128, help="calibration sequences (default 128)")
     p.add_argument("--seq-len", type=int, default=2048, help="tokens per sequence for text data (default 2048)")
