@@ -1,0 +1,257 @@
+"""The comparative markdown report, built only from saved results files.
+
+::
+
+    build_report(["runs/default/results/a.json", ...], "reports/default")   # -> reports/default/report.md
+
+Per model, the paper-style table (MC-MoE Tables 2 and 4): each task's primary metric, the average over
+higher-is-better tasks, its change against the model's baseline row (16-bit unless the suite names another), nominal
+and effective bits, size, activated parameters per token and the measured speed-up. Then the accuracy-bits plot
+with Pareto fronts, active experts per layer, and the bit-allocation and significance heatmaps the results files
+point to (copied beside the report). The order of everything is fixed by the data, not by the order of the files,
+and nothing depends on the clock: the same files give the same bytes. Rows carry their run date, so results of
+different dates can sit in one report.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+from pathlib import Path
+
+from mcmoe_vl.evaluation.results import ResultsFile, load_results
+from mcmoe_vl.io import write_text_atomic
+
+from .plots import active_experts_plot, pareto_plot
+from .tables import (
+    ReportError,
+    Row,
+    TaskColumn,
+    build_rows,
+    display,
+    fmt_bytes,
+    fmt_num,
+    fmt_params,
+    fmt_signed,
+    task_columns,
+)
+
+log = logging.getLogger(__name__)
+
+REPORT_NAME = "report.md"
+
+
+def expand_results_paths(paths: list[str | os.PathLike[str]]) -> list[Path]:
+    """Files as given; directories contribute every ``*.json`` under a ``results`` directory below them."""
+    out: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*.json") if "results" in f.relative_to(p).parts[:-1]
+                           or p.name == "results")
+            if not found:
+                raise FileNotFoundError(f"no results files (results/*.json) under {p}")
+            out.extend(found)
+        elif p.is_file():
+            out.append(p)
+        else:
+            raise FileNotFoundError(f"results file not found: {p}")
+    return sorted(set(out), key=lambda f: f.as_posix())
+
+
+def _slug(s: str) -> str:
+    import re
+
+    return re.sub(r"[^a-z0-9.]+", "-", s.lower()).strip("-") or "x"
+
+
+def _rel(path: Path, start: Path) -> str:
+    try:
+        return Path(os.path.relpath(path.resolve(), start.resolve())).as_posix()
+    except ValueError:
+        return path.as_posix()
+
+
+def _task_table(rows: list[Row], columns: list[TaskColumn], baseline_label: str) -> list[str]:
+    head = ["Recipe"] + [c.label + ("" if c.higher_is_better else " (ppl↓)") for c in columns] + [
+        "Avg", f"Δ vs {baseline_label}", "Bits (nominal)", "Bits (effective)", "Size", "Activated params",
+        "Speed-up"]
+    multi_run = len({r.run for r in rows}) > 1
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
+    for r in rows:
+        name = r.recipe + (f" ({r.run})" if multi_run else "")
+        cells = [name]
+        for c in columns:
+            v = display(r.scores[c.task], c)
+            s = fmt_num(v)
+            sd = r.spread.get(c.task)
+            if sd is not None:
+                s += f" ± {fmt_num(sd * (100.0 if c.percent else 1.0))}"
+            cells.append(s)
+        act = fmt_params(r.activated_params)
+        if r.activated_reduction is not None and r.activated_reduction > 5e-4:
+            act += f" (−{100 * r.activated_reduction:.1f}%)"
+        cells += [fmt_num(r.average), "—" if r.baseline else fmt_signed(r.delta), fmt_num(r.nominal_bits),
+                  fmt_num(r.effective_bits), fmt_bytes(r.size_bytes), act,
+                  "1.00x" if r.baseline and r.tokens_per_second else
+                  ("-" if r.speedup is None else f"{r.speedup:.2f}x")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _metric_legend(columns: list[TaskColumn]) -> str:
+    parts = []
+    for c in columns:
+        unit = "accuracy-like, x100" if c.percent else ("lower is better" if not c.higher_is_better else "as is")
+        parts.append(f"`{c.label}` = {c.harness} `{c.task}` `{c.metric}` ({unit})")
+    return "Metrics: " + "; ".join(parts) + "."
+
+
+def build_report(
+    results_paths: list[str | os.PathLike[str]],
+    output_dir: str | os.PathLike[str],
+    *,
+    title: str | None = None,
+    baseline: str | None = None,
+    command: str | None = None,
+    notes: list[str] | None = None,
+) -> Path:
+    """Write ``output_dir/report.md`` (and its figures) from the results files; return the report's path.
+
+    ``baseline``: the recipe each model's rows are compared with (default: the rows marked baseline, 16-bit).
+    ``command``: the command line shown in the report. ``notes``: extra lines (e.g. recipes that could not run).
+    """
+    paths = expand_results_paths(list(results_paths))
+    if not paths:
+        raise ReportError("no results files given")
+    out = Path(output_dir)
+    files: list[ResultsFile] = [load_results(p) for p in paths]  # every file validated before anything is written
+    origin = {id(f): p for f, p in zip(files, paths)}
+    fig_dir = out / "figures"
+    if fig_dir.exists():
+        shutil.rmtree(fig_dir)
+    fig_dir.mkdir(parents=True, exist_ok=True)
+
+    models = sorted({f.model for f in files})
+    suites = sorted({f.suite for f in files})
+    dates = sorted({f.date for f in files})
+    lines = [f"# {title or 'Compression report: ' + ', '.join(suites)}", ""]
+    if command:
+        lines += ["Made by:", "", "```", command, "```", ""]
+    lines += [f"Built from {len(files)} results file(s) of suite(s) {', '.join(f'`{s}`' for s in suites)}, "
+              f"run between {dates[0]} and {dates[-1]}. Every number below is read from those files.", ""]
+    if notes:
+        lines += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
+
+    rows_by_model: dict[str, list[Row]] = {}
+    for model in models:
+        cols = task_columns(files, model)
+        rows = build_rows(files, model, cols)
+        if baseline:
+            from .tables import reference_row
+
+            for r in rows:
+                r.baseline = r.recipe == baseline
+            rows.sort(key=lambda r: (not r.baseline, -r.nominal_bits, r.recipe, r.run))
+            for r in rows:
+                ref = reference_row(rows, r, baseline)
+                r.delta = None if ref is None or r.average is None or ref.average is None else r.average - ref.average
+                r.speedup = (r.tokens_per_second / ref.tokens_per_second
+                             if ref is not None and r.tokens_per_second and ref.tokens_per_second else None)
+        rows_by_model[model] = rows
+        base_label = baseline or next((r.recipe for r in rows if r.baseline), "baseline")
+        lines += [f"## {model}", ""]
+        lines += _task_table(rows, cols, base_label)
+        lines += ["", _metric_legend(cols), ""]
+        seeds = sorted({s for r in rows for s in r.seeds})
+        if len(seeds) > 1:
+            lines += [f"Scores are means over seeds {seeds} (± population standard deviation).", ""]
+        lines += _details(rows)
+
+    lines += ["## Accuracy against bits", ""]
+    pareto = pareto_plot(rows_by_model, fig_dir / "pareto.png")
+    lines += [f"![accuracy against bits]({_rel(pareto, out)})", "",
+              "Average over the higher-is-better tasks of each model against nominal bits; the line joins each "
+              "model's Pareto-optimal recipes (no recipe with fewer bits scores higher).", ""]
+
+    lines += ["## Active experts per layer", ""]
+    for model in models:
+        p = active_experts_plot(rows_by_model[model], model, fig_dir / f"active-experts-{_slug(model)}.png")
+        if p is not None:
+            lines += [f"![active experts per layer, {model}]({_rel(p, out)})", ""]
+        lines += _activity_table(rows_by_model[model])
+
+    heat = _heatmaps(files, origin, fig_dir, out)
+    if heat:
+        lines += ["## Bit allocation and expert significance", ""] + heat
+
+    lines += ["## Sources", "", "| File | Suite | Model | Recipe | Seed | Date | SHA-256 |",
+              "|---|---|---|---|---:|---|---|"]
+    for f, p in sorted(zip(files, paths), key=lambda fp: (fp[0].model, fp[0].recipe, fp[0].seed, fp[0].date)):
+        digest = hashlib.sha256(p.read_bytes()).hexdigest()[:12]
+        lines.append(f"| `{_rel(p, out)}` | {f.suite} | {f.model} | {f.recipe} | {f.seed} | {f.date} | {digest} |")
+    soft = sorted({(k, v) for f in files for k, v in f.software.items()})
+    if soft:
+        lines += ["", "Software: " + ", ".join(f"{k} {v}" for k, v in soft) + "."]
+    report = out / REPORT_NAME
+    write_text_atomic(report, "\n".join(lines) + "\n")
+    log.info("wrote %s (%d results files, %d models)", report, len(files), len(models))
+    return report
+
+
+def _details(rows: list[Row]) -> list[str]:
+    """One line per compressed row: allocator, target and achieved bits, pruning settings, runtime."""
+    out = []
+    for r in rows:
+        c = r.files[0].compression
+        bits = []
+        if c.quant:
+            q = c.quant
+            bits.append(f"{q.get('allocator', '?')} allocator, target {q.get('target_bits', '?')} "
+                        f"{q.get('budget', 'nominal')} bits over widths {q.get('bit_set', '?')}, experts at "
+                        f"{fmt_num(c.expert_nominal_bits, 3)} nominal bits, {q.get('runtime', '?')} runtime")
+            if q.get("starved_experts"):
+                bits.append(f"{q['starved_experts']} starved expert(s) fell back to round-to-nearest")
+        if c.prune:
+            p = c.prune
+            settings = ", ".join(f"{k}={v}" for k, v in sorted(p.items()) if k != "method" and not isinstance(v, dict))
+            bits.append(f"{p.get('method', '?').upper()} ({settings})")
+        if bits:
+            out.append(f"- **{r.recipe}**: " + "; ".join(bits) + ".")
+    return out + ([""] if out else [])
+
+
+def _activity_table(rows: list[Row]) -> list[str]:
+    acts = [(r, r.files[0].compression.active_experts) for r in rows]
+    acts = [(r, a) for r, a in acts if a]
+    if not acts:
+        return []
+    layers = [a.index for a in acts[0][1]]
+    lines = ["| Recipe | " + " | ".join(f"L{i}" for i in layers) + " | top-k |",
+             "|---|" + "---:|" * (len(layers) + 1)]
+    for r, a in acts:
+        vals = [sum(f.compression.active_experts[j].avg_active_experts for f in r.files) / len(r.files)
+                for j in range(len(a))]
+        lines.append(f"| {r.recipe} | " + " | ".join(f"{v:.2f}" for v in vals) + f" | {a[0].top_k} |")
+    return lines + [""]
+
+
+def _heatmaps(files: list[ResultsFile], origin: dict[int, Path], fig_dir: Path, out: Path) -> list[str]:
+    lines: list[str] = []
+    seen: set[str] = set()
+    for f in sorted(files, key=lambda f: (f.model, f.recipe, f.seed, f.date)):
+        for name, rel in sorted(f.compression.artifacts.items()):
+            src = (origin[id(f)].parent / rel)
+            if not src.is_file():
+                log.warning("%s: artifact %s not found at %s; left out of the report", origin[id(f)], name, src)
+                continue
+            digest = hashlib.sha256(src.read_bytes()).hexdigest()[:12]
+            if digest in seen:  # the same picture (e.g. one model's significance map) is shown once
+                continue
+            seen.add(digest)
+            dst = fig_dir / f"{_slug(f.model)}-{_slug(f.recipe)}-{_slug(name)}{src.suffix}"
+            shutil.copyfile(src, dst)
+            caption = f"{f.model}: {name.replace('_', ' ')}" + ("" if "significance" in name else f", {f.recipe}")
+            lines += [f"**{caption}**", "", f"![{caption}]({_rel(dst, out)})", ""]
+    return lines

@@ -1,0 +1,349 @@
+"""The suite file: models x compression recipes x tasks, with calibration and evaluation settings.
+
+A suite is TOML or YAML; every table is a typed config with ``extra="forbid"``, so a misspelt key is an error that
+names it. A minimal TOML suite::
+
+    name = "tiny"
+    seeds = [0]
+
+    [calibration]
+    data = "embedded:text"        # embedded:<name> | a text / token-ids file | hf:<dataset>[:<config>[:<split>]]
+    num_sequences = 16
+    seq_len = 128
+
+    [[models]]
+    name = "mixtral"
+    checkpoint = "embedded/tiny_mixtral"   # a local directory, or a Hub id such as "mistralai/Mixtral-8x7B-v0.1"
+    adapter = "mixtral"                    # the expected Hugging Face model_type (checked when loaded)
+
+    [[recipes]]
+    name = "16-bit"                        # no quant, no prune: the baseline
+
+    [[recipes]]
+    name = "PMQ 2.0"
+    quant = { allocator = "pmq", bits = 2.0 }
+    prune = { method = "odp", protect_ratio = 0.02 }
+
+    [[tasks]]
+    harness = "lm_eval"
+    name = "embedded_cloze"
+    num_fewshot = 0
+    limit = 200
+
+Recipes (METHOD.md sections 3-7): no ``quant`` is the 16-bit baseline; ``quant = {allocator = "uniform", bits = 2}``
+is uniform n-bit GPTQ; any other allocator (pmq, hessian, fnorm, frequency, weight, random, block) allocates the
+given average over ``bit_set`` and quantizes with GPTQ. ``prune`` adds ODP or OTP on top (or alone).
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+SUITE_FORMAT_VERSION = 1
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._+\-]*$")
+
+
+def slug(name: str) -> str:
+    """A file-system name for a model or recipe name ("PMQ 2.0 + ODP" -> "pmq-2.0-odp")."""
+    s = re.sub(r"[^a-z0-9.]+", "-", name.lower()).strip("-")
+    return s or "x"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Harness(str, enum.Enum):
+    LM_EVAL = "lm_eval"  # text tasks (EleutherAI lm-evaluation-harness)
+    LMMS_EVAL = "lmms_eval"  # multimodal tasks (lmms-eval)
+
+
+class Runtime(str, enum.Enum):
+    FAKE = "fake"  # dequantised 16-bit weights (fast accuracy evaluation)
+    PACKED = "packed"  # weights stay packed, dequantised on the fly
+
+
+class Budget(str, enum.Enum):
+    NOMINAL = "nominal"
+    EFFECTIVE = "effective"
+
+
+class Scope(str, enum.Enum):
+    LAYER = "layer"
+    GLOBAL = "global"
+
+
+class PruneMethod(str, enum.Enum):
+    ODP = "odp"
+    OTP = "otp"
+
+
+class ModelSpec(_Strict):
+    """One model of the suite.
+
+    ``checkpoint``: a local directory (relative paths are relative to the suite file's directory, then to the
+    working directory) or a Hub id ``owner/name``. ``adapter``: the Hugging Face ``model_type`` the checkpoint
+    must have (a registered adapter). ``harnesses``: which task harnesses apply (default: lm_eval for text models,
+    lmms_eval for vision-language models). ``device_map``: "auto" shards a model larger than one device over all
+    visible GPUs (accelerate); None loads on ``device``.
+    """
+
+    name: str
+    checkpoint: str
+    adapter: str
+    harnesses: list[Harness] | None = None
+    dtype: str = "float32"
+    device: str = "cpu"
+    device_map: str | None = None
+    revision: str | None = None
+    tokenizer: str | None = None  # default: the checkpoint's own
+    max_length: int | None = Field(None, ge=8)  # context length for lm-eval (default: the model's)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not _NAME.match(v):
+            raise ValueError(f"model names use letters, digits, space and ._+-, got {v!r}")
+        return v
+
+    @field_validator("dtype")
+    @classmethod
+    def _dtype(cls, v: str) -> str:
+        valid = ("float32", "bfloat16", "float16")
+        if v not in valid:
+            raise ValueError(f"dtype {v!r} is not one of {', '.join(valid)}")
+        return v
+
+    @property
+    def is_vlm(self) -> bool:
+        return self.adapter == "deepseek_vl_v2"
+
+    @property
+    def resolved_harnesses(self) -> list[Harness]:
+        if self.harnesses is not None:
+            return list(self.harnesses)
+        return [Harness.LMMS_EVAL] if self.is_vlm else [Harness.LM_EVAL]
+
+
+class QuantSpec(_Strict):
+    """Expert quantization of a recipe: an allocator, an average width, GPTQ settings.
+
+    ``allocator = "uniform"`` with ``bits = n`` is uniform n-bit GPTQ (``bit_set`` defaults to ``[n]``); every other
+    allocator distributes ``bits`` on average over ``bit_set`` (default 1, 2, 3). ``other_bits``: attention,
+    router, shared experts and dense MLPs. ``gptq`` holds extra settings passed to the quantization engine's config
+    (validated by it).
+    """
+
+    allocator: str = "pmq"
+    bits: float = Field(gt=0, le=16)
+    bit_set: list[int] | None = None
+    budget: Budget = Budget.NOMINAL
+    scope: Scope = Scope.LAYER
+    alpha: float = Field(1.0, ge=0)
+    beta: float = Field(1.0, ge=0)
+    gamma: float = Field(2.0, ge=0)
+    group_size: int = Field(128, ge=1)
+    other_bits: int = Field(4, ge=1, le=16)
+    shared_experts_bits: int = Field(4, ge=1, le=16)
+    gptq: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _check(self) -> QuantSpec:
+        if self.bit_set is not None:
+            if not self.bit_set or any(b < 1 or b > 8 for b in self.bit_set):
+                raise ValueError(f"bit_set must be widths in 1..8, got {self.bit_set}")
+        if self.allocator == "uniform" and self.budget is Budget.NOMINAL and self.bits != int(self.bits):
+            raise ValueError(f"uniform quantization needs a whole number of bits, got {self.bits}")
+        return self
+
+    @property
+    def resolved_bit_set(self) -> tuple[int, ...]:
+        if self.bit_set is not None:
+            return tuple(sorted(set(self.bit_set)))
+        if self.allocator == "uniform":
+            return (int(self.bits),)
+        return (1, 2, 3)
+
+
+class PruneSpec(_Strict):
+    """Dynamic pruning of a recipe (METHOD.md sections 6-7).
+
+    ODP: ``prune_rate`` (fraction of top-k pairs removed on calibration tokens) or the ratio ``quantile`` (0.5: the
+    paper's median) or a fixed ``mu``; ``protect_ratio`` of tokens protected in prefill (0.02 in the paper).
+    OTP: ``prune_rate`` target reached by the trained mask predictors; ``steps`` of training; ``width`` of each
+    predictor. ``layers``: decoder layers where pruning is on (None: every MoE layer).
+    """
+
+    method: PruneMethod
+    prune_rate: float | None = Field(None, ge=0.0, lt=1.0)
+    quantile: float = Field(0.5, ge=0.0, le=1.0)
+    mu: float | None = Field(None, ge=0.0)
+    protect_ratio: float = Field(0.02, ge=0.0, le=1.0)
+    steps: int = Field(300, ge=1)
+    width: int = Field(32, ge=0)
+    layers: list[int] | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> PruneSpec:
+        if self.method is PruneMethod.ODP and self.mu is not None and self.prune_rate is not None:
+            raise ValueError("give ODP either mu or prune_rate, not both")
+        if self.method is PruneMethod.OTP and self.mu is not None:
+            raise ValueError("mu is an ODP setting; OTP takes prune_rate")
+        return self
+
+
+class RecipeSpec(_Strict):
+    """A compression configuration: optional quantization, then optional pruning. Neither: the 16-bit baseline."""
+
+    name: str
+    quant: QuantSpec | None = None
+    prune: PruneSpec | None = None
+    models: list[str] | None = None  # restrict to these model names (default: every model)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not _NAME.match(v):
+            raise ValueError(f"recipe names use letters, digits, space and ._+-, got {v!r}")
+        return v
+
+    @property
+    def is_baseline(self) -> bool:
+        return self.quant is None and self.prune is None
+
+
+class TaskSpec(_Strict):
+    """One task of one harness. ``metric``: the number the report shows (default: the task's first of acc_norm,
+    acc, exact_match, word_perplexity...). ``limit``: examples per task (None: all)."""
+
+    harness: Harness
+    name: str
+    num_fewshot: int | None = Field(None, ge=0)
+    limit: int | None = Field(None, ge=1)
+    metric: str | None = None
+    label: str | None = None  # column title in the report (default: the task name)
+    models: list[str] | None = None  # restrict to these model names
+
+
+class CalibrationSpec(_Strict):
+    """Calibration data and what the pass measures (METHOD.md sections 1-2).
+
+    ``data``: ``embedded:<name>`` (the package's offline corpus), a text or token-ids file, or
+    ``hf:<dataset>[:<config>[:<split>]]`` (the paper: ``hf:allenai/c4:en:train``; needs the Hub).
+    """
+
+    data: str = "embedded:text"
+    num_sequences: int = Field(128, ge=1)
+    seq_len: int = Field(2048, ge=1)
+    batch_size: int = Field(1, ge=1)
+    eps_bits: list[int] = Field(default_factory=lambda: [1, 2, 3])
+    min_tokens: int = Field(16, ge=0)
+    text_field: str = "text"  # hf: datasets
+
+
+class EvaluationSpec(_Strict):
+    """How tasks run.
+
+    ``runtime``: fake-quant or packed weights. ``lm_eval_include`` / ``lmms_eval_include``: task directories
+    (relative to the suite file) searched before the harness's own tasks; ``include_default_tasks``: also index
+    the harness's built-in tasks (needs the Hub for their data). ``speed_tokens``: tokens of the fixed prefill
+    workload timed for the speed-up (0: not measured).
+    """
+
+    batch_size: int = Field(8, ge=1)
+    runtime: Runtime = Runtime.FAKE
+    lm_eval_include: list[str] = Field(default_factory=list)
+    lmms_eval_include: list[str] = Field(default_factory=list)
+    include_default_tasks: bool = False
+    speed_tokens: int = Field(2048, ge=0)
+    speed_seq_len: int = Field(256, ge=8)
+    bootstrap_iters: int = Field(0, ge=0)
+
+
+class ReportSpec(_Strict):
+    """Where the report goes and which recipe is the reference row (default: the first baseline recipe)."""
+
+    output_dir: str | None = None  # default reports/<suite name>
+    baseline: str | None = None
+    heatmaps: bool = True
+
+
+class Suite(_Strict):
+    """A whole suite file (see the module docstring)."""
+
+    format_version: int = SUITE_FORMAT_VERSION
+    name: str
+    description: str = ""
+    seeds: list[int] = Field(default_factory=lambda: [0])
+    run_dir: str | None = None  # default runs/<suite name>
+    models: list[ModelSpec] = Field(min_length=1)
+    recipes: list[RecipeSpec] = Field(min_length=1)
+    tasks: list[TaskSpec] = Field(min_length=1)
+    calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
+    evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
+    report: ReportSpec = Field(default_factory=ReportSpec)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not _NAME.match(v):
+            raise ValueError(f"suite names use letters, digits, space and ._+-, got {v!r}")
+        return v
+
+    @field_validator("format_version")
+    @classmethod
+    def _version(cls, v: int) -> int:
+        if v != SUITE_FORMAT_VERSION:
+            raise ValueError(f"suite format_version {v} is not supported (this version reads {SUITE_FORMAT_VERSION})")
+        return v
+
+    @model_validator(mode="after")
+    def _check(self) -> Suite:
+        for what, names in (("model", [m.name for m in self.models]), ("recipe", [r.name for r in self.recipes])):
+            dup = sorted({n for n in names if names.count(n) > 1})
+            if dup:
+                raise ValueError(f"{what} names repeat: {dup}")
+            slugs = [slug(n) for n in names]
+            clash = sorted({n for n, s in zip(names, slugs) if slugs.count(s) > 1})
+            if clash:
+                raise ValueError(f"{what} names {clash} map to the same directory name; make them differ in letters")
+        keys = [(t.harness.value, t.name) for t in self.tasks]
+        dup_t = sorted({f"{h}:{n}" for h, n in keys if keys.count((h, n)) > 1})
+        if dup_t:
+            raise ValueError(f"tasks repeat: {dup_t}")
+        model_names = {m.name for m in self.models}
+        for owner, restrict in [(f"recipe {r.name!r}", r.models) for r in self.recipes] + \
+                               [(f"task {t.name!r}", t.models) for t in self.tasks]:
+            unknown = sorted(set(restrict or []) - model_names)
+            if unknown:
+                raise ValueError(f"{owner} names unknown models {unknown}; suite models: {sorted(model_names)}")
+        if not self.seeds:
+            raise ValueError("seeds is empty; give at least one seed, e.g. seeds = [0]")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds repeat: {self.seeds}")
+        if self.report.baseline is not None and self.report.baseline not in {r.name for r in self.recipes}:
+            raise ValueError(f"report.baseline {self.report.baseline!r} is not a recipe of the suite")
+        for m in self.models:
+            if not any(self.tasks_for(m)):
+                raise ValueError(f"model {m.name!r} has no task for its harnesses "
+                                 f"{[h.value for h in m.resolved_harnesses]}")
+        return self
+
+    # -- views --------------------------------------------------------------------------------------------------
+    def recipes_for(self, model: ModelSpec) -> list[RecipeSpec]:
+        return [r for r in self.recipes if r.models is None or model.name in r.models]
+
+    def tasks_for(self, model: ModelSpec) -> list[TaskSpec]:
+        hs = set(model.resolved_harnesses)
+        return [t for t in self.tasks if t.harness in hs and (t.models is None or model.name in t.models)]
+
+    @property
+    def baseline_recipe(self) -> str | None:
+        if self.report.baseline:
+            return self.report.baseline
+        return next((r.name for r in self.recipes if r.is_baseline), None)

@@ -1,0 +1,195 @@
+"""Reports: built only from results files, numbers equal to the files, deterministic bytes, schema checks."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+import pytest
+
+from mcmoe_vl.evaluation.results import (
+    RESULTS_SCHEMA,
+    CompressionBlock,
+    LayerActivity,
+    ResultsFile,
+    ResultsSchemaError,
+    Speed,
+    TaskInfo,
+    load_results,
+    primary_metric,
+    save_results,
+)
+from mcmoe_vl.report.build import build_report
+from mcmoe_vl.report.plots import pareto_front
+from mcmoe_vl.report.tables import ReportError
+
+
+def make_results(recipe: str, acc: tuple[float, float], ppl: float, *, bits: float, seed: int = 0,
+                 date: str = "2026-11-23T10:00:00Z", model: str = "tiny", tps: float = 100.0,
+                 active: float = 2.0) -> ResultsFile:
+    baseline = recipe == "16-bit"
+    return ResultsFile(
+        suite="unit", model=model, recipe=recipe, seed=seed, date=date,
+        results={
+            "cloze": {"alias": "cloze", "acc,none": acc[0], "acc_stderr,none": "N/A"},
+            "ending": {"alias": "ending", "acc,none": acc[1], "acc_norm,none": acc[1] / 2},
+            "heldout": {"alias": "heldout", "word_perplexity,none": ppl, "bits_per_byte,none": 1.0},
+        },
+        versions={"cloze": 1.0, "ending": 1.0, "heldout": 1.0},
+        **{"n-shot": {"cloze": 0, "ending": 0, "heldout": 0}},
+        higher_is_better={"cloze": {"acc": True}, "ending": {"acc": True, "acc_norm": True},
+                          "heldout": {"word_perplexity": False, "bits_per_byte": False}},
+        tasks={
+            "cloze": TaskInfo(harness="lm_eval", metric="acc,none", label="Cloze"),
+            "ending": TaskInfo(harness="lm_eval", metric="acc,none", label="Ending"),
+            "heldout": TaskInfo(harness="lm_eval", metric="word_perplexity,none", label="Held-out"),
+        },
+        compression=CompressionBlock(
+            recipe=recipe, baseline=baseline, nominal_bits=bits, effective_bits=bits + (0 if baseline else 0.25),
+            size_bytes=int(1000 * bits), total_params=1000, activated_params_per_token=500.0 * active / 2,
+            activated_params_reduction=1 - active / 2,
+            active_experts=[LayerActivity(index=i, top_k=2, avg_active_experts=active) for i in range(2)],
+            speed=Speed(tokens=256, seconds=256 / tps, tokens_per_second=tps, workload="prefill", device="cpu"),
+            quant=None if baseline else {"allocator": "pmq", "target_bits": bits, "bit_set": [1, 2, 3]},
+        ),
+        software={"mcmoe_vl": "0.1.0"},
+    )
+
+
+RUN = [
+    make_results("16-bit", (0.80, 0.70), 3.0, bits=16.0, tps=100.0),
+    make_results("PMQ 2.5", (0.75, 0.66), 3.5, bits=2.5, tps=150.0),
+    make_results("uniform 2", (0.50, 0.45), 9.0, bits=2.0, tps=160.0),
+    make_results("PMQ 2.0 + ODP", (0.70, 0.60), 4.0, bits=2.0, tps=190.0, active=1.6),
+]
+
+
+def write_all(d: Path, files: list[ResultsFile]) -> list[Path]:
+    paths = []
+    for i, f in enumerate(files):
+        p = d / "results" / f"{i:02d}-{f.recipe.replace(' ', '_')}-{f.seed}.json"
+        save_results(f, p)
+        paths.append(p)
+    return paths
+
+
+def table_rows(md: str, model: str) -> dict[str, dict[str, str]]:
+    """The paper-style table of ``model`` as {recipe: {column: cell}}."""
+    lines = md.splitlines()
+    start = lines.index(f"## {model}")
+    first = next(i for i in range(start + 1, len(lines)) if lines[i].startswith("|"))
+    tab = []
+    for ln in lines[first:]:
+        if not ln.startswith("|"):
+            break
+        tab.append(ln)
+    head = [c.strip() for c in tab[0].strip("|").split("|")]
+    out = {}
+    for ln in tab[2:]:
+        cells = [c.strip() for c in ln.strip("|").split("|")]
+        out[cells[0]] = dict(zip(head, cells))
+    return out
+
+
+def test_report_numbers_equal_the_results_files(tmp_path: Path) -> None:
+    paths = write_all(tmp_path, RUN)
+    report = build_report(paths, tmp_path / "report")
+    md = report.read_text()
+    rows = table_rows(md, "tiny")
+    assert list(rows) == ["16-bit", "PMQ 2.5", "PMQ 2.0 + ODP", "uniform 2"]  # baseline, then bits down, then name
+    base_avg = None
+    for p in paths:
+        f = json.loads(p.read_text())
+        row = rows[f["recipe"]]
+        cloze, ending = f["results"]["cloze"]["acc,none"], f["results"]["ending"]["acc,none"]
+        assert row["Cloze"] == f"{100 * cloze:.2f}"
+        assert row["Ending"] == f"{100 * ending:.2f}"
+        assert row["Held-out (ppl↓)"] == f"{f['results']['heldout']['word_perplexity,none']:.2f}"
+        avg = statistics.fmean([100 * cloze, 100 * ending])  # perplexity is not in the average
+        assert row["Avg"] == f"{avg:.2f}"
+        c = f["compression"]
+        assert row["Bits (nominal)"] == f"{c['nominal_bits']:.2f}"
+        assert row["Bits (effective)"] == f"{c['effective_bits']:.2f}"
+        if f["recipe"] == "16-bit":
+            base_avg, base_tps = avg, c["speed"]["tokens_per_second"]
+            assert row["Speed-up"] == "1.00x"
+    for p in paths:
+        f = json.loads(p.read_text())
+        row = rows[f["recipe"]]
+        if f["recipe"] != "16-bit":
+            avg = statistics.fmean([100 * f["results"]["cloze"]["acc,none"], 100 * f["results"]["ending"]["acc,none"]])
+            assert row["Δ vs 16-bit"] == f"{avg - base_avg:+.2f}"
+            assert row["Speed-up"] == f"{f['compression']['speed']['tokens_per_second'] / base_tps:.2f}x"
+    assert "(−20.0%)" in rows["PMQ 2.0 + ODP"]["Activated params"]
+    assert (tmp_path / "report" / "figures" / "pareto.png").stat().st_size > 1000
+    assert "![accuracy against bits](figures/pareto.png)" in md
+
+
+def test_two_reports_are_byte_identical_whatever_the_file_order(tmp_path: Path) -> None:
+    paths = write_all(tmp_path, RUN)
+    a = build_report(paths, tmp_path / "a")
+    b = build_report(list(reversed(paths)), tmp_path / "b")
+    assert a.read_bytes() == b.read_bytes()
+    for fa in sorted((tmp_path / "a" / "figures").iterdir()):
+        assert fa.read_bytes() == (tmp_path / "b" / "figures" / fa.name).read_bytes(), fa.name
+    # and again into the same directory: same bytes
+    assert build_report(paths, tmp_path / "a").read_bytes() == b.read_bytes()
+
+
+def test_runs_of_different_dates_and_seeds(tmp_path: Path) -> None:
+    later = [make_results(f.recipe, (0.9, 0.9), 2.0, bits=f.compression.nominal_bits, date="2026-12-01T08:00:00Z")
+             for f in RUN[:2]]
+    seeds = [make_results("PMQ 2.5", (0.70, 0.60), 3.5, bits=2.5, seed=1)]
+    md = build_report(write_all(tmp_path, RUN + later + seeds), tmp_path / "r").read_text()
+    rows = table_rows(md, "tiny")
+    assert "16-bit (2026-11-23)" in rows and "16-bit (2026-12-01)" in rows
+    # seeds 0 and 1 of the same run are averaged, with their spread
+    assert rows["PMQ 2.5 (2026-11-23)"]["Cloze"] == f"{100 * (0.75 + 0.70) / 2:.2f} ± {100 * 0.025:.2f}"
+    # each run is compared with the baseline of its own date
+    assert rows["PMQ 2.5 (2026-12-01)"]["Δ vs 16-bit"] == "+0.00"
+
+
+def test_duplicate_seed_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(ReportError, match="seed"):
+        build_report(write_all(tmp_path, RUN + [RUN[1]]), tmp_path / "r")
+
+
+def test_results_of_another_schema_are_refused(tmp_path: Path) -> None:
+    plain = tmp_path / "lm_eval_output.json"
+    plain.write_text(json.dumps({"results": {"cloze": {"acc,none": 0.5}}, "versions": {}}))
+    with pytest.raises(ResultsSchemaError, match="plain lm-eval / lmms-eval output"):
+        load_results(plain)
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"schema": "mcmoe_vl.results/0", "results": {}}))
+    with pytest.raises(ResultsSchemaError, match="found schema 'mcmoe_vl.results/0'"):
+        load_results(other)
+    good = write_all(tmp_path, RUN[:1])[0]
+    data = json.loads(good.read_text())
+    data["compression"]["nominal_bits"] = "sixteen"
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(data))
+    with pytest.raises(ResultsSchemaError, match="compression.nominal_bits"):
+        load_results(bad)
+    trunc = tmp_path / "trunc.json"
+    trunc.write_text(good.read_text()[:100])
+    with pytest.raises(ValueError, match="not valid JSON"):
+        load_results(trunc)
+    # a report refuses before writing anything
+    with pytest.raises(ResultsSchemaError):
+        build_report([good, plain], tmp_path / "never")
+    assert not (tmp_path / "never").exists()
+    assert data["schema"] == RESULTS_SCHEMA
+
+
+def test_primary_metric_choice() -> None:
+    assert primary_metric({"acc,none": 0.5, "acc_norm,none": 0.6, "acc_stderr,none": 0.1}) == "acc_norm,none"
+    assert primary_metric({"exact_match,strict-match": 0.1, "exact_match,flexible": 0.2}) == "exact_match,flexible"
+    assert primary_metric({"acc,none": 0.5}, "acc") == "acc,none"
+    with pytest.raises(ValueError, match="not in the task's results"):
+        primary_metric({"acc,none": 0.5}, "f1")
+
+
+def test_pareto_front() -> None:
+    pts = [(16, 80.0), (2.5, 75.0), (2.0, 70.0), (2.0, 50.0), (3.0, 60.0), (1.5, 40.0)]
+    assert pareto_front(pts) == [(1.5, 40.0), (2.0, 70.0), (2.5, 75.0), (16, 80.0)]
