@@ -55,8 +55,25 @@ def solve(blocks: list[Block], units: tuple[int, ...], budget: Budget, solver: S
           *, time_limit_s: float = 60.0) -> list[np.ndarray]:
     """Optimal width indices (n,) per block. One budget over all blocks."""
     if solver is Solver.DP:
-        return solve_dp(blocks, units, budget)
-    return solve_mip(blocks, units, budget, solver, time_limit_s=time_limit_s)
+        out = solve_dp(blocks, units, budget)
+    else:
+        out = solve_mip(blocks, units, budget, solver, time_limit_s=time_limit_s)
+    check_solution(blocks, units, budget, out)
+    return out
+
+
+def check_solution(blocks: list[Block], units: tuple[int, ...], budget: Budget, choices: list[np.ndarray]) -> None:
+    """Raise if a solver's answer breaks a constraint (guards against solver tolerances)."""
+    total = 0
+    for b, c in zip(blocks, choices, strict=True):
+        if c.shape != (b.cost.shape[0],):
+            raise AssertionError(f"{b.name}: solver returned {c.shape} choices for {b.cost.shape[0]} experts")
+        missing = [r for r in b.required if not (c == r).any()]
+        if missing:
+            raise AssertionError(f"{b.name}: solver left required width indices {missing} without an expert")
+        total += int(np.asarray(units)[c].sum())
+    if total > budget.units or (budget.exact and total != budget.units):
+        raise AssertionError(f"solver total {total} units breaks the budget {budget}")
 
 
 def solve_mip(blocks: list[Block], units: tuple[int, ...], budget: Budget, solver: Solver = Solver.CBC,
