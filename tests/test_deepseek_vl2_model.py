@@ -193,3 +193,23 @@ def test_attention_and_routing_choice():
     assert type(model.language).__name__ == "DeepseekV3ForCausalLM"
     gate = model.language.model.layers[1].mlp.gate
     assert gate.norm_topk_prob and gate.routed_scaling_factor == 2.0 and gate.num_group == gate.topk_group == 1
+
+
+def test_coverage_check_catches_a_gap_or_an_overlap():
+    from dataclasses import replace
+
+    from model_adapters.deepseek_vl2.loading import _check_coverage
+
+    model = model_from_config(_official_config(), seed=0)
+    layout = official_layout(model)
+    state = model.state_dict()
+    key = "language.model.layers.2.mlp.experts.3.up_proj.weight"
+    gap = dict(layout)
+    del gap[key]
+    with pytest.raises(RuntimeError, match=r"language\.model\.layers\.2\.mlp\.experts\.gate_up_proj"):
+        _check_coverage(gap, state)
+    overlap = dict(layout)
+    ot = layout["language.model.layers.2.mlp.experts.4.up_proj.weight"]
+    overlap[key] = replace(ot, key=key)  # expert 4's slice written twice, expert 3's never
+    with pytest.raises(RuntimeError, match="gate_up_proj"):
+        _check_coverage(overlap, state)

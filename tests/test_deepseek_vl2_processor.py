@@ -153,3 +153,39 @@ def test_training_targets(processor):
     assert sample.input_ids[-1] == processor.tokenizer.eos_token_id
     assert (sample.target_ids[sample.images_seq_mask] == -100).all()
     assert torch.equal(sample.target_ids[~sample.images_seq_mask], sample.input_ids[~sample.images_seq_mask])
+
+
+def test_real_geometry_384px_tiles():
+    """384-px tiles with 14-px patches: a 27x27 grid (6 pixels unused), padded to 28x28, 14x14 tokens per tile."""
+    cfg = tiny_official_config()
+    cfg["vision_config"].update(image_size=384, width=32, layers=1, heads=2)
+    cfg["projector_config"].update(input_dim=32)
+    cfg["candidate_resolutions"] = [[384, 384], [384, 768], [768, 384], [768, 768], [1152, 384]]
+    model = model_from_config(cfg, seed=0)
+    proc = DeepseekVL2Processor.from_config(tiny_tokenizer(), model)
+    assert proc.tokens_per_side == 14
+    sample = proc.process_one(_ask(1), [_image(1000, 330, 3)])  # wide: 3 x 1 tiles
+    assert sample.images_spatial_crop.tolist() == [[3, 1]]
+    assert sample.num_image_tokens == [14 * 15 + 1 + 14 * (3 * 14 + 1)]
+    batch = proc.collate([sample])
+    with torch.no_grad():
+        feats = model.vision_features(batch["images"][0, :1])
+        assert feats.shape == (1, 27 * 27, 32)
+        assert model.projector(feats).shape == (1, 14 * 14, 128)
+        emb = model.image_embeddings(batch["images"], batch["images_spatial_crop"])
+    assert emb[0].shape[0] == int(sample.images_seq_mask.sum())
+
+
+def test_special_tokens_are_registered_like_the_official_processor():
+    from model_adapters.deepseek_vl2.processing import GROUNDING_TOKENS, prepare_tokenizer
+    from model_adapters.deepseek_vl2.tiny import SPECIAL_TOKENS
+
+    tok = tiny_tokenizer(special_tokens=SPECIAL_TOKENS[:6])  # without the grounding tokens
+    n0 = len(tok)
+    assert prepare_tokenizer(tok) == len(GROUNDING_TOKENS)
+    assert prepare_tokenizer(tok) == 0 and len(tok) == n0 + len(GROUNDING_TOKENS)
+    for t in ("<|User|>", "<|Assistant|>", "<image>", *GROUNDING_TOKENS):
+        assert tok.encode(f"a{t}b", add_special_tokens=False)[1] == tok.convert_tokens_to_ids(t)
+    cfg = tiny_official_config(vocab_size=300)  # the added tokens' ids (384..388) would not exist in the model
+    with pytest.raises(ValueError, match="outside the model's vocabulary"):
+        DeepseekVL2Processor.from_config(tok, model_from_config(cfg, seed=0))

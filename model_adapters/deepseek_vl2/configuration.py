@@ -249,8 +249,12 @@ class VisionConfig(_Section):
             )
         if self.global_pool not in ("map", "", "avg", "token"):
             raise ValueError(f"{where}: unknown global_pool {self.global_pool!r}")
-        if self.image_size % self.patch_size or self.width % self.heads:
-            raise ValueError(f"{where}: image_size must be a multiple of patch_size and width of heads")
+        # The patch grid is image_size // patch_size (384 px / 14 px: 27, the last 6 pixels unused by the conv).
+        if self.image_size < self.patch_size or self.width % self.heads:
+            raise ValueError(
+                f"{where}: need image_size >= patch_size and width divisible by heads, got {self.image_size}, "
+                f"{self.patch_size}, {self.width}, {self.heads}"
+            )
         return self
 
 

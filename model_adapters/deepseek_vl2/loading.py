@@ -112,11 +112,19 @@ def official_layout(model: DeepseekVL2ForCausalLM) -> dict[str, OfficialTensor]:
 
 
 def _check_coverage(layout: dict[str, OfficialTensor], state: dict[str, torch.Tensor]) -> None:
-    # Every element of every model tensor is written by exactly one official slice.
-    counts = {name: torch.zeros(t.shape, dtype=torch.int32) for name, t in state.items()}
+    # Every element of every model tensor is written by exactly one official slice. Parts index only leading dims,
+    # so counting over those dims (e.g. (E, 2I) for a fused (E, 2I, H) tensor) is exact and small.
+    parts: dict[str, list[Part]] = {name: [] for name in state}
     for ot in layout.values():
         for p in ot.parts:
-            counts[p.port_name][p.port_index] += 1
+            parts[p.port_name].append(p)
+    counts = {}
+    for name, ps in parts.items():
+        depth = max((len(p.port_index) for p in ps), default=0)
+        c = torch.zeros(tuple(state[name].shape[:depth]), dtype=torch.int32)
+        for p in ps:
+            c[p.port_index] += 1
+        counts[name] = c
     bad = [n for n, c in counts.items() if not bool((c == 1).all())]
     if bad:
         raise RuntimeError(f"official layout does not cover these tensors exactly once: {bad}")
@@ -154,12 +162,15 @@ def _set_attn(cfg: DeepseekVL2Config, impl: str) -> None:
         c._attn_implementation = impl
 
 
-def _empty_model(cfg: DeepseekVL2Config, dtype: torch.dtype) -> DeepseekVL2ForCausalLM:
-    # No random initialisation: every tensor is overwritten by the checkpoint (coverage is checked).
+def _empty_model(cfg: DeepseekVL2Config, dtype: torch.dtype, device: str | torch.device) -> DeepseekVL2ForCausalLM:
+    # Allocated in the target dtype on the target device, not initialised: every tensor is overwritten by the
+    # checkpoint (coverage is checked), so a GPU load needs no CPU copy of the model.
+    if not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating-point dtype, got {dtype}")
     prev = torch.get_default_dtype()
-    torch.set_default_dtype(dtype if dtype.is_floating_point else prev)
+    torch.set_default_dtype(dtype)
     try:
-        with hf_init.no_init_weights():
+        with torch.device(device), hf_init.no_init_weights():
             model = DeepseekVL2ForCausalLM(cfg)
     finally:
         torch.set_default_dtype(prev)
@@ -218,7 +229,7 @@ def load_official(
         with safe_open(str(f), framework="pt") as h:
             for k in h.keys():
                 found[k] = tuple(h.get_slice(k).get_shape())
-    model = _empty_model(cfg, dtype)
+    model = _empty_model(cfg, dtype, device)
     layout = official_layout(model)
     missing = sorted(set(layout) - set(found))
     unexpected = sorted(set(found) - set(layout))
@@ -237,7 +248,7 @@ def load_official(
             for p in layout[key].parts:
                 dst = params[p.port_name]
                 dst[p.port_index].copy_(src[p.official_index])
-    return model.to(device).eval()
+    return model.eval()
 
 
 def official_state_dict(model: DeepseekVL2ForCausalLM) -> dict[str, torch.Tensor]:

@@ -35,8 +35,21 @@ from .configuration import OfficialConfig
 log = logging.getLogger(__name__)
 
 IMAGE_TOKEN = "<image>"
+PAD_TOKEN = "<｜▁pad▁｜>"
 USER, ASSISTANT = "<|User|>", "<|Assistant|>"
+GROUNDING_TOKENS = ("<|ref|>", "<|/ref|>", "<|det|>", "<|/det|>", "<|grounding|>")
 _ROLES = {"user": USER, USER: USER, "assistant": ASSISTANT, ASSISTANT: ASSISTANT}
+
+
+def prepare_tokenizer(tokenizer: Any, image_token: str = IMAGE_TOKEN, pad_token: str = PAD_TOKEN) -> int:
+    """Register DeepSeek-VL2's special tokens like the official processor does (in place): a pad token when there
+    is none, the image token, the grounding tokens and the role tags, each as one unsplittable token. The official
+    tokenizers already hold them all (nothing new is added); returns how many tokens were new."""
+    n = 0
+    if tokenizer.pad_token is None:
+        n += tokenizer.add_special_tokens({"pad_token": pad_token})
+    n += tokenizer.add_tokens([image_token, *GROUNDING_TOKENS, USER, ASSISTANT], special_tokens=True)
+    return n
 
 
 def select_best_resolution(image_size: tuple[int, int], candidates: Sequence[Sequence[int]]) -> tuple[int, int]:
@@ -91,13 +104,11 @@ class DeepseekVL2Processor:
     image_token_id: int = field(init=False)
 
     def __post_init__(self) -> None:
-        vocab = self.tokenizer.get_vocab()
-        if self.image_token not in vocab:
-            raise ValueError(
-                f"the tokenizer has no image token {self.image_token!r}; DeepSeek-VL2 tokenizers define it (add it "
-                "as a special token to use another tokenizer)"
-            )
-        self.image_token_id = vocab[self.image_token]
+        added = prepare_tokenizer(self.tokenizer, self.image_token)
+        if added:
+            log.warning("added %d DeepSeek-VL2 special tokens to the tokenizer (the official tokenizer has them)",
+                        added)
+        self.image_token_id = self.tokenizer.convert_tokens_to_ids(self.image_token)
         for name in ("bos_token_id", "eos_token_id"):
             if getattr(self.tokenizer, name) is None:
                 raise ValueError(f"the tokenizer has no {name}")
@@ -113,7 +124,7 @@ class DeepseekVL2Processor:
         official = getattr(getattr(config, "config", config), "official", config)
         if not isinstance(official, OfficialConfig):
             raise TypeError(f"expected an OfficialConfig, a DeepseekVL2Config or a model, got {type(config).__name__}")
-        return cls(
+        proc = cls(
             tokenizer=tokenizer,
             candidate_resolutions=[tuple(r) for r in official.candidate_resolutions],
             image_size=official.vision.image_size,
@@ -122,6 +133,14 @@ class DeepseekVL2Processor:
             global_view_pos=official.global_view_pos,
             **kw,
         )
+        vocab = official.language.vocab_size
+        ids = {t: tokenizer.convert_tokens_to_ids(t) for t in (proc.image_token, *GROUNDING_TOKENS, USER, ASSISTANT)}
+        ids.update(bos=tokenizer.bos_token_id, eos=tokenizer.eos_token_id, pad=tokenizer.pad_token_id)
+        outside = {t: i for t, i in ids.items() if i is None or i >= vocab}
+        if outside:
+            raise ValueError(f"tokenizer ids {outside} are outside the model's vocabulary of {vocab}; use the "
+                             "model's own tokenizer")
+        return proc
 
     # -- text -------------------------------------------------------------------------------------------------------
     @property

@@ -17,7 +17,8 @@ from collections.abc import Iterable
 from typing import Any
 
 BOS, EOS, PAD = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜▁pad▁｜>"
-SPECIAL_TOKENS = (BOS, EOS, PAD, "<|User|>", "<|Assistant|>", "<image>")
+SPECIAL_TOKENS = (BOS, EOS, PAD, "<|User|>", "<|Assistant|>", "<image>",
+                  "<|ref|>", "<|/ref|>", "<|det|>", "<|/det|>", "<|grounding|>")
 
 _CORPUS = (
     "A photo of a cat sitting on a red chair next to the window.",
@@ -29,8 +30,11 @@ _CORPUS = (
 )
 
 
-def tiny_tokenizer(vocab_size: int = 384, corpus: Iterable[str] = _CORPUS) -> Any:
-    """A ``PreTrainedTokenizerFast`` (byte-level BPE) with DeepSeek-VL2's special tokens at ids 0..5."""
+def tiny_tokenizer(
+    vocab_size: int = 384, corpus: Iterable[str] = _CORPUS, special_tokens: tuple[str, ...] = SPECIAL_TOKENS
+) -> Any:
+    """A ``PreTrainedTokenizerFast`` (byte-level BPE) with DeepSeek-VL2's special tokens first (bos 0, eos 1, pad 2,
+    ``<|User|>`` 3, ``<|Assistant|>`` 4, ``<image>`` 5, the grounding tokens 6..10)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -39,7 +43,7 @@ def tiny_tokenizer(vocab_size: int = 384, corpus: Iterable[str] = _CORPUS) -> An
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=list(SPECIAL_TOKENS),
+        special_tokens=list(special_tokens),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
@@ -49,7 +53,7 @@ def tiny_tokenizer(vocab_size: int = 384, corpus: Iterable[str] = _CORPUS) -> An
         bos_token=BOS,
         eos_token=EOS,
         pad_token=PAD,
-        additional_special_tokens=list(SPECIAL_TOKENS[3:]),
+        additional_special_tokens=list(special_tokens[3:]),
     )
 
 
