@@ -227,14 +227,13 @@ def check_calibration_data(loaded: LoadedSuite) -> None:
     if not any(r.quant is not None or r.prune is not None for r in suite.recipes):
         return
     data = suite.calibration.data
-    if data.startswith("embedded:"):
-        try:
-            from mcmoe_vl import data as embedded
-        except ImportError:
-            embedded = None  # type: ignore[assignment]
-        if embedded is None or not hasattr(embedded, "calibration_token_ids"):
-            raise SuiteError(f"calibration.data {data!r}: the embedded calibration corpus is not available in this "
-                             f"installation (mcmoe_vl.data.calibration_token_ids is missing)")
+    if data.startswith("embedded"):
+        from mcmoe_vl.calibration.workflow import EMBEDDED_SPLITS
+
+        split = data.split(":", 1)[1] if ":" in data else "train"
+        if split not in EMBEDDED_SPLITS:
+            raise SuiteError(f"calibration.data {data!r}: unknown embedded split {split!r}; valid: "
+                             f"{', '.join('embedded:' + s for s in EMBEDDED_SPLITS)}")
         return
     if data.startswith("hf:"):
         if len(data.split(":")) > 4 or not data[3:]:

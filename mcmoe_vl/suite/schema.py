@@ -7,7 +7,7 @@ names it. A minimal TOML suite::
     seeds = [0]
 
     [calibration]
-    data = "embedded:text"        # embedded:<name> | a text / token-ids file | hf:<dataset>[:<config>[:<split>]]
+    data = "embedded:train"       # embedded:<split> | a text / token-ids file | hf:<dataset>[:<config>[:<split>]]
     num_sequences = 16
     seq_len = 128
 
@@ -233,11 +233,11 @@ class TaskSpec(_Strict):
 class CalibrationSpec(_Strict):
     """Calibration data and what the pass measures (METHOD.md sections 1-2).
 
-    ``data``: ``embedded:<name>`` (the package's offline corpus), a text or token-ids file, or
+    ``data``: ``embedded:train|heldout|ood`` (the offline stdlib corpus), a text or token-ids file, or
     ``hf:<dataset>[:<config>[:<split>]]`` (the paper: ``hf:allenai/c4:en:train``; needs the Hub).
     """
 
-    data: str = "embedded:text"
+    data: str = "embedded:train"
     num_sequences: int = Field(128, ge=1)
     seq_len: int = Field(2048, ge=1)
     batch_size: int = Field(1, ge=1)

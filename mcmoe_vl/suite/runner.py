@@ -1,0 +1,516 @@
+"""Run a suite: calibrate -> allocate -> quantize -> prune -> evaluate -> report, every stage cached by its inputs.
+
+::
+
+    summary = run_suite(load_suite("suites/default.toml"))
+    summary.report        # reports/default/report.md
+
+Layout of a run directory (``runs/<suite>/`` unless the suite or the caller names another)::
+
+    suite.resolved.json                 the suite with every default filled in
+    calibrate/<key>/stats.json          calibration statistics (+ significance.png)
+    allocate/<key>/plan.json            bit plan (+ allocation.png)
+    quantize/<key>/...                  packed checkpoint and its manifest
+    prune/<key>/pruning.json            ODP thresholds or OTP predictors
+    evaluate/<key>/results.json         one (model, recipe, seed) in the results schema
+    results/<model>/<recipe>-seed<k>.json   the results files the report reads
+
+``<key>`` hashes the stage's inputs, including the keys of the stages before it (:mod:`.cache`), so a re-run does
+only what changed and an interrupted run resumes; a stage directory without its completion record is redone.
+Everything the suite asks for is checked first (:func:`.load.preflight`). A recipe whose stage is not available
+here (:class:`.stages.StageUnavailable`) is skipped with a note in the report; the others still run.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as _dt
+import logging
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from mcmoe_vl.evaluation.results import (
+    CompressionBlock,
+    LayerActivity,
+    ResultsFile,
+    TaskInfo,
+    load_results,
+    primary_metric,
+    save_results,
+)
+from mcmoe_vl.io import read_json, write_json_atomic
+
+from . import stages
+from .cache import StageCache, checkpoint_fingerprint, stage_key
+from .load import LoadedSuite, include_dirs, preflight
+from .schema import Harness, ModelSpec, RecipeSpec, Suite, TaskSpec, slug
+
+log = logging.getLogger(__name__)
+
+# Models with more parameter bytes than this are reloaded for each recipe instead of copied in memory.
+COPY_LIMIT_BYTES = 4 << 30
+
+
+@dataclass
+class RunSummary:
+    run_dir: Path
+    report: Path | None
+    results: list[Path] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+    reused: dict[str, int] = field(default_factory=dict)  # stage -> cache hits
+    computed: dict[str, int] = field(default_factory=dict)  # stage -> runs
+
+
+def software_versions() -> dict[str, str]:
+    from importlib import metadata
+
+    out = {}
+    for pkg in ("mcmoe_vl", "lm_eval", "lmms_eval", "torch", "transformers"):
+        try:
+            out[pkg] = metadata.version(pkg.replace("_", "-")) if pkg != "mcmoe_vl" else metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            try:
+                out[pkg] = metadata.version(pkg)
+            except metadata.PackageNotFoundError:
+                continue
+    return out
+
+
+def _utc_now() -> str:
+    return _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class _ModelContext:
+    """One model of the suite for one seed: the pristine model, tokenizer and data, loaded on first use."""
+
+    def __init__(self, runner: SuiteRunner, spec: ModelSpec, location: str, is_local: bool, seed: int) -> None:
+        self.r, self.spec, self.location, self.is_local, self.seed = runner, spec, location, is_local, seed
+        self._model: torch.nn.Module | None = None
+        self._tokenizer: Any = None
+        self._calib: list[dict[str, torch.Tensor]] | None = None
+        self._work: list[dict[str, torch.Tensor]] | None = None
+        self.fingerprint = (checkpoint_fingerprint(Path(location)) if is_local
+                            else {"hub": location, "revision": spec.revision})
+
+    @property
+    def model(self) -> torch.nn.Module:
+        if self._model is None:
+            log.info("loading %s from %s", self.spec.name, self.location)
+            self._model = stages.load_model(self.spec, self.location, self.is_local)
+        return self._model
+
+    def fresh_model(self) -> torch.nn.Module:
+        """A copy of the original model that a stage may modify."""
+        base = self.model
+        nbytes = sum(p.numel() * p.element_size() for p in base.parameters())
+        if self.spec.device_map is None and nbytes <= COPY_LIMIT_BYTES:
+            return copy.deepcopy(base)
+        return stages.load_model(self.spec, self.location, self.is_local)
+
+    @property
+    def tokenizer(self) -> Any:
+        if self._tokenizer is None:
+            self._tokenizer = stages.load_tokenizer(self.spec, self.location)
+        return self._tokenizer
+
+    @property
+    def device(self) -> torch.device:
+        return stages.model_device(self.model)
+
+    def calibration_batches(self) -> list[dict[str, torch.Tensor]]:
+        if self._calib is None:
+            c = self.r.suite.calibration
+            text = stages.source_text(c.data, base=self.r.loaded.base_dir, text_field=c.text_field)
+            ids = stages.token_windows(self.tokenizer, text, seq_len=c.seq_len, num=c.num_sequences, seed=self.seed)
+            self._calib = stages.batches(ids, c.batch_size, self.device)
+        return self._calib
+
+    def workload(self) -> list[dict[str, torch.Tensor]]:
+        """The fixed prefill workload timed for the speed-up (held-out text when the source has a split)."""
+        if self._work is None:
+            c, ev = self.r.suite.calibration, self.r.suite.evaluation
+            text = stages.source_text(stages.heldout_source(c.data), base=self.r.loaded.base_dir,
+                                      text_field=c.text_field)
+            n = max(1, -(-ev.speed_tokens // ev.speed_seq_len))
+            ids = stages.token_windows(self.tokenizer, text, seq_len=ev.speed_seq_len, num=n, seed=10_000 + self.seed)
+            self._work = stages.batches(ids, ev.batch_size, self.device)
+        return self._work
+
+
+class SuiteRunner:
+    """Runs the stages of one suite into one run directory (see the module docstring)."""
+
+    def __init__(self, loaded: LoadedSuite, *, run_dir: str | os.PathLike[str] | None = None,
+                 report_dir: str | os.PathLike[str] | None = None, progress: bool = True,
+                 command: str | None = None) -> None:
+        self.loaded = loaded
+        self.suite: Suite = loaded.suite
+        self.run_dir = Path(run_dir or self.suite.run_dir or Path("runs") / slug(self.suite.name))
+        self.report_dir = Path(report_dir or self.suite.report.output_dir or Path("reports") / slug(self.suite.name))
+        self.cache = StageCache(self.run_dir)
+        self.progress = progress
+        self.command = command
+        self.summary = RunSummary(run_dir=self.run_dir, report=None)
+        self._bar: Any = None
+        self._version = software_versions().get("mcmoe_vl", "dev")
+
+    # -- bookkeeping ------------------------------------------------------------------------------------------------
+    def _status(self, stage: str, ctx: _ModelContext, recipe: RecipeSpec, task: str | None = None) -> None:
+        text = f"{stage} | {ctx.spec.name} | {recipe.name}" + (f" | {task}" if task else "")
+        if self._bar is not None:
+            self._bar.set_description_str(text)
+        log.info("%s", text)
+
+    def _hit(self, stage: str) -> None:
+        self.summary.reused[stage] = self.summary.reused.get(stage, 0) + 1
+
+    def _miss(self, stage: str) -> None:
+        self.summary.computed[stage] = self.summary.computed.get(stage, 0) + 1
+
+    # -- keys -------------------------------------------------------------------------------------------------------
+    def _calib_inputs(self, ctx: _ModelContext, recipe: RecipeSpec) -> dict[str, Any]:
+        group = recipe.quant.group_size if recipe.quant else 128
+        return {"version": self._version, "model": ctx.fingerprint, "dtype": ctx.spec.dtype,
+                "calibration": self.suite.calibration.model_dump(mode="json"), "seed": ctx.seed, "group_size": group}
+
+    def keys(self, ctx: _ModelContext, recipe: RecipeSpec) -> dict[str, str | None]:
+        """Every stage key of a recipe, computed from inputs only (no stage is run)."""
+        k: dict[str, str | None] = {"calibrate": None, "allocate": None, "quantize": None, "prune": None}
+        if recipe.quant is not None or recipe.prune is not None:
+            k["calibrate"] = stage_key("calibrate", self._calib_inputs(ctx, recipe))
+        if recipe.quant is not None:
+            q = recipe.quant
+            alloc = {f: v for f, v in q.model_dump(mode="json").items() if f != "gptq"}
+            k["allocate"] = stage_key("allocate", {"calibrate": k["calibrate"], "quant": alloc, "seed": ctx.seed,
+                                                   "version": self._version})
+            k["quantize"] = stage_key("quantize", {"allocate": k["allocate"], "calibrate": k["calibrate"],
+                                                   "quant": q.model_dump(mode="json"), "version": self._version})
+        if recipe.prune is not None:
+            k["prune"] = stage_key("prune", {"base": k["quantize"] or ctx.fingerprint, "calibrate": k["calibrate"],
+                                             "prune": recipe.prune.model_dump(mode="json"), "seed": ctx.seed,
+                                             "version": self._version})
+        k["evaluate"] = stage_key("evaluate", self._eval_inputs(ctx, recipe, k))
+        return k
+
+    def _eval_inputs(self, ctx: _ModelContext, recipe: RecipeSpec, k: dict[str, str | None]) -> dict[str, Any]:
+        ev = self.suite.evaluation.model_dump(mode="json")
+        if recipe.quant is None:
+            ev.pop("runtime")  # the 16-bit model has no quantized runtime
+        return {"model": ctx.fingerprint, "model_spec": ctx.spec.model_dump(mode="json"),
+                "recipe": recipe.model_dump(mode="json"), "quantize": k["quantize"], "prune": k["prune"],
+                "tasks": [t.model_dump(mode="json") for t in self.suite.tasks_for(ctx.spec)], "evaluation": ev,
+                "seed": ctx.seed, "software": software_versions()}
+
+    # -- stages -----------------------------------------------------------------------------------------------------
+    def calibrate(self, ctx: _ModelContext, recipe: RecipeSpec, key: str) -> tuple[Any, Path]:
+        from mcmoe_vl.calibration.stats import load_stats
+
+        d = self.cache.dir("calibrate", key)
+        if self.cache.lookup("calibrate", key) is not None:
+            self._hit("calibrate")
+            return load_stats(d / "stats.json"), d
+        self._status("calibrate", ctx, recipe)
+        d.mkdir(parents=True, exist_ok=True)  # not cleared: calibration resumes from its own partial file
+        (d / "stage.json").unlink(missing_ok=True)
+        group = recipe.quant.group_size if recipe.quant else 128
+        stats = stages.calibrate(ctx.model, ctx.calibration_batches(), self.suite.calibration, group_size=group,
+                                 output=d / "stats.json", model_name=ctx.spec.name, progress=self.progress)
+        files = ["stats.json"]
+        if self.suite.report.heatmaps:
+            stages.significance_plot(stats, d / "significance.png")
+            files.append("significance.png")
+        self.cache.commit("calibrate", key, inputs=self._calib_inputs(ctx, recipe), files=files)
+        self._miss("calibrate")
+        return stats, d
+
+    def allocate(self, ctx: _ModelContext, recipe: RecipeSpec, keys: dict[str, str | None], stats: Any) -> Path:
+        key = keys["allocate"]
+        assert key is not None and recipe.quant is not None
+        d = self.cache.dir("allocate", key)
+        if self.cache.lookup("allocate", key) is not None:
+            self._hit("allocate")
+            return d
+        self._status("allocate", ctx, recipe)
+        d = self.cache.begin("allocate", key)
+        stages.allocate(stats, recipe.quant, ctx.seed, plan_path=d / "plan.json", heatmap_path=d / "allocation.png",
+                        title=f"{recipe.quant.allocator} allocation, {ctx.spec.name}, {recipe.quant.bits:g} bits")
+        self.cache.commit("allocate", key, inputs={"calibrate": keys["calibrate"], "recipe": recipe.name},
+                          files=["plan.json", "allocation.png"])
+        self._miss("allocate")
+        return d
+
+    def quantize(self, ctx: _ModelContext, recipe: RecipeSpec, keys: dict[str, str | None], plan_dir: Path
+                 ) -> tuple[Path, dict[str, Any]]:
+        key = keys["quantize"]
+        assert key is not None and recipe.quant is not None
+        d = self.cache.dir("quantize", key)
+        rec = self.cache.lookup("quantize", key)
+        if rec is not None:
+            self._hit("quantize")
+            return d / "checkpoint", rec["info"]
+        stages._quant_api()  # unavailable -> skip before doing any work
+        self._status("quantize", ctx, recipe)
+        d = self.cache.begin("quantize", key)
+        model = ctx.fresh_model()
+        acct = stages.quantize(model, plan_dir / "plan.json", ctx.calibration_batches(), recipe.quant,
+                               out_dir=d / "checkpoint", progress=self.progress)
+        del model
+        files = [p.relative_to(d).as_posix() for p in sorted((d / "checkpoint").rglob("*")) if p.is_file()]
+        self.cache.commit("quantize", key, inputs={"allocate": keys["allocate"], "recipe": recipe.name}, files=files,
+                          info=acct)
+        self._miss("quantize")
+        return d / "checkpoint", acct
+
+    def compressed_model(self, ctx: _ModelContext, recipe: RecipeSpec, ckpt: Path | None, *, runtime: str
+                         ) -> torch.nn.Module:
+        """The model the recipe evaluates: the original, or the quantized checkpoint in the requested runtime."""
+        if ckpt is None:
+            return ctx.model
+        return stages.load_quantized(ctx.fresh_model(), ckpt, runtime)
+
+    def prune(self, ctx: _ModelContext, recipe: RecipeSpec, keys: dict[str, str | None], model: torch.nn.Module
+              ) -> Any:
+        from mcmoe_vl.pruning.artifact import load_pruning
+
+        key = keys["prune"]
+        assert key is not None and recipe.prune is not None
+        d = self.cache.dir("prune", key)
+        if self.cache.lookup("prune", key) is not None:
+            self._hit("prune")
+            return load_pruning(d / "pruning.json")
+        self._status(f"prune ({recipe.prune.method.value})", ctx, recipe)
+        d = self.cache.begin("prune", key)
+        stages.fit_pruning(model, ctx.calibration_batches(), recipe.prune, seed=ctx.seed, out=d / "pruning.json",
+                           progress=self.progress)
+        files = [p.name for p in sorted(d.iterdir()) if p.is_file()]
+        self.cache.commit("prune", key, inputs={"base": keys["quantize"], "recipe": recipe.name}, files=files)
+        self._miss("prune")
+        return load_pruning(d / "pruning.json")
+
+    def evaluate(self, ctx: _ModelContext, recipe: RecipeSpec, keys: dict[str, str | None]) -> Path:
+        key = keys["evaluate"]
+        assert key is not None
+        d = self.cache.dir("evaluate", key)
+        if self.cache.lookup("evaluate", key) is not None:
+            self._hit("evaluate")
+            return d / "results.json"
+        tasks = self.suite.tasks_for(ctx.spec)
+        if any(t.harness is Harness.LMMS_EVAL for t in tasks):
+            _check_lmms_available()
+        if recipe.quant is not None and self.cache.lookup("quantize", keys["quantize"]) is None:
+            stages._quant_api()  # unavailable -> skip the recipe before calibrating for it
+        artifacts: dict[str, Path] = {}
+        stats = None
+        if keys["calibrate"] is not None:
+            stats, cdir = self.calibrate(ctx, recipe, keys["calibrate"])
+            if (cdir / "significance.png").is_file():
+                artifacts["significance_heatmap"] = cdir / "significance.png"
+        ckpt, acct = None, None
+        if recipe.quant is not None:
+            pdir = self.allocate(ctx, recipe, keys, stats)
+            artifacts["allocation_heatmap"] = pdir / "allocation.png"
+            ckpt, acct = self.quantize(ctx, recipe, keys, pdir)
+        runtime = self.suite.evaluation.runtime.value
+        model = self.compressed_model(ctx, recipe, ckpt, runtime=runtime)
+        artifact = self.prune(ctx, recipe, keys, model) if recipe.prune is not None else None
+
+        self._status("evaluate", ctx, recipe)
+        results, speed, activity = self._evaluate_model(ctx, recipe, model, artifact, tasks)
+        if model is not ctx.model:
+            del model
+        d = self.cache.begin("evaluate", key)
+        res = self._results_file(ctx, recipe, keys, results, tasks, speed, activity, acct, artifact, artifacts, d,
+                                 plan_path=(self.cache.dir("allocate", keys["allocate"]) / "plan.json"
+                                            if keys["allocate"] else None))
+        save_results(res, d / "results.json")
+        self.cache.commit("evaluate", key, inputs={"recipe": recipe.name, "model": ctx.spec.name, "seed": ctx.seed},
+                          files=["results.json"])
+        self._miss("evaluate")
+        return d / "results.json"
+
+    def _evaluate_model(self, ctx: _ModelContext, recipe: RecipeSpec, model: torch.nn.Module, artifact: Any,
+                        tasks: list[TaskSpec]) -> tuple[dict[str, Any], Any, Any]:
+        from mcmoe_vl.evaluation.lm_eval_backend import TaskRequest, evaluate_lm_eval
+        from mcmoe_vl.moe import ExpertInterface
+        from mcmoe_vl.pruning.artifact import apply_pruning
+
+        ev = self.suite.evaluation
+        merged: dict[str, Any] = {}
+        was_training = model.training
+        model.eval()
+        with ExpertInterface(model) as iface:
+            rule = apply_pruning(iface, artifact) if artifact is not None else None
+            try:
+                speed, activity = (None, None)
+                if ev.speed_tokens > 0 and not ctx.spec.is_vlm:
+                    self._status("measure speed", ctx, recipe)
+                    speed, activity = stages.measure(model, iface, ctx.workload(), device=str(ctx.device))
+                for harness in Harness:
+                    reqs = [TaskRequest(t.name, t.num_fewshot, t.limit) for t in tasks if t.harness is harness]
+                    if not reqs:
+                        continue
+
+                    def on_task(name: str, _h: str = harness.value) -> None:
+                        self._status(f"evaluate ({_h})", ctx, recipe, name)
+
+                    common = dict(include_paths=include_dirs(self.loaded, harness),
+                                  include_defaults=ev.include_default_tasks, batch_size=ev.batch_size,
+                                  seed=ctx.seed, bootstrap_iters=ev.bootstrap_iters, on_task=on_task)
+                    if harness is Harness.LM_EVAL:
+                        out = evaluate_lm_eval(model, ctx.tokenizer, reqs, max_length=ctx.spec.max_length, **common)
+                    else:
+                        from mcmoe_vl.evaluation.lmms_eval_backend import evaluate_lmms_eval
+
+                        out = evaluate_lmms_eval(model, _vl2_processor(ctx, model), reqs, **common)
+                    for k, v in out.items():
+                        merged.setdefault(k, {}).update(v)
+            finally:
+                if rule is not None:
+                    rule.remove()
+        model.train(was_training)
+        return merged, speed, activity
+
+    def _results_file(self, ctx: _ModelContext, recipe: RecipeSpec, keys: dict[str, str | None],
+                      results: dict[str, Any], tasks: list[TaskSpec], speed: Any, activity: Any,
+                      acct: dict[str, Any] | None, artifact: Any, artifacts: dict[str, Path], out_dir: Path,
+                      plan_path: Path | None) -> ResultsFile:
+        infos = {}
+        for t in tasks:
+            tr = results["results"].get(t.name)
+            if tr is None:
+                raise RuntimeError(f"{t.harness.value} produced no results for task {t.name!r}")
+            infos[t.name] = TaskInfo(harness=t.harness.value, metric=primary_metric(tr, t.metric),
+                                     label=t.label or t.name, num_fewshot=t.num_fewshot, limit=t.limit)
+        total = stages.count_params(ctx.model)
+        quant_info = None
+        nominal, expert_nominal, effective, size, resident = 16.0, 16.0, 16.0, 2 * total, None
+        if recipe.quant is not None:
+            assert acct is not None and plan_path is not None
+            plan = read_json(plan_path, what="bit plan")
+            q = recipe.quant
+            quant_info = {"allocator": q.allocator, "target_bits": q.bits, "budget": q.budget.value,
+                          "bit_set": list(q.resolved_bit_set), "scope": q.scope.value, "group_size": q.group_size,
+                          "other_bits": q.other_bits, "runtime": self.suite.evaluation.runtime.value,
+                          "plan": {str(la["index"]): la["bits"] for la in plan["layers"]},
+                          "plan_achieved": plan.get("achieved", {}),
+                          "starved_experts": sum(len(la.get("starved", [])) for la in plan["layers"]),
+                          "accounting": acct}
+            nominal = float(acct["nominal_bits"])
+            expert_nominal = float(acct.get("expert_nominal_bits", plan.get("achieved", {}).get("nominal", nominal)))
+            effective = float(acct["effective_bits"])
+            size = int(acct["bytes_on_disk"])
+            resident = acct.get("resident_bytes")
+        prune_info = stages.prune_summary(artifact, recipe.prune) if recipe.prune is not None else None
+        active = [LayerActivity(index=la.index, top_k=la.top_k, avg_active_experts=la.avg_active_experts)
+                  for la in activity.layers] if activity is not None else []
+        compression = CompressionBlock(
+            recipe=recipe.name, baseline=recipe.is_baseline, quant=quant_info, prune=prune_info, nominal_bits=nominal,
+            expert_nominal_bits=expert_nominal, effective_bits=effective, size_bytes=size, resident_bytes=resident,
+            total_params=total,
+            activated_params_per_token=activity.activated_params_per_token if activity is not None else None,
+            activated_params_reduction=activity.activated_params_reduction if activity is not None else None,
+            active_experts=active, speed=speed,
+            artifacts={name: os.path.relpath(p.resolve(), out_dir.resolve()) for name, p in sorted(artifacts.items())},
+        )
+        return ResultsFile(
+            suite=self.suite.name, model=ctx.spec.name, recipe=recipe.name, seed=ctx.seed, date=_utc_now(),
+            results=results["results"], versions=results.get("versions", {}),
+            n_shot=results.get("n-shot", {}), higher_is_better=results.get("higher_is_better", {}),
+            n_samples=results.get("n-samples", {}), tasks=infos, compression=compression,
+            config={"model": ctx.spec.model_dump(mode="json"), "checkpoint": ctx.location,
+                    "recipe": recipe.model_dump(mode="json"), "tasks": [t.model_dump(mode="json") for t in tasks],
+                    "calibration": self.suite.calibration.model_dump(mode="json"),
+                    "evaluation": self.suite.evaluation.model_dump(mode="json"), "stage_keys": keys},
+            software=software_versions(),
+        )
+
+    # -- publishing -------------------------------------------------------------------------------------------------
+    def publish(self, ctx: _ModelContext, recipe: RecipeSpec, src: Path) -> Path:
+        """Copy a cached results file to ``results/<model>/<recipe>-seed<k>.json`` with artifact paths rebased."""
+        res = load_results(src)
+        dst = self.run_dir / "results" / slug(ctx.spec.name) / f"{slug(recipe.name)}-seed{ctx.seed}.json"
+        rebased = {}
+        for name, rel in res.compression.artifacts.items():
+            target = (src.parent / rel).resolve()
+            rebased[name] = os.path.relpath(target, dst.parent.resolve())
+        res.compression.artifacts = rebased
+        save_results(res, dst)
+        return dst
+
+    # -- the whole suite --------------------------------------------------------------------------------------------
+    def run(self, *, models: list[str] | None = None, recipes: list[str] | None = None,
+            write_report: bool = True) -> RunSummary:
+        locations = preflight(self.loaded)
+        unknown = sorted(set(models or []) - {m.name for m in self.suite.models}) + \
+            sorted(set(recipes or []) - {r.name for r in self.suite.recipes})
+        if unknown:
+            raise ValueError(f"--model / --recipe name(s) {unknown} are not in the suite")
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(self.run_dir / "suite.resolved.json", self.loaded.resolved_config())
+        results_dir = self.run_dir / "results"
+        if results_dir.exists():
+            shutil.rmtree(results_dir)  # published copies of this run only; the cache keeps every result
+        todo = [(m, seed, r) for m in self.suite.models if not models or m.name in models
+                for seed in self.suite.seeds for r in self.suite.recipes_for(m) if not recipes or r.name in recipes]
+        contexts: dict[tuple[str, int], _ModelContext] = {}
+        self._bar = tqdm(todo, desc="suite", unit="recipe", disable=not self.progress, dynamic_ncols=True)
+        try:
+            for m, seed, r in self._bar:
+                ctx = contexts.get((m.name, seed))
+                if ctx is None:
+                    contexts.clear()  # one model in memory at a time
+                    ctx = contexts[(m.name, seed)] = _ModelContext(self, m, *locations[m.name], seed)
+                label = f"{m.name} / {r.name} / seed {seed}"
+                try:
+                    keys = self.keys(ctx, r)
+                    src = self.evaluate(ctx, r, keys)
+                    self.summary.results.append(self.publish(ctx, r, src))
+                except stages.StageUnavailable as exc:
+                    log.warning("%s: not run: %s", label, exc)
+                    self.summary.notes.append(f"{label}: not run: {exc}")
+                except (KeyboardInterrupt, SystemExit):
+                    raise
+                except Exception as exc:  # one broken recipe must not stop the others; it is reported
+                    log.exception("%s failed", label)
+                    self.summary.failed.append(label)
+                    self.summary.notes.append(f"{label}: FAILED: {type(exc).__name__}: {exc}")
+        finally:
+            self._bar.close()
+            self._bar = None
+        if write_report and self.summary.results:
+            from mcmoe_vl.report.build import build_report
+
+            self.summary.report = build_report(self.summary.results, self.report_dir, baseline=self.suite.report.baseline,
+                                               command=self.command, notes=sorted(self.summary.notes),
+                                               title=f"Suite `{self.suite.name}`")
+        return self.summary
+
+
+def _check_lmms_available() -> None:
+    try:
+        import lmms_eval  # noqa: F401
+
+        from model_adapters.deepseek_vl2 import lmms_model  # noqa: F401
+    except ImportError as exc:
+        raise stages.StageUnavailable(f"lmms-eval evaluation not available ({exc})") from None
+
+
+def _vl2_processor(ctx: _ModelContext, model: torch.nn.Module) -> Any:
+    from model_adapters.deepseek_vl2.processing import DeepseekVL2Processor
+
+    return DeepseekVL2Processor.from_config(ctx.tokenizer, model)
+
+
+def run_suite(loaded: LoadedSuite, *, run_dir: str | os.PathLike[str] | None = None,
+              report_dir: str | os.PathLike[str] | None = None, progress: bool = True, command: str | None = None,
+              models: list[str] | None = None, recipes: list[str] | None = None) -> RunSummary:
+    """Run (or resume) every model x recipe x seed of the suite and write its report."""
+    runner = SuiteRunner(loaded, run_dir=run_dir, report_dir=report_dir, progress=progress, command=command)
+    return runner.run(models=models, recipes=recipes)

@@ -1,0 +1,261 @@
+"""The stages of a suite run, each a thin call into the library that owns it.
+
+- load: a model and tokenizer from a local directory or the Hub (``device_map="auto"`` shards over GPUs);
+- calibration data: seeded token windows from the suite's calibration source;
+- calibrate (:mod:`mcmoe_vl.calibration`), allocate (:mod:`mcmoe_vl.allocation`), quantize (:mod:`mcmoe_vl.quant`),
+  prune (:mod:`mcmoe_vl.pruning`), measure (speed and activated parameters on a fixed prefill workload).
+
+A stage whose library is not installed (or not yet complete) raises :class:`StageUnavailable`; the runner then skips
+the recipes that need it and says so in the report.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .schema import CalibrationSpec, ModelSpec, PruneMethod, PruneSpec, QuantSpec
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class StageUnavailable(RuntimeError):
+    """A stage the recipe needs is not available in this installation (the message says which and why)."""
+
+
+# -- models ----------------------------------------------------------------------------------------------------------
+def load_model(spec: ModelSpec, location: str, is_local: bool) -> nn.Module:
+    """The model in eval mode: local directories through the calibration loader (which knows the DeepSeek-VL2
+    port), Hub ids and sharded loading through transformers' ``from_pretrained``."""
+    dtype = DTYPES[spec.dtype]
+    if is_local and spec.device_map is None:
+        from mcmoe_vl.calibration.workflow import load_model as load_local
+
+        return load_local(location, dtype=dtype, device=spec.device)
+    if spec.adapter == "deepseek_vl_v2":
+        raise StageUnavailable("loading DeepSeek-VL2 from the Hub or with a device_map: download the checkpoint "
+                               "(huggingface-cli download deepseek-ai/deepseek-vl2) and give its directory")
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict[str, Any] = {"dtype": dtype}
+    if spec.revision:
+        kwargs["revision"] = spec.revision
+    if spec.device_map is not None:
+        kwargs["device_map"] = spec.device_map
+    model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
+    if spec.device_map is None:
+        model = model.to(spec.device)
+    return model.eval()
+
+
+def load_tokenizer(spec: ModelSpec, location: str) -> Any:
+    from transformers import AutoTokenizer
+
+    src = spec.tokenizer or location
+    try:
+        return AutoTokenizer.from_pretrained(src, revision=spec.revision) if spec.revision else \
+            AutoTokenizer.from_pretrained(src)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"model {spec.name!r}: no tokenizer at {src} ({exc}); set models.tokenizer") from exc
+
+
+def model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# -- calibration data ------------------------------------------------------------------------------------------------
+def source_text(data: str, *, base: Path | None = None, text_field: str = "text", max_chars: int = 50_000_000
+                ) -> str:
+    """The text of a calibration source: ``embedded:<split>``, a text file, or ``hf:<dataset>[:<config>[:<split>]]``."""
+    if data.startswith("hf:"):
+        parts = data[3:].split(":")
+        name, config = parts[0], (parts[1] if len(parts) > 1 and parts[1] else None)
+        split = parts[2] if len(parts) > 2 else "train"
+        import datasets
+
+        ds = datasets.load_dataset(name, config, split=split, streaming=True)
+        chunks, n = [], 0
+        for row in ds:
+            t = row[text_field]
+            chunks.append(t)
+            n += len(t)
+            if n >= max_chars:
+                break
+        return "\n\n".join(chunks)
+    from mcmoe_vl.calibration.workflow import calibration_text
+
+    if not data.startswith("embedded") and base is not None and not Path(data).is_absolute():
+        data = str(base / data) if (base / data).exists() else data
+    return calibration_text(data)
+
+
+def token_windows(tokenizer: Any, text: str, *, seq_len: int, num: int, seed: int) -> torch.Tensor:
+    from mcmoe_vl.calibration.data import token_windows as windows
+
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return windows(ids, seq_len, num, seed=seed)
+
+
+def heldout_source(data: str) -> str:
+    """Where the timing workload comes from: the held-out split for the embedded corpus, else the same source."""
+    return "embedded:heldout" if data in ("embedded", "embedded:train") else data
+
+
+def batches(ids: torch.Tensor, batch_size: int, device: torch.device | str) -> list[dict[str, torch.Tensor]]:
+    from mcmoe_vl.calibration.data import batches_from_ids
+
+    return [{k: v.to(device) for k, v in b.items()} for b in batches_from_ids(ids, batch_size)]
+
+
+# -- calibrate / allocate --------------------------------------------------------------------------------------------
+def calibrate(model: nn.Module, calib_batches: list[dict[str, Any]], spec: CalibrationSpec, *, group_size: int,
+              output: Path, model_name: str, progress: bool) -> Any:
+    from mcmoe_vl.calibration.calibrate import CalibrationConfig, calibrate as run
+
+    cfg = CalibrationConfig(eps_bits=tuple(spec.eps_bits), group_size=group_size, min_tokens=spec.min_tokens)
+    return run(model, calib_batches, cfg, output=output, resume=True, model_name=model_name, progress=progress)
+
+
+def significance_plot(stats: Any, path: Path) -> Path:
+    from mcmoe_vl.plots import significance_heatmaps
+
+    return significance_heatmaps(stats, path)
+
+
+def allocation_config(q: QuantSpec, seed: int) -> Any:
+    from mcmoe_vl.allocation.config import AllocationConfig
+
+    return AllocationConfig(method=q.allocator, target_bits=q.bits, budget=q.budget.value, bits=q.resolved_bit_set,
+                            scope=q.scope.value, alpha=q.alpha, beta=q.beta, gamma=q.gamma, seed=seed,
+                            group_size=q.group_size, other_bits=q.other_bits,
+                            shared_experts_bits=q.shared_experts_bits,
+                            require_widths=() if len(q.resolved_bit_set) == 1 else None)
+
+
+def allocate(stats: Any, q: QuantSpec, seed: int, *, plan_path: Path, heatmap_path: Path, title: str) -> Any:
+    from mcmoe_vl.allocation.allocate import allocate as run
+    from mcmoe_vl.plots import allocation_heatmap
+
+    plan = run(stats, allocation_config(q, seed))
+    plan.save(plan_path)
+    allocation_heatmap([lp.bits for lp in plan.layers], heatmap_path,
+                       layer_labels=[str(lp.index) for lp in plan.layers], title=title)
+    return plan
+
+
+# -- quantize --------------------------------------------------------------------------------------------------------
+def _quant_api() -> Any:
+    """The quantization engine's workflow module, or :class:`StageUnavailable` naming what is missing."""
+    try:
+        from mcmoe_vl.quant import workflow  # type: ignore[attr-defined]
+    except ImportError as exc:
+        raise StageUnavailable(f"quantization engine not available (mcmoe_vl.quant.workflow: {exc})") from None
+    missing = [n for n in ("quantize_model", "save_quantized", "load_quantized") if not hasattr(workflow, n)]
+    if missing:
+        raise StageUnavailable(f"quantization engine not available (mcmoe_vl.quant.workflow lacks {missing})")
+    return workflow
+
+
+def quantize(model: nn.Module, plan_path: Path, calib_batches: list[dict[str, Any]], q: QuantSpec, *, out_dir: Path,
+             progress: bool) -> dict[str, Any]:
+    """Quantize ``model`` in place to the plan with GPTQ and save the packed checkpoint in ``out_dir``.
+
+    Returns the accounting (nominal / effective bits, bytes on disk, resident bytes) as a dict.
+    """
+    api = _quant_api()
+    plan = api.load_plan(plan_path) if hasattr(api, "load_plan") else plan_path
+    qmodel = api.quantize_model(model, plan, calib_batches, **dict(q.gptq), progress=progress)
+    acct = api.save_quantized(qmodel, out_dir)
+    return acct if isinstance(acct, dict) else acct.model_dump(mode="json")
+
+
+def load_quantized(model: nn.Module, ckpt_dir: Path, runtime: str) -> nn.Module:
+    api = _quant_api()
+    return api.load_quantized(model, ckpt_dir, runtime=runtime)
+
+
+# -- prune -----------------------------------------------------------------------------------------------------------
+def fit_pruning(model: nn.Module, calib_batches: list[dict[str, Any]], p: PruneSpec, *, seed: int, out: Path,
+                progress: bool) -> Any:
+    from mcmoe_vl.pruning.artifact import PruningMethod, save_pruning
+    from mcmoe_vl.pruning.odp import ODPConfig
+    from mcmoe_vl.pruning.otp import OTPConfig
+    from mcmoe_vl.pruning.workflow import fit_pruning as run
+
+    layers = tuple(p.layers) if p.layers is not None else None
+    if p.method is PruneMethod.ODP:
+        cfg = ODPConfig(mu=p.mu, prune_rate=p.prune_rate, quantile=p.quantile, protect_ratio=p.protect_ratio,
+                        layers=layers)
+        art = run(model, calib_batches, PruningMethod.ODP, odp=cfg, progress=progress)
+    else:
+        cfg_otp = OTPConfig(prune_rate=p.prune_rate, steps=p.steps, width=p.width, seed=seed, layers=layers)
+        art = run(model, calib_batches, PruningMethod.OTP, otp=cfg_otp, progress=progress)
+    save_pruning(art, out)
+    return art
+
+
+def prune_summary(artifact: Any, spec: PruneSpec) -> dict[str, Any]:
+    """Settings and fitted numbers of a pruning artifact for the compression block."""
+    out: dict[str, Any] = {"method": spec.method.value, "protect_ratio": spec.protect_ratio,
+                           "prune_rate": spec.prune_rate, "layers": spec.layers}
+    if spec.method is PruneMethod.ODP:
+        out.update({"quantile": spec.quantile, "mu_fixed": spec.mu})
+        if artifact.odp is not None:
+            out["mu"] = {str(k): v for k, v in sorted(artifact.odp.mu.items())}
+            out["calibration_pruned_fraction"] = {str(k): v for k, v in
+                                                  sorted(artifact.odp.calibration_pruned_fraction.items())}
+    else:
+        out.update({"steps": spec.steps, "width": spec.width})
+        if artifact.otp is not None:
+            out["summary"] = {str(k): v for k, v in sorted(artifact.otp.summary.items())}
+    return out
+
+
+# -- measure ---------------------------------------------------------------------------------------------------------
+def measure(model: nn.Module, iface: Any, work: list[dict[str, torch.Tensor]], *, device: str, repeats: int = 3
+            ) -> tuple[Any, Any]:
+    """Time a fixed prefill workload and count the experts actually computed on it.
+
+    One warm-up batch, then the whole workload ``repeats`` times with the routing the evaluation uses (pruning rules
+    installed on ``iface``); the fastest pass is kept (the least disturbed by other processes). Activated experts are
+    counted on the first pass. Returns (Speed, ActivationReport).
+    """
+    from mcmoe_vl.evaluation.results import Speed
+    from mcmoe_vl.pruning.accounting import ActivationMeter
+
+    tokens = sum(int(b["attention_mask"].sum()) for b in work)
+    sync = torch.cuda.synchronize if torch.cuda.is_available() and device.startswith("cuda") else (lambda: None)
+    best = math.inf
+    report = None
+    with torch.no_grad():
+        model(**work[0])  # warm-up (allocations, kernels); not timed, not counted
+        for rep in range(max(1, repeats)):
+            meter = ActivationMeter(iface).attach() if rep == 0 else None
+            sync()
+            t0 = time.perf_counter()
+            for b in work:
+                if meter is not None:
+                    meter.token_mask = b["attention_mask"]
+                model(**b)
+            sync()
+            best = min(best, time.perf_counter() - t0)
+            if meter is not None:
+                meter.detach()
+                report = meter.report()
+    speed = Speed(tokens=tokens, seconds=best, tokens_per_second=tokens / best if best > 0 else math.inf,
+                  workload=f"prefill, {len(work)} batches of {tuple(work[0]['input_ids'].shape)} tokens, "
+                           f"best of {max(1, repeats)}",
+                  device=device)
+    return speed, report

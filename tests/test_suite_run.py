@@ -1,0 +1,140 @@
+"""A small suite end to end on a tiny random Mixtral: stages, cache, resume, results files and the report."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import statistics
+from pathlib import Path
+
+import pytest
+import tomli_w
+import torch
+
+from mcmoe_vl.evaluation.results import load_results
+from mcmoe_vl.suite.load import load_suite
+from mcmoe_vl.suite.runner import run_suite
+
+DATA = Path(__file__).parent / "data" / "suite"
+
+
+def tiny_checkpoint(d: Path) -> Path:
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    from mcmoe_vl.data.tokenizer import VOCAB_SIZE, byte_tokenizer
+
+    cfg = MixtralConfig(vocab_size=VOCAB_SIZE, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2,
+                        max_position_embeddings=256, attn_implementation="eager")
+    torch.manual_seed(0)
+    model = MixtralForCausalLM(cfg).eval()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 2:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    model.save_pretrained(d)
+    byte_tokenizer(model_max_length=256).save_pretrained(d)
+    return d
+
+
+def write_suite(root: Path, recipes: list[dict], **over) -> Path:
+    tasks = root / "tasks"
+    if not tasks.exists():
+        shutil.copytree(DATA / "tasks", tasks)
+        for f in tasks.glob("*.yaml"):
+            f.write_text(f.read_text().replace("DATA_DIR", str(tasks)))
+    if not (root / "ckpt").exists():
+        tiny_checkpoint(root / "ckpt")
+        words = ["alpha", "beta", "gamma", "delta", "even", "odd", "number", "the", "is"]
+        g = torch.Generator().manual_seed(1)
+        idx = torch.randint(0, len(words), (3000,), generator=g).tolist()
+        (root / "calib.txt").write_text(" ".join(words[i] for i in idx))
+    suite = {
+        "name": "tiny e2e",
+        "seeds": [0],
+        "models": [{"name": "tiny-mixtral", "checkpoint": "ckpt", "adapter": "mixtral"}],
+        "recipes": recipes,
+        "tasks": [{"harness": "lm_eval", "name": "t8_parity", "limit": 6, "label": "Parity"},
+                  {"harness": "lm_eval", "name": "t8_words", "limit": 3, "label": "Words"}],
+        "calibration": {"data": "calib.txt", "num_sequences": 4, "seq_len": 64, "batch_size": 4, "eps_bits": [1, 2, 3],
+                        "min_tokens": 1},
+        "evaluation": {"lm_eval_include": ["tasks"], "batch_size": 4, "speed_tokens": 256, "speed_seq_len": 64},
+        "run_dir": str(root / "runs"),
+        "report": {"output_dir": str(root / "report")},
+    }
+    suite.update(over)
+    p = root / "suite.toml"
+    p.write_text(tomli_w.dumps(suite))
+    return p
+
+
+RECIPES = [
+    {"name": "16-bit"},
+    {"name": "ODP", "prune": {"method": "odp", "protect_ratio": 0.1}},
+    {"name": "PMQ 2.0", "quant": {"allocator": "pmq", "bits": 2.0, "group_size": 16}},
+]
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("suite")
+    summary = run_suite(load_suite(write_suite(root, RECIPES)), progress=False, command="mcmoe-vl run suite.toml")
+    return root, summary
+
+
+def test_end_to_end_report_numbers_equal_results(first_run) -> None:
+    root, summary = first_run
+    assert summary.failed == []
+    assert summary.report is not None and summary.report.is_file()
+    names = {load_results(p).recipe for p in summary.results}
+    assert {"16-bit", "ODP"} <= names
+    md = summary.report.read_text()
+    for p in summary.results:
+        res = json.loads(p.read_text())
+        row = next(ln for ln in md.splitlines() if ln.startswith(f"| {res['recipe']} |"))
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        parity = res["results"]["t8_parity"][res["tasks"]["t8_parity"]["metric"]]
+        words = res["results"]["t8_words"][res["tasks"]["t8_words"]["metric"]]
+        assert cells[1] == f"{100 * parity:.2f}"
+        assert cells[2] == f"{words:.2f}"
+        assert cells[3] == f"{statistics.fmean([100 * parity]):.2f}"
+        c = res["compression"]
+        assert c["total_params"] > 0 and c["speed"]["tokens"] > 0
+        assert len(c["active_experts"]) == 2
+    # lm-eval's own schema is kept, plus the compression block
+    base = load_results(next(p for p in summary.results if load_results(p).recipe == "16-bit"))
+    assert base.compression.baseline and base.compression.nominal_bits == 16.0
+    assert base.compression.active_experts[0].avg_active_experts == pytest.approx(2.0)
+    odp = load_results(next(p for p in summary.results if load_results(p).recipe == "ODP"))
+    assert odp.compression.prune["method"] == "odp"
+    assert odp.compression.activated_params_reduction > 0  # the ratio rule really removed expert work
+    assert odp.n_shot == {"t8_parity": 0, "t8_words": 0}
+    assert odp.config["recipe"]["prune"]["protect_ratio"] == 0.1
+    assert (root / "runs" / "suite.resolved.json").is_file()
+
+
+def test_rerun_reuses_every_stage_and_gives_identical_report(first_run) -> None:
+    root, summary = first_run
+    again = run_suite(load_suite(root / "suite.toml"), progress=False, command="mcmoe-vl run suite.toml")
+    assert again.computed == {}, again.computed
+    assert again.reused.get("evaluate") == len(summary.results)
+    assert again.report.read_bytes() == summary.report.read_bytes()
+
+
+def test_half_written_artifact_is_not_trusted(first_run) -> None:
+    root, summary = first_run
+    odp = next(p for p in summary.results if load_results(p).recipe == "ODP")
+    keys = load_results(odp).config["stage_keys"]
+    prune_dir = root / "runs" / "prune" / keys["prune"]
+    eval_dir = root / "runs" / "evaluate" / keys["evaluate"]
+    # an interrupted evaluate stage: results.json cut short and no completion record
+    (eval_dir / "stage.json").unlink()
+    (eval_dir / "results.json").write_text('{"schema": "mcmoe_vl.res')
+    # and a pruning artifact edited after it was recorded
+    art = prune_dir / "pruning.json"
+    art.write_text(art.read_text().replace('"protect_ratio": 0.1', '"protect_ratio": 0.5'))
+    again = run_suite(load_suite(root / "suite.toml"), progress=False, recipes=["ODP"])
+    assert again.computed == {"prune": 1, "evaluate": 1}
+    assert json.loads(art.read_text())["odp"]["protect_ratio"] == 0.1
+    assert load_results(eval_dir / "results.json").recipe == "ODP"
