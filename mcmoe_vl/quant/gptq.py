@@ -154,7 +154,7 @@ def gptq_quantize(
         raise ValueError(f"weight has {c} input columns but the inverse Hessian is {tuple(inv.hinv_u.shape)}")
     g = group_size if group_size > 0 else c
     dtype = inv.hinv_u.dtype
-    W = w.to(dtype).clone()  # (R, C)
+    W = w.detach().to(dtype).clone()  # (R, C)
     W[:, inv.dead] = 0
     perm = inv.perm
     static: list[QParams] | None = None
@@ -226,7 +226,7 @@ def rtn_quantize(w: torch.Tensor, quantizer: Quantizer, *, group_size: int = 128
     """Round-to-nearest per (row, group): the fallback for experts with too few calibration tokens."""
     r, c = w.shape
     g = group_size if group_size > 0 else c
-    W = w.float()
+    W = w.detach().float()
     codes = torch.empty(r, c, dtype=torch.uint8)
     deq = torch.empty(r, c, dtype=torch.float32)
     G = _n_groups(c, g)

@@ -1,0 +1,342 @@
+"""Quantize a whole model layer by layer, through the common expert interface.
+
+For every decoder layer (``mcmoe_vl.moe.layerwise.iterate_layers``: one layer's activations in memory at a time):
+
+1. One forward of the layer, with its original weights, on every calibration batch collects
+   - a Hessian per ``nn.Linear`` of the layer (attention, shared experts, dense MLPs) and per router weight,
+   - per routed expert, the Hessian of the tokens routed to it (``H = 2 X^T X / n`` over those tokens; gate and up
+     share it) and that of the down projection's input ``act(gate x) * up x``.
+2. Each weight is quantized at its width (experts: the plan's; others: ``default_bits`` or an override) with GPTQ;
+   experts that received fewer than ``min_tokens`` tokens fall back to round-to-nearest and are recorded.
+3. The quantized modules replace the originals (``nn.Linear`` -> :class:`QuantLinear`; a fused experts module ->
+   :class:`QuantExperts`; a router weight is replaced by its dequantised values), and the layer is run again so
+   the next layer is calibrated on the outputs of the quantized one.
+
+Linear layers outside the decoder layers (``lm_head``, a vision tower) stay 16-bit by default (the plan's
+``keep_16bit``); if the plan gives them a width they are quantized by round-to-nearest (no Hessian is collected).
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+from tqdm.auto import tqdm
+
+from mcmoe_vl.moe.interface import ExpertWeights, FusedExpertStorage, ModuleListExpertStorage, MoELayer
+
+from .gptq import HessianAccumulator, QuantResult, gptq_quantize, prepare_inverse, rtn_quantize
+from .packed import PackedTensor
+from .plan import PlanError, QuantPlan
+from .qlinear import DenseExpert, QuantExpert, QuantExperts, QuantLinear, Runtime, concat_rows
+from .quantizer import get_quantizer
+
+log = logging.getLogger(__name__)
+
+
+class HessianDtype(str, enum.Enum):
+    FLOAT32 = "float32"
+    FLOAT64 = "float64"
+
+    @property
+    def torch(self) -> torch.dtype:
+        return torch.float32 if self is HessianDtype.FLOAT32 else torch.float64
+
+
+class ModelDtype(str, enum.Enum):
+    BFLOAT16 = "bfloat16"
+    FLOAT16 = "float16"
+    FLOAT32 = "float32"
+
+    @property
+    def torch(self) -> torch.dtype:
+        return getattr(torch, self.value)
+
+
+class QuantizeConfig(BaseModel):
+    """Engine settings (the widths come from the plan). Example: ``QuantizeConfig(act_order=True)``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    block_size: int = Field(128, ge=1)
+    damp: float = Field(0.01, gt=0)
+    act_order: bool = False
+    static_groups: bool = False  # with act_order: group parameters from the unquantized weight, natural storage
+    range_search: bool = False
+    min_tokens: int = Field(16, ge=0)  # experts routed fewer calibration tokens fall back to round-to-nearest
+    hessian_dtype: HessianDtype = HessianDtype.FLOAT32
+    runtime: Runtime = Runtime.PACKED
+    dtype: ModelDtype | None = None  # compute dtype of quantized modules; None = the model's parameter dtype
+    quantize_router: bool = True  # the router weight at the plan's default width (stored dequantised)
+    progress: bool = True
+
+
+class ExpertRecord(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    bits: int
+    tokens: int
+    method: str  # "gptq", "rtn" (starved) or "dense" (16-bit)
+
+
+class LayerRecord(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    index: int
+    path: str
+    experts: list[ExpertRecord]
+
+    @property
+    def starved(self) -> list[int]:
+        return [i for i, e in enumerate(self.experts) if e.method == "rtn"]
+
+
+class QuantReport(BaseModel):
+    """What was quantized how: per MoE layer the experts' widths, tokens and method; widths of other modules."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    layers: list[LayerRecord] = Field(default_factory=list)
+    modules: dict[str, int] = Field(default_factory=dict)  # full name -> width (16 = kept)
+    module_methods: dict[str, str] = Field(default_factory=dict)  # full name -> gptq / rtn / dense
+    routers: dict[str, int] = Field(default_factory=dict)  # router weights quantized in place -> width
+
+    @property
+    def starved(self) -> dict[int, list[int]]:
+        return {la.index: la.starved for la in self.layers if la.starved}
+
+
+# -- one weight ---------------------------------------------------------------------------------------------------
+def quantize_weight(w: torch.Tensor, bits: int, cfg: QuantizeConfig, *, group_size: int,
+                    inv: Any = None) -> QuantResult:
+    """GPTQ with a prepared inverse, or round-to-nearest when ``inv`` is None."""
+    quant = get_quantizer(bits, range_search=cfg.range_search)
+    if inv is None:
+        return rtn_quantize(w, quant, group_size=group_size)
+    return gptq_quantize(w, inv, quant, group_size=group_size, block_size=cfg.block_size,
+                         static_groups=cfg.static_groups)
+
+
+def quantize_expert(weights: ExpertWeights, bits: int, cfg: QuantizeConfig, *, group_size: int,
+                    h_in: torch.Tensor | None, h_down: torch.Tensor | None) -> dict[str, QuantResult]:
+    """Quantize one expert's gate / up / down; gate and up share one inverse Hessian. No Hessian -> RTN."""
+    inv_in = None if h_in is None else prepare_inverse(h_in, damp=cfg.damp, act_order=cfg.act_order)
+    inv_down = None if h_down is None else prepare_inverse(h_down, damp=cfg.damp, act_order=cfg.act_order)
+    return {
+        "gate": quantize_weight(weights.gate, bits, cfg, group_size=group_size, inv=inv_in),
+        "up": quantize_weight(weights.up, bits, cfg, group_size=group_size, inv=inv_in),
+        "down": quantize_weight(weights.down, bits, cfg, group_size=group_size, inv=inv_down),
+    }
+
+
+# -- collecting Hessians for one decoder layer --------------------------------------------------------------------
+class _ExpertCollector:
+    """Hessians of the tokens routed to each expert of one MoE layer (computed with the dense weights)."""
+
+    def __init__(self, layer: MoELayer, dtype: torch.dtype) -> None:
+        self.layer = layer
+        self.dtype = dtype
+        self.h_in: dict[int, HessianAccumulator] = {}
+        self.h_down: dict[int, HessianAccumulator] = {}
+        self.tokens = [0] * layer.num_experts
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        hidden = args[0] if args else kwargs["hidden_states"]
+        x = hidden.reshape(-1, hidden.shape[-1])  # (T, H)
+        routing = self.layer.route(x)
+        st = self.layer.storage
+        for e in range(self.layer.num_experts):
+            tok = (routing.topk_idx == e).any(dim=-1).nonzero().squeeze(-1)
+            if tok.numel() == 0:
+                continue
+            xe = x[tok]  # (n, H)
+            w = st.weights(e)
+            h = (st.act_fn(xe @ w.gate.t().to(xe.dtype)) * (xe @ w.up.t().to(xe.dtype)))  # (n, I)
+            if e not in self.h_in:
+                self.h_in[e] = HessianAccumulator(x.shape[1], dtype=self.dtype)
+                self.h_down[e] = HessianAccumulator(h.shape[1], dtype=self.dtype)
+            self.h_in[e].add(xe)
+            self.h_down[e].add(h)
+            self.tokens[e] += int(tok.numel())
+
+
+def _set_module(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, attr = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, attr, new)
+
+
+def _router_module(adapter: Any, layer: MoELayer) -> nn.Module | None:
+    return getattr(layer.block, getattr(adapter, "router_attr", "gate"), None)
+
+
+def _experts_module_name(model: nn.Module, layer: MoELayer) -> str:
+    target = layer.storage.module
+    for name, mod in model.named_modules():
+        if mod is target:
+            return name
+    raise RuntimeError(f"{layer.path}: the experts module is not part of the model")
+
+
+# -- the whole model ------------------------------------------------------------------------------------------------
+def quantize_model(
+    model: nn.Module,
+    plan: QuantPlan,
+    batches: Iterable[Mapping[str, Any]],
+    config: QuantizeConfig | None = None,
+    *,
+    adapter: Any | None = None,
+    extras_key: str | None = None,
+) -> QuantReport:
+    """Quantize ``model`` in place to ``plan`` with calibration ``batches`` (dicts of model inputs).
+
+    Returns a :class:`QuantReport`. Afterwards the model holds :class:`QuantLinear` / :class:`QuantExperts`
+    modules in ``config.runtime`` and can be saved with :func:`mcmoe_vl.quant.checkpoint.save_quantized`.
+    """
+    from mcmoe_vl.moe.layerwise import iterate_layers
+
+    cfg = config or QuantizeConfig()
+    if cfg.static_groups and not cfg.act_order:
+        log.info("static_groups without act_order changes nothing")
+    if adapter is None:
+        from model_adapters import get_adapter
+
+        adapter = get_adapter(model)
+    moe_layers = {la.index: la for la in adapter.moe_layers(model)}
+    plan.check_layers({i: la.num_experts for i, la in moe_layers.items()})
+    for la in moe_layers.values():
+        if not isinstance(la.storage, (FusedExpertStorage, ModuleListExpertStorage)):
+            raise PlanError(f"{la.path}: expert storage {type(la.storage).__name__} is not supported "
+                            "(supported: fused 3-D tensors, or a module list of gate/up/down Linears)")
+    param = next(model.parameters())
+    dtype = cfg.dtype.torch if cfg.dtype is not None else param.dtype
+    g = plan.group_size
+    hdt = cfg.hessian_dtype.torch
+    names = {m: n for n, m in model.named_modules()}
+    report = QuantReport()
+    done: set[str] = set()
+
+    for step in iterate_layers(model, batches, adapter=adapter, extras_key=extras_key, progress=cfg.progress):
+        moe = moe_layers.get(step.index)
+        experts_mod = moe.storage.module if moe is not None else None
+        expert_linears = {id(m) for m in experts_mod.modules()} if experts_mod is not None else set()
+        shared = moe.shared_experts if moe is not None else None
+        shared_ids = {id(m) for m in shared.modules()} if shared is not None else set()
+        # linears of this layer (not inside routed experts) and their widths
+        targets: dict[str, tuple[nn.Module, int]] = {}
+        for mod in step.layer.modules():
+            if isinstance(mod, nn.Linear) and id(mod) not in expert_linears:
+                name = names[mod]
+                bits = plan.module_bits(name, shared_expert=id(mod) in shared_ids)
+                report.modules[name] = bits
+                done.add(name)
+                if bits < 16:
+                    targets[name] = (mod, bits)
+        router = _router_module(adapter, moe) if moe is not None else None
+        router_bits = 16
+        if router is not None and not isinstance(router, nn.Linear) and cfg.quantize_router:
+            rw = getattr(router, "weight", None)
+            if isinstance(rw, torch.Tensor) and rw.dim() == 2:
+                router_bits = plan.module_bits(names[router])
+        accs: dict[str, HessianAccumulator] = {}
+        hooks = []
+
+        def make_hook(key: str, cols: int):
+            def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+                x = args[0] if args else next(iter(kwargs.values()))
+                accs.setdefault(key, HessianAccumulator(cols, dtype=hdt)).add(x.detach())
+            return hook
+
+        for name, (mod, _) in targets.items():
+            hooks.append(mod.register_forward_pre_hook(make_hook(name, mod.in_features), with_kwargs=True))
+        if router_bits < 16:
+            hooks.append(router.register_forward_pre_hook(make_hook(names[router], router.weight.shape[1]),
+                                                          with_kwargs=True))
+        collector = None
+        if moe is not None:
+            collector = _ExpertCollector(moe, hdt)
+            hooks.append(moe.block.register_forward_pre_hook(collector, with_kwargs=True))
+        try:
+            step.run()  # original weights: collect
+        finally:
+            for h in hooks:
+                h.remove()
+
+        # other linears
+        for name, (mod, bits) in targets.items():
+            acc = accs.get(name)
+            inv = prepare_inverse(acc.hessian(), damp=cfg.damp, act_order=cfg.act_order) if acc and acc.n else None
+            res = quantize_weight(mod.weight.data, bits, cfg, group_size=g, inv=inv)
+            report.module_methods[name] = "gptq" if inv is not None else "rtn"
+            _set_module(model, name, QuantLinear(PackedTensor.from_result(res), mod.bias, runtime=cfg.runtime,
+                                                 dtype=dtype))
+        if router_bits < 16:
+            acc = accs.get(names[router])
+            inv = prepare_inverse(acc.hessian(), damp=cfg.damp, act_order=cfg.act_order) if acc and acc.n else None
+            res = quantize_weight(router.weight.data, router_bits, cfg, group_size=g, inv=inv)
+            with torch.no_grad():
+                router.weight.copy_(PackedTensor.from_result(res).dequantize(router.weight.dtype))
+            report.routers[names[router]] = router_bits
+        # routed experts
+        if moe is not None:
+            report.layers.append(_quantize_experts(model, moe, plan, cfg, collector, dtype, names))
+        step.run()  # quantized layer: inputs of the next one
+
+    # linears outside the decoder layers (lm_head, vision, ...): RTN if the plan asks for a width
+    for name, mod in list(model.named_modules()):
+        if isinstance(mod, nn.Linear) and name not in done:
+            bits = plan.module_bits(name)
+            if bits < 16:
+                res = quantize_weight(mod.weight.data, bits, cfg, group_size=g, inv=None)
+                _set_module(model, name, QuantLinear(PackedTensor.from_result(res), mod.bias,
+                                                     runtime=cfg.runtime, dtype=dtype))
+                report.module_methods[name] = "rtn"
+                report.modules[name] = bits
+    n_starved = sum(len(v) for v in report.starved.values())
+    if n_starved:
+        log.warning("%d experts had fewer than %d calibration tokens and were quantized by round-to-nearest: %s",
+                    n_starved, cfg.min_tokens, report.starved)
+    return report
+
+
+def _quantize_experts(model: nn.Module, moe: MoELayer, plan: QuantPlan, cfg: QuantizeConfig,
+                      col: _ExpertCollector, dtype: torch.dtype, names: dict) -> LayerRecord:
+    bits_list = plan.expert_bits(moe.index, moe.num_experts)
+    st = moe.storage
+    fused = isinstance(st, FusedExpertStorage)
+    g = plan.group_size
+    records: list[ExpertRecord] = []
+    new_experts: list[nn.Module] = []
+    bar = tqdm(range(moe.num_experts), desc=f"experts L{moe.index}", disable=not cfg.progress, leave=False)
+    for e in bar:
+        bits = bits_list[e]
+        w = st.weights(e)
+        n = col.tokens[e]
+        if bits >= 16:
+            records.append(ExpertRecord(bits=16, tokens=n, method="dense"))
+            if fused:
+                new_experts.append(DenseExpert(torch.cat([w.gate, w.up]), w.down, st.act_fn))
+            continue
+        starved = n < max(cfg.min_tokens, 1)
+        res = quantize_expert(w, bits, cfg, group_size=g,
+                              h_in=None if starved else col.h_in[e].hessian(),
+                              h_down=None if starved else col.h_down[e].hessian())
+        records.append(ExpertRecord(bits=bits, tokens=n, method="rtn" if starved else "gptq"))
+        packed = {k: PackedTensor.from_result(r) for k, r in res.items()}
+        mk = lambda p: QuantLinear(p, runtime=cfg.runtime, dtype=dtype)  # noqa: E731
+        if fused:
+            new_experts.append(QuantExpert(mk(packed["down"]), st.act_fn,
+                                           gate_up=mk(concat_rows(packed["gate"], packed["up"]))))
+        else:
+            mod = st.module[e]
+            for key, attr in zip(("gate", "up", "down"), st.names, strict=True):
+                old = getattr(mod, attr)
+                setattr(mod, attr, QuantLinear(packed[key], old.bias, runtime=cfg.runtime, dtype=dtype))
+    if fused:
+        _set_module(model, _experts_module_name(model, moe), QuantExperts(new_experts, st.act_fn))
+    return LayerRecord(index=moe.index, path=moe.path, experts=records)
