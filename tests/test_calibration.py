@@ -171,3 +171,24 @@ def test_bad_inputs_are_clear_errors():
         CalibrationConfig(eps_bits=(0, 2))
     with pytest.raises(ValueError, match="extra"):
         CalibrationConfig(eps_bit=(2,))
+
+
+def test_vision_language_model_splits_image_and_text_tokens():
+    """DeepSeek-VL2 (tiny, official layout) with an image: its images_seq_mask splits the statistics."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+    from tiny_models import tiny_deepseek_vl2
+
+    d = load_file(str(Path(__file__).parent / "data/deepseek_vl2_reference/inputs.safetensors"))
+    batch = {"input_ids": d["ids"], "attention_mask": torch.ones_like(d["ids"]), "images": d["images"],
+             "images_seq_mask": d["seq_mask"].bool(), "images_spatial_crop": d["spatial"]}
+    stats = calibrate(tiny_deepseek_vl2(), [batch, batch], CalibrationConfig(eps_bits=(2,), group_size=16),
+                      progress=False)
+    n_img = 2 * int(d["seq_mask"].sum())
+    assert stats.model_type == "deepseek_vl_v2" and [la.index for la in stats.layers] == [1, 2]
+    for la in stats.layers:
+        assert la.image.num_tokens == n_img > 0 and la.text.num_tokens == 2 * 28 - n_img > 0
+        assert sum(la.image.counts) == la.top_k * n_img
+        assert [a + b for a, b in zip(la.image.counts, la.text.counts)] == la.all.counts
+        assert la.image.counts != la.text.counts  # the two token kinds route differently here

@@ -56,15 +56,15 @@ class CalibrationConfig(BaseModel):
 
     eps_bits: tuple[int, ...] = (1, 2, 3)
     group_size: int = Field(128, ge=1)
-    quantizer: str = "rtn"  # round-to-nearest, METHOD.md section 2
+    quantizer: str = "rtn"  # round-to-nearest of mcmoe_vl.quant (METHOD.md section 2)
     ratio_quantiles: tuple[float, ...] = (0.05, 0.1, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.9, 0.95)
     min_tokens: int = Field(16, ge=0)
 
     @field_validator("eps_bits")
     @classmethod
     def _bits(cls, v: tuple[int, ...]) -> tuple[int, ...]:
-        if any(b < 1 or b > 8 for b in v):
-            raise ValueError(f"eps widths must be in 1..8, got {list(v)}")
+        if any(b < 1 or b > 4 for b in v):
+            raise ValueError(f"eps widths must be in 1..4 (the quantization engine's widths), got {list(v)}")
         return tuple(sorted(set(v)))
 
     @field_validator("quantizer")

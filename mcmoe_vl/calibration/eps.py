@@ -25,7 +25,6 @@ from tqdm.auto import tqdm
 
 from mcmoe_vl.moe.interface import ExpertWeights
 
-from .rtn import fake_quantize_rtn
 
 Quantizer = Callable[[torch.Tensor, int], torch.Tensor]  # (W, bits) -> dequantized W
 
@@ -73,8 +72,14 @@ def quantize_expert(w: ExpertWeights, bits: int, quantizer: Quantizer) -> Expert
 
 
 def rtn_quantizer(group_size: int = 128) -> Quantizer:
+    """Round-to-nearest Q(W, j) of the quantization engine (METHOD.md section 2): per (row, group) asymmetric
+    min-max (range containing 0) for j >= 2, ``s * sign(W)`` with ``s = mean |W|`` for j = 1, scales and zeros
+    rounded to their 16-bit storage type -- the same values a round-to-nearest checkpoint stores."""
+    from mcmoe_vl.quant.gptq import rtn_quantize
+    from mcmoe_vl.quant.quantizer import get_quantizer
+
     def q(w: torch.Tensor, bits: int) -> torch.Tensor:
-        return fake_quantize_rtn(w, bits, group_size)
+        return rtn_quantize(w, get_quantizer(bits), group_size=group_size).weight.to(w.dtype)
 
     return q
 
