@@ -189,3 +189,23 @@ def test_special_tokens_are_registered_like_the_official_processor():
     cfg = tiny_official_config(vocab_size=300)  # the added tokens' ids (384..388) would not exist in the model
     with pytest.raises(ValueError, match="outside the model's vocabulary"):
         DeepseekVL2Processor.from_config(tok, model_from_config(cfg, seed=0))
+
+
+def test_training_loss_and_gradients(processor, model):
+    sample = processor.process_one(
+        [{"role": "user", "content": "<image>\nWhat?"}, {"role": "assistant", "content": "A cat."}],
+        [_image(90, 40)],
+        inference=False,
+    )
+    batch = processor.collate([sample])
+    model.zero_grad()
+    out = model(**batch)
+    labels = batch["labels"][0, 1:]
+    keep = labels != -100
+    manual = torch.nn.functional.cross_entropy(out.logits[0, :-1][keep].float(), labels[keep])
+    torch.testing.assert_close(out.loss, manual)
+    out.loss.backward()
+    for name in ("vision.embeddings.patch_embedding.weight", "projector.layers.0.weight", "image_newline",
+                 "view_seperator", "language.model.layers.1.mlp.experts.gate_up_proj"):
+        assert model.get_parameter(name).grad.abs().sum() > 0, name
+    model.zero_grad()
