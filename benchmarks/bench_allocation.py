@@ -62,7 +62,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--target", type=float, default=2.0)
     p.add_argument("--json", type=Path, default=None)
-    p.add_argument("--dp-global", action="store_true", help="also time the global dynamic program (slow at 30x72)")
     args = p.parse_args(argv)
     rows = []
     for size, (L, n, k) in SIZES.items():
@@ -72,8 +71,6 @@ def main(argv: list[str] | None = None) -> int:
             target = args.target if budget is BudgetKind.NOMINAL else args.target + 0.25
             for scope in (Scope.LAYER, Scope.GLOBAL):
                 for solver in (Solver.CBC, Solver.SCIP, Solver.DP):
-                    if solver is Solver.DP and scope is Scope.GLOBAL and not args.dp_global:
-                        continue
                     cfg = AllocationConfig(method="pmq", target_bits=target, budget=budget, scope=scope,
                                            solver=solver)
                     t = time_it(lambda: allocate_layers(layers, cfg), args.repeat)
