@@ -158,3 +158,25 @@ def test_calibration_pass_on_image_text_batches(tmp_path):
     assert sum(layer.image.counts) == n_img * k  # image tokens, split from text by images_seq_mask
     n_valid = sum(int(b["attention_mask"].sum()) for b in batches)
     assert sum(layer.all.counts) == n_valid * k
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_token_importance_capture_works_on_the_attention(attn):
+    """ODP's attention capture (Eq. 6 column statistics) hooks the multi-head attention of the tiny variant."""
+    from mcmoe_vl.pruning.importance import AttentionColumnCapture
+
+    model = model_from_config(tiny_official_config(), seed=0, attn_implementation=attn)
+    layers = get_adapter(model).moe_layers(model)
+    batch = _batches(model)[0]
+    with torch.no_grad():
+        ref = model(**batch).logits
+        with AttentionColumnCapture.for_layers(layers) as capture:
+            out = model(**batch).logits
+            stats = [capture.pop(la.index) for la in layers]
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    valid = batch["attention_mask"].bool()
+    for s in stats:
+        assert s is not None and s.shape == tuple(valid.shape)
+        assert torch.equal(s.valid, valid)
+        # Each valid query spreads probability 1 over the keys it sees: column sums add up to the valid queries.
+        torch.testing.assert_close(s.colsum.sum(-1), valid.sum(-1).float(), rtol=1e-4, atol=1e-4)

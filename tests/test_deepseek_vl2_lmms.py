@@ -190,8 +190,8 @@ def test_evaluator_runs_with_an_in_memory_instance(lm, tmp_path, monkeypatch):
     _task_dict(lm)
     correct = 0
     for i, d in enumerate(DOCS):
-        scores = [lm.loglikelihood([_req("loglikelihood", (d["question"], " " + c, _visual, i, "t", "test"))])[0].text[0]
-                  for c in d["choices"]]
+        reqs = [_req("loglikelihood", (d["question"], " " + c, _visual, i, "t", "test")) for c in d["choices"]]
+        scores = [r.text[0] for r in lm.loglikelihood(reqs)]
         correct += int(np.argmax(scores) == d["answer"])
     assert acc == pytest.approx(correct / 3)
     assert len(res["samples"]["vl2_local_mc"]) == 3

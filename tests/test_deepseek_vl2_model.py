@@ -1,4 +1,5 @@
-"""DeepSeek-VL2 port: faithfulness to the official code's outputs, strict loading, official-layout saving, config checks."""
+"""DeepSeek-VL2 port: faithfulness to the official code's outputs, strict loading, official-layout saving, config
+checks."""
 
 from __future__ import annotations
 

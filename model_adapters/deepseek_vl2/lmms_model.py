@@ -130,10 +130,12 @@ class DeepseekVL2LMMS(lmms):
         results: list[GenerationResult] = []
         for req in tqdm(requests, desc="loglikelihood", disable=len(requests) < 8):
             context, doc_to_target, doc_to_visual, doc_id, task, split = req.args
-            cont = doc_to_target if isinstance(doc_to_target, str) else doc_to_target(self.task_dict[task][split][doc_id])
+            doc = self.task_dict[task][split][doc_id]
+            cont = doc_to_target if isinstance(doc_to_target, str) else doc_to_target(doc)
             images = self._visuals(doc_to_visual, doc_id, task, split)
             scored = self.score(self._prompt(context, len(images)), str(cont), images)
-            results.append(GenerationResult(text=scored, token_counts=TokenCounts(output_tokens=0)))  # type: ignore[arg-type]
+            # text carries the (logprob, is_greedy) tuple through the evaluator (module docstring)
+            results.append(GenerationResult(text=scored, token_counts=TokenCounts(output_tokens=0)))  # type: ignore
         return results
 
     @torch.no_grad()

@@ -36,6 +36,10 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.deepseek_v2 import modeling_deepseek_v2 as _v2
 from transformers.models.deepseek_v3 import modeling_deepseek_v3 as _v3
 
+# The eager attention kernel of the multi-head attention, at module level so that tools swapping attention
+# implementations (e.g. the ODP token-importance capture) find it like in transformers' own modeling files.
+eager_attention_forward = _v2.eager_attention_forward
+
 from .configuration import DeepseekVL2Config, ProjectorConfig, VisionConfig
 
 log = logging.getLogger(__name__)
@@ -156,7 +160,7 @@ class DeepseekVL2MHAttention(nn.Module):
         q, k = _v3.apply_rotary_pos_emb(q, k, cos, sin)
         if past_key_values is not None:
             k, v = past_key_values.update(k, v, self.layer_idx)
-        attend = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, _v2.eager_attention_forward)
+        attend = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
         out, weights = attend(
             self, q, k, v, attention_mask,
             dropout=0.0 if not self.training else self.attention_dropout, scaling=self.scaling, **kwargs,
