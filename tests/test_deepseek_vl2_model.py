@@ -214,3 +214,27 @@ def test_coverage_check_catches_a_gap_or_an_overlap():
     overlap[key] = replace(ot, key=key)  # expert 4's slice written twice, expert 3's never
     with pytest.raises(RuntimeError, match="gate_up_proj"):
         _check_coverage(overlap, state)
+
+
+def test_sharded_checkpoint_loads(tmp_path):
+    tensors = load_file(str(CKPT / "model.safetensors"))
+    keys = sorted(tensors)
+    shards = {"model-00001-of-00002.safetensors": keys[::2], "model-00002-of-00002.safetensors": keys[1::2]}
+    weight_map = {}
+    for name, ks in shards.items():
+        save_file({k: tensors[k] for k in ks}, str(tmp_path / name))
+        weight_map.update({k: name for k in ks})
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    shutil.copy(CKPT / "config.json", tmp_path / "config.json")
+    sharded = load_official(tmp_path)
+    whole = load_official(CKPT)
+    for (a, x), (b, y) in zip(sharded.state_dict().items(), whole.state_dict().items(), strict=True):
+        assert a == b and torch.equal(x, y), a
+
+
+def test_unknown_keys_are_reported_and_kept(caplog):
+    cfg = _lang(some_new_switch=3)
+    with caplog.at_level("WARNING"):
+        parsed = parse_official_config(cfg)
+    assert "some_new_switch" in caplog.text
+    assert parsed.to_official_dict()["language_config"]["some_new_switch"] == 3

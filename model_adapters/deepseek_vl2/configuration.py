@@ -57,7 +57,7 @@ GENERIC_KEYS = frozenset(
         # DeepseekV2Config of the official repository: training-only or unused switches.
         "ep_size", "aux_loss_alpha", "seq_aux", "pretraining_tp", "lm_head", "rm_head", "initializer_range",
         # vision_config: training-only switches of the official VisionTransformer.
-        "use_checkpoint", "weight_init", "deterministic", "num_recomputing_layers", "select_layer", "select_feature",
+        "use_checkpoint", "weight_init", "deterministic", "num_recomputing_layers",
     }
 )
 
