@@ -195,3 +195,14 @@ def test_evaluator_runs_with_an_in_memory_instance(lm, tmp_path, monkeypatch):
         correct += int(np.argmax(scores) == d["answer"])
     assert acc == pytest.approx(correct / 3)
     assert len(res["samples"]["vl2_local_mc"]) == 3
+
+
+def test_from_pretrained_directory(lm, tmp_path):
+    from model_adapters.deepseek_vl2 import save_official
+
+    save_official(lm.model, tmp_path)
+    lm.tokenizer.save_pretrained(str(tmp_path))
+    again = DeepseekVL2LMMS.from_pretrained(str(tmp_path), dtype=torch.float32, device="cpu")
+    prompt = lm.processor.format_conversation([{"role": "user", "content": "<image>\nWhat?"}])
+    images = [_image("red")]
+    assert again.score(prompt, " red", images) == pytest.approx(lm.score(prompt, " red", images), abs=1e-5)
