@@ -23,7 +23,7 @@ import numpy as np
 from mcmoe_vl.calibration.stats import CalibrationStats
 
 from .allocators import LayerInputs, allocate_layers
-from .budget import AllocationError
+from .budget import AllocationError, BudgetKind
 from .config import AllocationConfig
 from .plan import BitPlan, LayerPlan, check_layout, layer_averages
 
@@ -91,7 +91,7 @@ def allocate(
         shared_experts_bits=config.shared_experts_bits,
         other_bits=config.other_bits,
     )
-    got = eff if config.budget.value == "effective" else nominal
+    got = eff if config.budget is BudgetKind.EFFECTIVE else nominal
     if abs(got - config.target_bits) > 1e-9:
         log.info("%s: achieved %.4f %s bits for a target of %.4f (budget not exactly reachable)",
                  config.method, got, config.budget.value, config.target_bits)

@@ -34,7 +34,7 @@ import numpy as np
 
 from mcmoe_vl.registry import Registry
 
-from .budget import AllocationError, Budget, UnitCosts, effective_bits, reachable_mask, resolve_budget, sumset
+from .budget import AllocationError, BudgetKind, UnitCosts, effective_bits, reachable_mask, resolve_budget, sumset
 from .config import AllocationConfig, Scope
 from .program import Block, solve
 
@@ -174,7 +174,7 @@ def random(layers: list[LayerInputs], config: AllocationConfig) -> list[np.ndarr
 def uniform(layers: list[LayerInputs], config: AllocationConfig) -> list[np.ndarray]:
     """Every expert at the target width."""
     def cost(b: int) -> float:
-        return float(b) if config.budget.value == "nominal" else effective_bits(
+        return float(b) if config.budget is BudgetKind.NOMINAL else effective_bits(
             b, group_size=config.group_size, param_bits=config.param_bits)
 
     match = [b for b in config.bits if abs(cost(b) - config.target_bits) < 1e-9]
@@ -233,4 +233,4 @@ def allocate_layers(layers: list[LayerInputs], config: AllocationConfig) -> list
     return out
 
 
-__all__ = ["ALLOCATORS", "Budget", "LayerInputs", "allocate_layers", "solve_costs"]
+__all__ = ["ALLOCATORS", "LayerInputs", "allocate_layers", "solve_costs"]
