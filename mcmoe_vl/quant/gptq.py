@@ -50,6 +50,7 @@ class HessianAccumulator:
         self.xtx = torch.zeros(columns, columns, dtype=dtype, device=device)  # (C, C)
         self.n = 0
 
+    @torch.no_grad()
     def add(self, x: torch.Tensor) -> None:
         """Add a batch of inputs ``x`` (..., C) (all leading dims are tokens)."""
         x = x.reshape(-1, x.shape[-1]).to(self.xtx.dtype)  # (t, C)
@@ -80,6 +81,7 @@ class GPTQInverse:
     damp: float  # the damping actually added to the diagonal
 
 
+@torch.no_grad()
 def prepare_inverse(h: torch.Tensor, *, damp: float = 0.01, act_order: bool = False,
                     dtype: torch.dtype = torch.float32) -> GPTQInverse:
     """Damp ``H`` by ``damp * mean(diag H)``, optionally reorder it (act-order), and factor its inverse.
@@ -139,6 +141,7 @@ def _n_groups(c: int, g: int) -> int:
     return math.ceil(c / g)
 
 
+@torch.no_grad()
 def gptq_quantize(
     w: torch.Tensor,
     inv: GPTQInverse,
@@ -222,6 +225,7 @@ def gptq_quantize(
                        bits=quantizer.bits, group_size=g, loss=float(losses.sum()))
 
 
+@torch.no_grad()
 def rtn_quantize(w: torch.Tensor, quantizer: Quantizer, *, group_size: int = 128) -> QuantResult:
     """Round-to-nearest per (row, group): the fallback for experts with too few calibration tokens."""
     r, c = w.shape

@@ -11,13 +11,13 @@ def tiny_mixtral_q(seed: int = 0, *, experts: int = 4, layers: int = 2, dtype=to
         attn_implementation="eager",
     )
     torch.manual_seed(seed)
-    model = MixtralForCausalLM(cfg)
+    model = MixtralForCausalLM._from_config(cfg, dtype=dtype)  # rotary tables stay float32, as when loaded
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.dim() >= 2:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.08)
-    return model.to(dtype).eval()
+    return model.eval()
 
 
 def batches(n: int = 2, seq: int = 24, seed: int = 0) -> list[dict]:
