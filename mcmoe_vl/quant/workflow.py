@@ -1,0 +1,75 @@
+"""File workflow: model directory + plan + calibration data -> compressed checkpoint directory.
+
+Example::
+
+    from mcmoe_vl.quant.workflow import QuantizeRun, quantize_files
+    acc = quantize_files(QuantizeRun(model="models/mixtral", plan="runs/plan.json", data="calib.txt",
+                                     output="runs/mixtral-2.5b"))
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from .accounting import Accounting
+from .checkpoint import save_quantized
+from .model import QuantizeConfig, quantize_model
+from .plan import load_plan
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class QuantizeRun(BaseModel):
+    """Everything ``mcmoe-vl quantize`` needs."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str  # model directory (Hugging Face layout, or an official DeepSeek-VL2 checkpoint)
+    plan: str  # plan JSON: hand-written QuantPlan or the allocator's BitPlan
+    data: str  # text file, token-ids file (.json / .safetensors), or embedded:<split>
+    output: str  # checkpoint directory to write
+    quantize: QuantizeConfig = Field(default_factory=QuantizeConfig)
+    num_sequences: int = Field(128, ge=1)
+    seq_len: int = Field(2048, ge=1)
+    batch_size: int = Field(1, ge=1)
+    seed: int = 0
+    dtype: str = "bfloat16"
+    device: str = "cpu"
+
+
+def quantize_files(run: QuantizeRun) -> Accounting:
+    """Load model, plan and calibration data, quantize, save; returns the checkpoint's accounting."""
+    from mcmoe_vl.calibration.data import batches_from_ids, load_token_ids, token_windows
+    from mcmoe_vl.calibration.workflow import calibration_text, load_model
+
+    if run.dtype not in _DTYPES:
+        raise ValueError(f"unknown dtype {run.dtype!r}; valid: {', '.join(_DTYPES)}")
+    plan = load_plan(run.plan)  # bad plans fail before the model is loaded
+    p = Path(run.data)
+    if p.suffix in (".json", ".safetensors") and not run.data.startswith("embedded"):
+        ids = load_token_ids(p)[: run.num_sequences]
+    else:
+        from transformers import AutoTokenizer
+
+        text = calibration_text(run.data)
+        try:
+            tok = AutoTokenizer.from_pretrained(run.model)
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"{run.model}: no tokenizer to encode text calibration data ({exc}); save one with "
+                             "the model or pass a token-ids file") from exc
+        ids = token_windows(tok(text, add_special_tokens=False)["input_ids"], run.seq_len, run.num_sequences,
+                            seed=run.seed)
+    model = load_model(run.model, dtype=_DTYPES[run.dtype], device=run.device)
+    if plan.model_type and plan.model_type != getattr(model.config, "model_type", None):
+        raise ValueError(f"the plan is for model type {plan.model_type!r} but {run.model} is "
+                         f"{model.config.model_type!r}")
+    batches = [{k: v.to(run.device) for k, v in b.items()} for b in batches_from_ids(ids, run.batch_size)]
+    log.info("quantizing %s on %d sequences x %d tokens", run.model, ids.shape[0], ids.shape[1])
+    report = quantize_model(model, plan, batches, run.quantize)
+    return save_quantized(model, run.output, plan=plan, report=report, config=run.quantize)
