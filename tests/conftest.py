@@ -10,4 +10,5 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 sys.path.insert(0, str(Path(__file__).parent))  # shared test helpers (tiny_models)
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# Tiny models: one thread is fastest and immune to the spin-waits of oversubscribed cores.
+torch.set_num_threads(1)
