@@ -113,7 +113,7 @@ def attention_column_stats(
     scaling: float,
     *,
     softcap: float | None = None,
-    chunk_size: int = 256,
+    chunk_size: int = 512,
 ) -> ColumnStats:
     """Exact Eq. 6 column statistics of ``softmax(Q K^T * scaling + mask)`` for the new tokens, in query chunks.
 
@@ -128,24 +128,40 @@ def attention_column_stats(
         raise ValueError(f"fewer keys ({K}) than queries ({Q})")
     g = h // hk
     device = query.device
+    offset = K - Q
     valid = _diagonal_valid(mask, B, Q, K, device)  # (B, Q)
     colsum = torch.zeros(B, h, Q, dtype=torch.float32, device=device)
     count = torch.zeros(B, Q, dtype=torch.float32, device=device)
-    kt = key.float().transpose(-1, -2)[:, :, None]  # (B, hk, 1, d, K)
+    kt = key.float().transpose(-1, -2)  # (B, hk, d, K)
+    neg = torch.finfo(torch.float32).min  # finite: a fully masked (padding) row stays finite and is weighted 0
     chunk_size = max(1, int(chunk_size))
     for s in range(0, Q, chunk_size):
         rows = slice(s, min(Q, s + chunk_size))
         c = rows.stop - rows.start
-        q = query[:, :, rows].float().reshape(B, hk, g, c, d)  # (B, hk, g, c, d)
-        scores = (q @ kt).reshape(B, h, c, K) * scaling  # (B, h, c, K)
+        # Pure causal (no mask): keys after the chunk's last query are masked for all of it; skip them.
+        k_end = offset + rows.stop if mask is None else K
+        q = query[:, :, rows].float().reshape(B, hk, g * c, d)  # heads grouped like repeat_kv: h = kv * g + j
+        scores = (q @ kt[..., :k_end]).reshape(B, h, c, k_end)  # (B, h, c, k_end)
+        scores.mul_(scaling)
         if softcap is not None:
             scores = softcap * torch.tanh(scores / softcap)
-        allowed = _allowed(mask, B, rows, Q, K, device)  # (B, 1|h, c, K)
-        scores = scores.masked_fill(~allowed, float("-inf"))
-        probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # fully masked rows -> 0
-        vq = valid[:, None, rows, None].float()  # (B, 1, c, 1): only real queries count
-        colsum += (probs[..., K - Q :] * vq).sum(dim=2)  # (B, h, Q)
-        count += (allowed[:, 0, :, K - Q :].float() * vq[:, 0]).sum(dim=1)  # (B, Q)
+        if mask is None:  # causal: key j is hidden from query i iff j > offset + i
+            qpos = torch.arange(rows.start, rows.stop, device=device)[:, None] + offset
+            hidden = torch.arange(k_end, device=device)[None, :] > qpos  # (c, k_end)
+            scores.masked_fill_(hidden, neg)
+        else:
+            allowed = _allowed(mask, B, rows, Q, K, device)[..., :k_end]  # (B|1, 1|h, c, k_end)
+            scores.masked_fill_(allowed.logical_not(), neg)
+            vq = valid[:, None, rows].float()  # (B, 1, c)
+            count += (vq @ allowed[:, 0, :, offset:].float()).squeeze(1)  # (B, Q) valid queries that see j
+        probs = torch.softmax(scores, dim=-1)[..., offset:]  # (B, h, c, n) the new tokens' columns
+        n_new = k_end - offset
+        if mask is None:
+            colsum[..., :n_new] += probs.sum(dim=2)
+        else:  # only real queries count
+            colsum[..., :n_new] += (probs * valid[:, None, rows, None].float()).sum(dim=2)
+    if mask is None:  # every token real, key j seen by the Q - j queries at or after it
+        count = (Q - torch.arange(Q, device=device, dtype=torch.float32)).expand(B, Q).clone()
     return ColumnStats(colsum=colsum.mean(dim=1), count=count, valid=valid, prefill=Q > 1)
 
 
@@ -269,7 +285,7 @@ class AttentionColumnCapture:
     to its MoE block (which runs after the attention in the same decoder layer) and clears them.
     """
 
-    def __init__(self, attentions: dict[int, nn.Module], *, chunk_size: int = 256) -> None:
+    def __init__(self, attentions: dict[int, nn.Module], *, chunk_size: int = 512) -> None:
         for idx, att in attentions.items():
             if att is None or not hasattr(att, "config"):
                 raise ValueError(f"decoder layer {idx}: no self-attention module with a config to capture from")
@@ -278,7 +294,7 @@ class AttentionColumnCapture:
         self._saved: dict[int, tuple[nn.Module, Any]] = {}
 
     @classmethod
-    def for_layers(cls, layers: Sequence[Any], *, chunk_size: int = 256) -> AttentionColumnCapture:
+    def for_layers(cls, layers: Sequence[Any], *, chunk_size: int = 512) -> AttentionColumnCapture:
         """From :class:`mcmoe_vl.moe.MoELayer` objects (their ``attention`` modules)."""
         return cls({la.index: la.attention for la in layers}, chunk_size=chunk_size)
 

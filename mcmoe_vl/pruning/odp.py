@@ -64,7 +64,7 @@ class ODPConfig(BaseModel):
     layers: tuple[int, ...] | None = None
     protect_ratio: float = Field(0.02, ge=0.0, le=1.0)
     protect_scope: ProtectScope = ProtectScope.SEQUENCE
-    attention_chunk: int = Field(256, ge=1)
+    attention_chunk: int = Field(512, ge=1)
 
     @model_validator(mode="after")
     def _one_threshold(self) -> ODPConfig:
@@ -81,7 +81,7 @@ class ODPThresholds(BaseModel):
     mu: dict[int, float]
     protect_ratio: float = Field(0.02, ge=0.0, le=1.0)
     protect_scope: ProtectScope = ProtectScope.SEQUENCE
-    attention_chunk: int = Field(256, ge=1)
+    attention_chunk: int = Field(512, ge=1)
     calibration_pruned_fraction: dict[int, float] = Field(default_factory=dict)  # ratio rule alone, per layer
     calibration_tokens: int = 0
 
