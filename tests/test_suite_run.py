@@ -38,7 +38,7 @@ def tiny_checkpoint(d: Path) -> Path:
     return d
 
 
-def write_suite(root: Path, recipes: list[dict], **over) -> Path:
+def write_suite(root: Path, recipes: list[dict], name: str = "suite.toml", **over) -> Path:
     tasks = root / "tasks"
     if not tasks.exists():
         shutil.copytree(DATA / "tasks", tasks)
@@ -61,10 +61,11 @@ def write_suite(root: Path, recipes: list[dict], **over) -> Path:
                         "min_tokens": 1},
         "evaluation": {"lm_eval_include": ["tasks"], "batch_size": 4, "speed_tokens": 256, "speed_seq_len": 64},
         "run_dir": str(root / "runs"),
+        "torch_threads": 1,
         "report": {"output_dir": str(root / "report")},
     }
     suite.update(over)
-    p = root / "suite.toml"
+    p = root / name
     p.write_text(tomli_w.dumps(suite))
     return p
 
@@ -112,6 +113,13 @@ def test_end_to_end_report_numbers_equal_results(first_run) -> None:
     assert odp.n_shot == {"t8_parity": 0, "t8_words": 0}
     assert odp.config["recipe"]["prune"]["protect_ratio"] == 0.1
     assert (root / "runs" / "suite.resolved.json").is_file()
+    pmq = load_results(next(p for p in summary.results if load_results(p).recipe == "PMQ 2.0"))
+    q = pmq.compression
+    assert 1.0 < q.nominal_bits < 4.0 and q.size_bytes < base.compression.size_bytes
+    assert q.quant["runtime"] == "fake" and q.quant["allocator"] == "pmq"
+    assert sorted(q.artifacts) == ["allocation_heatmap", "significance_heatmap"]
+    md = summary.report.read_text()
+    assert "tiny-mixtral: allocation heatmap, PMQ 2.0" in md
 
 
 def test_rerun_reuses_every_stage_and_gives_identical_report(first_run) -> None:
@@ -138,3 +146,20 @@ def test_half_written_artifact_is_not_trusted(first_run) -> None:
     assert again.computed == {"prune": 1, "evaluate": 1}
     assert json.loads(art.read_text())["odp"]["protect_ratio"] == 0.1
     assert load_results(eval_dir / "results.json").recipe == "ODP"
+
+
+def test_fake_quant_and_packed_runtimes_give_the_same_scores(first_run) -> None:
+    root, summary = first_run
+    fake = load_results(next(p for p in summary.results if load_results(p).recipe == "PMQ 2.0"))
+    suite = write_suite(root, RECIPES, name="packed.toml",
+                        evaluation={"lm_eval_include": ["tasks"], "batch_size": 4, "speed_tokens": 256,
+                                    "speed_seq_len": 64, "runtime": "packed"},
+                        report={"output_dir": str(root / "report_packed")})
+    packed_run = run_suite(load_suite(suite), progress=False, recipes=["PMQ 2.0"])
+    assert "quantize" not in packed_run.computed and packed_run.computed == {"evaluate": 1}  # same checkpoint
+    packed = load_results(packed_run.results[0])
+    assert packed.compression.quant["runtime"] == "packed"
+    assert packed.config["stage_keys"]["quantize"] == fake.config["stage_keys"]["quantize"]
+    for task in fake.tasks:
+        assert packed.score(task) == fake.score(task), task
+    assert packed.results["t8_words"]["word_perplexity,none"] == fake.results["t8_words"]["word_perplexity,none"]

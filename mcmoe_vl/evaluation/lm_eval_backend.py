@@ -34,9 +34,36 @@ HARNESS_KEYS = ("results", "versions", "n-shot", "higher_is_better", "n-samples"
 
 @dataclass(frozen=True)
 class TaskRequest:
+    """One harness task; ``key`` (default ``name``) is its name in the merged output, so a task can run twice
+    (e.g. zero- and five-shot): entries of a renamed run are stored as ``key`` and ``key/<subtask>``."""
+
     name: str
     num_fewshot: int | None = None
     limit: int | None = None
+    key: str | None = None
+
+    @property
+    def out_key(self) -> str:
+        return self.key or self.name
+
+
+def merge_output(merged: dict[str, Any], out: dict[str, Any], req: TaskRequest, harness: str) -> None:
+    """Fold one ``simple_evaluate`` output into ``merged`` under the request's key (see :class:`TaskRequest`)."""
+    results = dict(out.get("results") or {})
+    for name, agg in (out.get("groups") or {}).items():
+        results.setdefault(name, agg)
+    if req.name not in results:
+        raise RuntimeError(f"{harness} returned no results for task {req.name!r} (got {sorted(results)})")
+
+    def rename(k: str) -> str:
+        if req.key is None or req.key == req.name:
+            return k
+        return req.key if k == req.name else f"{req.key}/{k}"
+
+    for section in HARNESS_KEYS:
+        src = results if section == "results" else (out.get(section) or {})
+        for k, v in src.items():
+            merged[section][rename(k)] = _jsonable(v) if section == "results" else v
 
 
 def _task_manager(include_paths: Sequence[str | os.PathLike[str]], include_defaults: bool) -> Any:
@@ -94,15 +121,7 @@ def evaluate_lm_eval(
         )
         if out is None:  # a non-zero rank of a distributed run
             continue
-        for key in HARNESS_KEYS:
-            merged[key].update(out.get(key) or {})
-        if req.name not in merged["results"]:
-            # a group: keep its subtasks' results and the group's aggregate if lm-eval made one
-            merged["results"].update(out.get("groups") or {})
-            if req.name not in merged["results"]:
-                raise RuntimeError(f"lm-eval returned no results for task {req.name!r} "
-                                   f"(got {sorted(out.get('results', {}))})")
-    merged["results"] = {t: _jsonable(v) for t, v in merged["results"].items()}
+        merge_output(merged, out, req, "lm-eval")
     return merged
 
 

@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from .lm_eval_backend import HARNESS_KEYS, TaskRequest, _jsonable
+from .lm_eval_backend import HARNESS_KEYS, TaskRequest, merge_output
 
 log = logging.getLogger(__name__)
 
@@ -75,10 +75,5 @@ def evaluate_lmms_eval(
         )
         if out is None:
             continue
-        for key in HARNESS_KEYS:
-            merged[key].update(out.get(key) or {})
-        if req.name not in merged["results"]:
-            raise RuntimeError(f"lmms-eval returned no results for task {req.name!r} "
-                               f"(got {sorted(out.get('results', {}))})")
-    merged["results"] = {t: _jsonable(v) for t, v in merged["results"].items()}
+        merge_output(merged, out, req, "lmms-eval")
     return merged

@@ -27,7 +27,6 @@ import copy
 import datetime as _dt
 import logging
 import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -96,6 +95,7 @@ class _ModelContext:
         self._tokenizer: Any = None
         self._calib: list[dict[str, torch.Tensor]] | None = None
         self._work: list[dict[str, torch.Tensor]] | None = None
+        self._counts: tuple[dict[int, int], int] | None = None
         self.fingerprint = (checkpoint_fingerprint(Path(location)) if is_local
                             else {"hub": location, "revision": spec.revision})
 
@@ -131,6 +131,12 @@ class _ModelContext:
             ids = stages.token_windows(self.tokenizer, text, seq_len=c.seq_len, num=c.num_sequences, seed=self.seed)
             self._calib = stages.batches(ids, c.batch_size, self.device)
         return self._calib
+
+    def counts(self) -> tuple[dict[int, int], int]:
+        """Parameter counts of the original model (activated parameters are counted in original weights)."""
+        if self._counts is None:
+            self._counts = stages.original_counts(self.model)
+        return self._counts
 
     def workload(self) -> list[dict[str, torch.Tensor]]:
         """The fixed prefill workload timed for the speed-up (held-out text when the source has a split)."""
@@ -260,7 +266,8 @@ class SuiteRunner:
         d = self.cache.begin("quantize", key)
         model = ctx.fresh_model()
         acct = stages.quantize(model, plan_dir / "plan.json", ctx.calibration_batches(), recipe.quant,
-                               out_dir=d / "checkpoint", progress=self.progress)
+                               out_dir=d / "checkpoint", min_tokens=self.suite.calibration.min_tokens,
+                               progress=self.progress)
         del model
         files = [p.relative_to(d).as_posix() for p in sorted((d / "checkpoint").rglob("*")) if p.is_file()]
         self.cache.commit("quantize", key, inputs={"allocate": keys["allocate"], "recipe": recipe.name}, files=files,
@@ -337,23 +344,24 @@ class SuiteRunner:
 
     def _evaluate_model(self, ctx: _ModelContext, recipe: RecipeSpec, model: torch.nn.Module, artifact: Any,
                         tasks: list[TaskSpec]) -> tuple[dict[str, Any], Any, Any]:
+        from mcmoe_vl.evaluation.interface import evaluation_interface
         from mcmoe_vl.evaluation.lm_eval_backend import TaskRequest, evaluate_lm_eval
-        from mcmoe_vl.moe import ExpertInterface
         from mcmoe_vl.pruning.artifact import apply_pruning
 
         ev = self.suite.evaluation
         merged: dict[str, Any] = {}
         was_training = model.training
         model.eval()
-        with ExpertInterface(model) as iface:
+        with evaluation_interface(model) as iface:
             rule = apply_pruning(iface, artifact) if artifact is not None else None
             try:
                 speed, activity = (None, None)
                 if ev.speed_tokens > 0 and not ctx.spec.is_vlm:
                     self._status("measure speed", ctx, recipe)
-                    speed, activity = stages.measure(model, iface, ctx.workload(), device=str(ctx.device))
+                    speed, activity = stages.measure(model, iface, ctx.workload(), device=str(ctx.device),
+                                                     counts=ctx.counts())
                 for harness in Harness:
-                    reqs = [TaskRequest(t.name, t.num_fewshot, t.limit) for t in tasks if t.harness is harness]
+                    reqs = [TaskRequest(t.name, t.num_fewshot, t.limit, t.id) for t in tasks if t.harness is harness]
                     if not reqs:
                         continue
 
@@ -383,11 +391,11 @@ class SuiteRunner:
                       plan_path: Path | None) -> ResultsFile:
         infos = {}
         for t in tasks:
-            tr = results["results"].get(t.name)
+            tr = results["results"].get(t.key)
             if tr is None:
-                raise RuntimeError(f"{t.harness.value} produced no results for task {t.name!r}")
-            infos[t.name] = TaskInfo(harness=t.harness.value, metric=primary_metric(tr, t.metric),
-                                     label=t.label or t.name, num_fewshot=t.num_fewshot, limit=t.limit)
+                raise RuntimeError(f"{t.harness.value} produced no results for task {t.key!r}")
+            infos[t.key] = TaskInfo(harness=t.harness.value, metric=primary_metric(tr, t.metric),
+                                    label=t.label or t.key, num_fewshot=t.num_fewshot, limit=t.limit)
         total = stages.count_params(ctx.model)
         quant_info = None
         nominal, expert_nominal, effective, size, resident = 16.0, 16.0, 16.0, 2 * total, None
@@ -400,10 +408,10 @@ class SuiteRunner:
                           "other_bits": q.other_bits, "runtime": self.suite.evaluation.runtime.value,
                           "plan": {str(la["index"]): la["bits"] for la in plan["layers"]},
                           "plan_achieved": plan.get("achieved", {}),
-                          "starved_experts": sum(len(la.get("starved", [])) for la in plan["layers"]),
+                          "starved_experts": sum(len(v) for v in (acct.get("starved") or {}).values()),
                           "accounting": acct}
             nominal = float(acct["nominal_bits"])
-            expert_nominal = float(acct.get("expert_nominal_bits", plan.get("achieved", {}).get("nominal", nominal)))
+            expert_nominal = float(acct.get("expert_nominal_bits") or plan.get("achieved", {}).get("nominal", nominal))
             effective = float(acct["effective_bits"])
             size = int(acct["bytes_on_disk"])
             resident = acct.get("resident_bytes")
@@ -432,10 +440,24 @@ class SuiteRunner:
         )
 
     # -- publishing -------------------------------------------------------------------------------------------------
+    def published_path(self, model: ModelSpec, recipe: RecipeSpec, seed: int) -> Path:
+        return self.run_dir / "results" / slug(model.name) / f"{slug(recipe.name)}-seed{seed}.json"
+
+    def _prune_published(self) -> None:
+        """Remove published results of (model, recipe, seed) no longer in the suite (the cache keeps them)."""
+        root = self.run_dir / "results"
+        if not root.exists():
+            return
+        keep = {self.published_path(m, r, s).resolve() for m in self.suite.models for r in self.suite.recipes_for(m)
+                for s in self.suite.seeds}
+        for f in sorted(root.rglob("*.json")):
+            if f.resolve() not in keep:
+                log.info("removing %s: not part of the suite any more", f)
+                f.unlink()
     def publish(self, ctx: _ModelContext, recipe: RecipeSpec, src: Path) -> Path:
         """Copy a cached results file to ``results/<model>/<recipe>-seed<k>.json`` with artifact paths rebased."""
         res = load_results(src)
-        dst = self.run_dir / "results" / slug(ctx.spec.name) / f"{slug(recipe.name)}-seed{ctx.seed}.json"
+        dst = self.published_path(ctx.spec, recipe, ctx.seed)
         rebased = {}
         for name, rel in res.compression.artifacts.items():
             target = (src.parent / rel).resolve()
@@ -452,21 +474,27 @@ class SuiteRunner:
             sorted(set(recipes or []) - {r.name for r in self.suite.recipes})
         if unknown:
             raise ValueError(f"--model / --recipe name(s) {unknown} are not in the suite")
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(self.run_dir / "suite.resolved.json", self.loaded.resolved_config())
-        results_dir = self.run_dir / "results"
-        if results_dir.exists():
-            shutil.rmtree(results_dir)  # published copies of this run only; the cache keeps every result
+        dist = _Distributed.from_env()
+        if dist.rank == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(self.run_dir / "suite.resolved.json", self.loaded.resolved_config())
+            self._prune_published()
+        dist.barrier()
         todo = [(m, seed, r) for m in self.suite.models if not models or m.name in models
                 for seed in self.suite.seeds for r in self.suite.recipes_for(m) if not recipes or r.name in recipes]
+        # data-parallel over the (model, seed, recipe) grid: each process takes every world_size-th item
+        todo = todo[dist.rank::dist.world_size]
         contexts: dict[tuple[str, int], _ModelContext] = {}
+        threads_before = torch.get_num_threads()
+        if self.suite.torch_threads is not None:
+            torch.set_num_threads(self.suite.torch_threads)
         self._bar = tqdm(todo, desc="suite", unit="recipe", disable=not self.progress, dynamic_ncols=True)
         try:
             for m, seed, r in self._bar:
                 ctx = contexts.get((m.name, seed))
                 if ctx is None:
                     contexts.clear()  # one model in memory at a time
-                    ctx = contexts[(m.name, seed)] = _ModelContext(self, m, *locations[m.name], seed)
+                    ctx = contexts[(m.name, seed)] = _ModelContext(self, dist.place(m), *locations[m.name], seed)
                 label = f"{m.name} / {r.name} / seed {seed}"
                 try:
                     keys = self.keys(ctx, r)
@@ -484,6 +512,11 @@ class SuiteRunner:
         finally:
             self._bar.close()
             self._bar = None
+            torch.set_num_threads(threads_before)
+        if dist.world_size > 1:
+            self.summary = dist.gather_summaries(self.summary)
+            if dist.rank != 0:
+                return self.summary
         if write_report and self.summary.results:
             from mcmoe_vl.report.build import build_report
 
@@ -491,6 +524,55 @@ class SuiteRunner:
                                                command=self.command, notes=sorted(self.summary.notes),
                                                title=f"Suite `{self.suite.name}`")
         return self.summary
+
+
+@dataclass
+class _Distributed:
+    """Processes started by ``accelerate launch`` / ``torchrun`` (RANK, WORLD_SIZE, LOCAL_RANK in the environment)
+    split the suite's (model, seed, recipe) grid; rank 0 gathers every result and writes the report."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @classmethod
+    def from_env(cls) -> _Distributed:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        d = cls(rank=int(os.environ.get("RANK", "0")), world_size=world,
+                local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+        if world > 1:
+            import torch.distributed as td
+
+            if not td.is_initialized():
+                td.init_process_group(backend="gloo", timeout=_dt.timedelta(hours=72))
+        return d
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            import torch.distributed as td
+
+            td.barrier()
+
+    def place(self, spec: ModelSpec) -> ModelSpec:
+        """One GPU per process: ``cuda`` becomes ``cuda:<local rank>`` (sharded models keep their device_map)."""
+        if self.world_size > 1 and spec.device == "cuda" and spec.device_map is None:
+            return spec.model_copy(update={"device": f"cuda:{self.local_rank}"})
+        return spec
+
+    def gather_summaries(self, mine: RunSummary) -> RunSummary:
+        import torch.distributed as td
+
+        parts: list[Any] = [None] * self.world_size
+        td.all_gather_object(parts, mine)
+        out = RunSummary(run_dir=mine.run_dir, report=None)
+        for p in parts:
+            out.results += p.results
+            out.notes += p.notes
+            out.failed += p.failed
+            for mine_d, theirs in ((out.reused, p.reused), (out.computed, p.computed)):
+                for k, v in theirs.items():
+                    mine_d[k] = mine_d.get(k, 0) + v
+        return out
 
 
 def _check_lmms_available() -> None:

@@ -45,7 +45,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 SUITE_FORMAT_VERSION = 1
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._+\-]*$")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._+()\-]*$")
 
 
 def slug(name: str) -> str:
@@ -108,7 +108,7 @@ class ModelSpec(_Strict):
     @classmethod
     def _name(cls, v: str) -> str:
         if not _NAME.match(v):
-            raise ValueError(f"model names use letters, digits, space and ._+-, got {v!r}")
+            raise ValueError(f"model names use letters, digits, space and ._+()-, got {v!r}")
         return v
 
     @field_validator("dtype")
@@ -209,7 +209,7 @@ class RecipeSpec(_Strict):
     @classmethod
     def _name(cls, v: str) -> str:
         if not _NAME.match(v):
-            raise ValueError(f"recipe names use letters, digits, space and ._+-, got {v!r}")
+            raise ValueError(f"recipe names use letters, digits, space and ._+()-, got {v!r}")
         return v
 
     @property
@@ -219,15 +219,22 @@ class RecipeSpec(_Strict):
 
 class TaskSpec(_Strict):
     """One task of one harness. ``metric``: the number the report shows (default: the task's first of acc_norm,
-    acc, exact_match, word_perplexity...). ``limit``: examples per task (None: all)."""
+    acc, exact_match, word_perplexity...). ``limit``: examples per task (None: all). ``id``: the key of the task in
+    the results (default: ``name``); give one to run a task twice, e.g. MMLU zero-shot and ``id = "mmlu_5shot"``
+    with ``num_fewshot = 5``."""
 
     harness: Harness
     name: str
+    id: str | None = None
     num_fewshot: int | None = Field(None, ge=0)
     limit: int | None = Field(None, ge=1)
     metric: str | None = None
     label: str | None = None  # column title in the report (default: the task name)
     models: list[str] | None = None  # restrict to these model names
+
+    @property
+    def key(self) -> str:
+        return self.id or self.name
 
 
 class CalibrationSpec(_Strict):
@@ -281,6 +288,9 @@ class Suite(_Strict):
     description: str = ""
     seeds: list[int] = Field(default_factory=lambda: [0])
     run_dir: str | None = None  # default runs/<suite name>
+    # torch intra-op threads for every stage (None: torch's default). On a small shared CPU, 1 avoids the
+    # oversubscription that makes small kernels orders of magnitude slower.
+    torch_threads: int | None = Field(None, ge=1)
     models: list[ModelSpec] = Field(min_length=1)
     recipes: list[RecipeSpec] = Field(min_length=1)
     tasks: list[TaskSpec] = Field(min_length=1)
@@ -292,7 +302,7 @@ class Suite(_Strict):
     @classmethod
     def _name(cls, v: str) -> str:
         if not _NAME.match(v):
-            raise ValueError(f"suite names use letters, digits, space and ._+-, got {v!r}")
+            raise ValueError(f"suite names use letters, digits, space and ._+()-, got {v!r}")
         return v
 
     @field_validator("format_version")
@@ -312,7 +322,7 @@ class Suite(_Strict):
             clash = sorted({n for n, s in zip(names, slugs) if slugs.count(s) > 1})
             if clash:
                 raise ValueError(f"{what} names {clash} map to the same directory name; make them differ in letters")
-        keys = [(t.harness.value, t.name) for t in self.tasks]
+        keys = [(t.harness.value, t.key) for t in self.tasks]
         dup_t = sorted({f"{h}:{n}" for h, n in keys if keys.count((h, n)) > 1})
         if dup_t:
             raise ValueError(f"tasks repeat: {dup_t}")

@@ -157,53 +157,93 @@ def allocate(stats: Any, q: QuantSpec, seed: int, *, plan_path: Path, heatmap_pa
 
 # -- quantize --------------------------------------------------------------------------------------------------------
 def _quant_api() -> Any:
-    """The quantization engine's workflow module, or :class:`StageUnavailable` naming what is missing."""
+    """The quantization engine's entry points, or :class:`StageUnavailable` naming what is missing."""
     try:
-        from mcmoe_vl.quant import workflow  # type: ignore[attr-defined]
+        from mcmoe_vl.quant.checkpoint import load_quantized, save_quantized
+        from mcmoe_vl.quant.model import QuantizeConfig, quantize_model
+        from mcmoe_vl.quant.plan import load_plan
+        from mcmoe_vl.quant.qlinear import Runtime
     except ImportError as exc:
-        raise StageUnavailable(f"quantization engine not available (mcmoe_vl.quant.workflow: {exc})") from None
-    missing = [n for n in ("quantize_model", "save_quantized", "load_quantized") if not hasattr(workflow, n)]
-    if missing:
-        raise StageUnavailable(f"quantization engine not available (mcmoe_vl.quant.workflow lacks {missing})")
-    return workflow
+        raise StageUnavailable(f"quantization engine not available (mcmoe_vl.quant: {exc})") from None
+    import types
+
+    return types.SimpleNamespace(load_quantized=load_quantized, save_quantized=save_quantized,
+                                 QuantizeConfig=QuantizeConfig, quantize_model=quantize_model, load_plan=load_plan,
+                                 Runtime=Runtime)
+
+
+def quantize_config(q: QuantSpec, *, min_tokens: int, progress: bool) -> Any:
+    """The engine's config from the recipe: ``gptq`` settings (validated by the engine) over the suite's defaults."""
+    api = _quant_api()
+    settings = {"min_tokens": min_tokens, "progress": progress, **dict(q.gptq)}
+    try:
+        return api.QuantizeConfig(**settings)
+    except ValueError as exc:
+        raise ValueError(f"quant.gptq settings {dict(q.gptq)} are not valid for the quantization engine: {exc}") \
+            from None
 
 
 def quantize(model: nn.Module, plan_path: Path, calib_batches: list[dict[str, Any]], q: QuantSpec, *, out_dir: Path,
-             progress: bool) -> dict[str, Any]:
+             min_tokens: int, progress: bool) -> dict[str, Any]:
     """Quantize ``model`` in place to the plan with GPTQ and save the packed checkpoint in ``out_dir``.
 
-    Returns the accounting (nominal / effective bits, bytes on disk, resident bytes) as a dict.
+    Returns the engine's accounting (nominal / effective bits, bytes on disk, resident bytes) plus the starved
+    experts (round-to-nearest fallback) as a dict.
     """
     api = _quant_api()
-    plan = api.load_plan(plan_path) if hasattr(api, "load_plan") else plan_path
-    qmodel = api.quantize_model(model, plan, calib_batches, **dict(q.gptq), progress=progress)
-    acct = api.save_quantized(qmodel, out_dir)
-    return acct if isinstance(acct, dict) else acct.model_dump(mode="json")
+    plan = api.load_plan(plan_path)
+    if plan.group_size != q.group_size:
+        plan = plan.model_copy(update={"group_size": q.group_size})
+    cfg = quantize_config(q, min_tokens=min_tokens, progress=progress)
+    report = api.quantize_model(model, plan, calib_batches, cfg)
+    acct = api.save_quantized(model, out_dir, plan=plan, report=report, config=cfg)
+    out = acct.summary() if hasattr(acct, "summary") else dict(acct)
+    out["expert_nominal_bits"] = _expert_nominal(acct)
+    out["starved"] = {str(k): v for k, v in sorted(report.starved.items())}
+    return out
+
+
+def _expert_nominal(acct: Any) -> float | None:
+    cat = getattr(acct, "categories", {}).get("experts")
+    return float(cat.nominal_bits) if cat is not None else None
 
 
 def load_quantized(model: nn.Module, ckpt_dir: Path, runtime: str) -> nn.Module:
+    """The checkpoint loaded into ``model`` (an unquantized instance of the architecture) in ``runtime``."""
     api = _quant_api()
-    return api.load_quantized(model, ckpt_dir, runtime=runtime)
+    return api.load_quantized(ckpt_dir, model=model, runtime=api.Runtime(runtime)).eval()
 
 
 # -- prune -----------------------------------------------------------------------------------------------------------
 def fit_pruning(model: nn.Module, calib_batches: list[dict[str, Any]], p: PruneSpec, *, seed: int, out: Path,
                 progress: bool) -> Any:
-    from mcmoe_vl.pruning.artifact import PruningMethod, save_pruning
-    from mcmoe_vl.pruning.odp import ODPConfig
-    from mcmoe_vl.pruning.otp import OTPConfig
-    from mcmoe_vl.pruning.workflow import fit_pruning as run
+    """Fit ODP thresholds or train OTP predictors on ``model`` (original or quantized) and save the artifact."""
+    from mcmoe_vl.evaluation.interface import evaluation_interface
+    from mcmoe_vl.pruning.artifact import odp_artifact, otp_artifact, save_pruning
+    from mcmoe_vl.pruning.odp import ODPConfig, fit_odp
+    from mcmoe_vl.pruning.otp import OTPConfig, train_otp
 
     layers = tuple(p.layers) if p.layers is not None else None
-    if p.method is PruneMethod.ODP:
-        cfg = ODPConfig(mu=p.mu, prune_rate=p.prune_rate, quantile=p.quantile, protect_ratio=p.protect_ratio,
-                        layers=layers)
-        art = run(model, calib_batches, PruningMethod.ODP, odp=cfg, progress=progress)
-    else:
-        cfg_otp = OTPConfig(prune_rate=p.prune_rate, steps=p.steps, width=p.width, seed=seed, layers=layers)
-        art = run(model, calib_batches, PruningMethod.OTP, otp=cfg_otp, progress=progress)
+    with evaluation_interface(model) as iface:
+        if p.method is PruneMethod.ODP:
+            cfg = ODPConfig(mu=p.mu, prune_rate=p.prune_rate, quantile=p.quantile, protect_ratio=p.protect_ratio,
+                            layers=layers)
+            art = odp_artifact(iface, fit_odp(model, calib_batches, cfg, iface=iface))
+        else:
+            cfg_otp = OTPConfig(prune_rate=p.prune_rate, steps=p.steps, width=p.width, seed=seed, layers=layers)
+            predictors, summary = train_otp(model, calib_batches, cfg_otp, iface=iface, progress=progress)
+            art = otp_artifact(iface, predictors, summary, cfg_otp.model_dump(mode="json"))
     save_pruning(art, out)
     return art
+
+
+def original_counts(model: nn.Module) -> tuple[dict[int, int], int]:
+    """(parameters of one routed expert per MoE layer, parameters every token uses) of the original model."""
+    from mcmoe_vl.moe import ExpertInterface
+    from mcmoe_vl.pruning.accounting import always_active_params, routed_expert_params
+
+    iface = ExpertInterface(model)
+    return routed_expert_params(iface), always_active_params(iface)
 
 
 def prune_summary(artifact: Any, spec: PruneSpec) -> dict[str, Any]:
@@ -224,13 +264,14 @@ def prune_summary(artifact: Any, spec: PruneSpec) -> dict[str, Any]:
 
 
 # -- measure ---------------------------------------------------------------------------------------------------------
-def measure(model: nn.Module, iface: Any, work: list[dict[str, torch.Tensor]], *, device: str, repeats: int = 3
-            ) -> tuple[Any, Any]:
+def measure(model: nn.Module, iface: Any, work: list[dict[str, torch.Tensor]], *, device: str,
+            counts: tuple[dict[int, int], int], repeats: int = 3) -> tuple[Any, Any]:
     """Time a fixed prefill workload and count the experts actually computed on it.
 
     One warm-up batch, then the whole workload ``repeats`` times with the routing the evaluation uses (pruning rules
     installed on ``iface``); the fastest pass is kept (the least disturbed by other processes). Activated experts are
-    counted on the first pass. Returns (Speed, ActivationReport).
+    counted on the first pass, as parameters of the original model (``counts`` from :func:`original_counts`).
+    Returns (Speed, ActivationReport).
     """
     from mcmoe_vl.evaluation.results import Speed
     from mcmoe_vl.pruning.accounting import ActivationMeter
@@ -242,7 +283,11 @@ def measure(model: nn.Module, iface: Any, work: list[dict[str, torch.Tensor]], *
     with torch.no_grad():
         model(**work[0])  # warm-up (allocations, kernels); not timed, not counted
         for rep in range(max(1, repeats)):
-            meter = ActivationMeter(iface).attach() if rep == 0 else None
+            meter = None
+            if rep == 0:
+                meter = ActivationMeter(iface, expert_params=counts[0])
+                meter.always_active = counts[1]
+                meter.attach()
             sync()
             t0 = time.perf_counter()
             for b in work:
