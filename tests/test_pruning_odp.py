@@ -271,3 +271,23 @@ def test_fit_odp_median_and_prune_rate(family):
     assert next(iter(th2.calibration_pruned_fraction.values())) == pytest.approx(0.2, abs=1.0 / n_tokens)
     with pytest.raises(ValueError, match="no MoE block"):
         fit_odp(model, batches, ODPConfig(layers=[99]))
+
+
+def test_thresholds_from_pmq_calibration_stats_interpolate_stored_quantiles():
+    from mcmoe_vl.calibration.stats import RatioQuantiles
+    from mcmoe_vl.pruning.odp import thresholds_from_calibration_stats
+
+    class _Layer:  # the two fields read from a LayerStats record
+        def __init__(self, index, rq):
+            self.index, self.odp_ratio = index, rq
+
+    class _Stats:
+        layers = [_Layer(1, RatioQuantiles(count=10, mean=0.4, quantiles={"0.25": 0.2, "0.50": 0.4, "0.75": 0.7})),
+                  _Layer(2, None)]
+
+    assert thresholds_from_calibration_stats(_Stats(), quantile=0.5, layers=[1]) == {1: 0.4}
+    assert thresholds_from_calibration_stats(_Stats(), quantile=0.6, layers=[1])[1] == pytest.approx(0.52)
+    with pytest.raises(ValueError, match="outside the stored range"):
+        thresholds_from_calibration_stats(_Stats(), quantile=0.9, layers=[1])
+    with pytest.raises(ValueError, match="no ODP ratio quantiles"):
+        thresholds_from_calibration_stats(_Stats(), quantile=0.5)
