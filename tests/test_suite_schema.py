@@ -147,7 +147,7 @@ def test_unknown_allocator_and_missing_calibration_data(workdir: Path) -> None:
         preflight(load_suite(_write(workdir, d)))
     d = _suite_dict()
     d["calibration"]["data"] = "nothere.txt"
-    with pytest.raises(SuiteError, match="calibration.data 'nothere.txt': file not found"):
+    with pytest.raises(SuiteError, match="calibration data .nothere.txt.: file not found"):
         preflight(load_suite(_write(workdir, d)))
 
 

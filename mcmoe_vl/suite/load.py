@@ -222,25 +222,41 @@ def check_tasks(loaded: LoadedSuite) -> None:
             raise SuiteError(f"unknown {harness.value} task(s) {', '.join(hints)}: not declared under {where}{extra}")
 
 
-def check_calibration_data(loaded: LoadedSuite) -> None:
-    suite = loaded.suite
-    if not any(r.quant is not None or r.prune is not None for r in suite.recipes):
-        return
-    data = suite.calibration.data
-    if data.startswith("embedded"):
-        from mcmoe_vl.calibration.workflow import EMBEDDED_SPLITS
+def is_image_source(data: str) -> bool:
+    """Image+text calibration samples (``embedded:vqa`` or a JSONL file) rather than a text stream."""
+    return data == "embedded:vqa" or data.endswith(".jsonl")
 
-        split = data.split(":", 1)[1] if ":" in data else "train"
-        if split not in EMBEDDED_SPLITS:
-            raise SuiteError(f"calibration.data {data!r}: unknown embedded split {split!r}; valid: "
-                             f"{', '.join('embedded:' + s for s in EMBEDDED_SPLITS)}")
-        return
-    if data.startswith("hf:"):
-        if len(data.split(":")) > 4 or not data[3:]:
-            raise SuiteError(f"calibration.data {data!r}: use hf:<dataset>[:<config>[:<split>]]")
-        return
-    if not loaded.resolve_path(data).is_file():
-        raise SuiteError(f"calibration.data {data!r}: file not found (looked in {loaded.base_dir} and {Path.cwd()})")
+
+def check_calibration_data(loaded: LoadedSuite) -> None:
+    """Each model's calibration source exists (text for language models, image+text for vision-language ones)."""
+    suite = loaded.suite
+    for m in suite.models:
+        recipes = suite.recipes_for(m)
+        if not any(r.quant is not None or r.prune is not None for r in recipes):
+            continue
+        data = m.calibration_data or suite.calibration.data
+        where = f"model {m.name!r}: calibration data {data!r}"
+        if is_image_source(data):
+            if not m.is_vlm:
+                raise SuiteError(f"{where}: image+text samples are for vision-language models; {m.adapter!r} "
+                                 f"calibrates on text")
+            if data != "embedded:vqa" and not loaded.resolve_path(data).is_file():
+                raise SuiteError(f"{where}: file not found (looked in {loaded.base_dir} and {Path.cwd()})")
+            continue
+        if data.startswith("embedded"):
+            from mcmoe_vl.calibration.workflow import EMBEDDED_SPLITS
+
+            split = data.split(":", 1)[1] if ":" in data else "train"
+            if split not in EMBEDDED_SPLITS:
+                raise SuiteError(f"{where}: unknown embedded split {split!r}; valid: "
+                                 f"{', '.join('embedded:' + s for s in EMBEDDED_SPLITS)}")
+            continue
+        if data.startswith("hf:"):
+            if len(data.split(":")) > 4 or not data[3:]:
+                raise SuiteError(f"{where}: use hf:<dataset>[:<config>[:<split>]]")
+            continue
+        if not loaded.resolve_path(data).is_file():
+            raise SuiteError(f"{where}: file not found (looked in {loaded.base_dir} and {Path.cwd()})")
 
 
 def check_components(loaded: LoadedSuite) -> None:

@@ -47,7 +47,7 @@ from mcmoe_vl.io import read_json, write_json_atomic
 
 from . import stages
 from .cache import StageCache, checkpoint_fingerprint, stage_key
-from .load import LoadedSuite, include_dirs, preflight
+from .load import LoadedSuite, include_dirs, is_image_source, preflight
 from .schema import Harness, ModelSpec, RecipeSpec, Suite, TaskSpec, slug
 
 log = logging.getLogger(__name__)
@@ -124,12 +124,26 @@ class _ModelContext:
     def device(self) -> torch.device:
         return stages.model_device(self.model)
 
+    @property
+    def calibration_source(self) -> str:
+        return self.spec.calibration_data or self.r.suite.calibration.data
+
+    def processor(self) -> Any:
+        return stages.vl2_processor(self.tokenizer, self.model)
+
     def calibration_batches(self) -> list[dict[str, torch.Tensor]]:
         if self._calib is None:
             c = self.r.suite.calibration
-            text = stages.source_text(c.data, base=self.r.loaded.base_dir, text_field=c.text_field)
-            ids = stages.token_windows(self.tokenizer, text, seq_len=c.seq_len, num=c.num_sequences, seed=self.seed)
-            self._calib = stages.batches(ids, c.batch_size, self.device)
+            if is_image_source(self.calibration_source):
+                samples = stages.vlm_samples(self.calibration_source, split="train", num=c.num_sequences,
+                                             seed=self.seed, base=self.r.loaded.base_dir)
+                self._calib = stages.vlm_batches(self.processor(), samples, c.batch_size, self.device)
+            else:
+                text = stages.source_text(self.calibration_source, base=self.r.loaded.base_dir,
+                                          text_field=c.text_field)
+                ids = stages.token_windows(self.tokenizer, text, seq_len=c.seq_len, num=c.num_sequences,
+                                           seed=self.seed)
+                self._calib = stages.batches(ids, c.batch_size, self.device)
         return self._calib
 
     def counts(self) -> tuple[dict[int, int], int]:
@@ -139,14 +153,21 @@ class _ModelContext:
         return self._counts
 
     def workload(self) -> list[dict[str, torch.Tensor]]:
-        """The fixed prefill workload timed for the speed-up (held-out text when the source has a split)."""
+        """The fixed prefill workload timed for the speed-up (held-out text or image questions)."""
         if self._work is None:
             c, ev = self.r.suite.calibration, self.r.suite.evaluation
-            text = stages.source_text(stages.heldout_source(c.data), base=self.r.loaded.base_dir,
-                                      text_field=c.text_field)
-            n = max(1, -(-ev.speed_tokens // ev.speed_seq_len))
-            ids = stages.token_windows(self.tokenizer, text, seq_len=ev.speed_seq_len, num=n, seed=10_000 + self.seed)
-            self._work = stages.batches(ids, ev.batch_size, self.device)
+            if is_image_source(self.calibration_source):
+                n = max(1, ev.speed_tokens // ev.speed_seq_len)
+                samples = stages.vlm_samples(self.calibration_source, split="heldout", num=n, seed=10_000 + self.seed,
+                                             base=self.r.loaded.base_dir)
+                self._work = stages.vlm_batches(self.processor(), samples, ev.batch_size, self.device)
+            else:
+                text = stages.source_text(stages.heldout_source(self.calibration_source), base=self.r.loaded.base_dir,
+                                          text_field=c.text_field)
+                n = max(1, -(-ev.speed_tokens // ev.speed_seq_len))
+                ids = stages.token_windows(self.tokenizer, text, seq_len=ev.speed_seq_len, num=n,
+                                           seed=10_000 + self.seed)
+                self._work = stages.batches(ids, ev.batch_size, self.device)
         return self._work
 
 
@@ -184,7 +205,8 @@ class SuiteRunner:
     def _calib_inputs(self, ctx: _ModelContext, recipe: RecipeSpec) -> dict[str, Any]:
         group = recipe.quant.group_size if recipe.quant else 128
         return {"version": self._version, "model": ctx.fingerprint, "dtype": ctx.spec.dtype,
-                "calibration": self.suite.calibration.model_dump(mode="json"), "seed": ctx.seed, "group_size": group}
+                "calibration": self.suite.calibration.model_dump(mode="json"), "data": ctx.calibration_source,
+                "seed": ctx.seed, "group_size": group}
 
     def keys(self, ctx: _ModelContext, recipe: RecipeSpec) -> dict[str, str | None]:
         """Every stage key of a recipe, computed from inputs only (no stage is run)."""
@@ -356,7 +378,7 @@ class SuiteRunner:
             rule = apply_pruning(iface, artifact) if artifact is not None else None
             try:
                 speed, activity = (None, None)
-                if ev.speed_tokens > 0 and not ctx.spec.is_vlm:
+                if ev.speed_tokens > 0:
                     self._status("measure speed", ctx, recipe)
                     speed, activity = stages.measure(model, iface, ctx.workload(), device=str(ctx.device),
                                                      counts=ctx.counts())
@@ -376,7 +398,7 @@ class SuiteRunner:
                     else:
                         from mcmoe_vl.evaluation.lmms_eval_backend import evaluate_lmms_eval
 
-                        out = evaluate_lmms_eval(model, _vl2_processor(ctx, model), reqs, **common)
+                        out = evaluate_lmms_eval(model, stages.vl2_processor(ctx.tokenizer, model), reqs, **common)
                     for k, v in out.items():
                         merged.setdefault(k, {}).update(v)
             finally:
@@ -582,12 +604,6 @@ def _check_lmms_available() -> None:
         from model_adapters.deepseek_vl2 import lmms_model  # noqa: F401
     except ImportError as exc:
         raise stages.StageUnavailable(f"lmms-eval evaluation not available ({exc})") from None
-
-
-def _vl2_processor(ctx: _ModelContext, model: torch.nn.Module) -> Any:
-    from model_adapters.deepseek_vl2.processing import DeepseekVL2Processor
-
-    return DeepseekVL2Processor.from_config(ctx.tokenizer, model)
 
 
 def run_suite(loaded: LoadedSuite, *, run_dir: str | os.PathLike[str] | None = None,

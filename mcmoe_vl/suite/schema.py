@@ -103,6 +103,10 @@ class ModelSpec(_Strict):
     revision: str | None = None
     tokenizer: str | None = None  # default: the checkpoint's own
     max_length: int | None = Field(None, ge=8)  # context length for lm-eval (default: the model's)
+    # Calibration data for this model instead of the suite's ``calibration.data``. Vision-language models also
+    # take image+text samples: a JSONL file ({"text", "image", "answer"}) or ``embedded:vqa`` (the offline rendered
+    # image questions, train split; their held-out split is the timed workload); text sources run text-only.
+    calibration_data: str | None = None
 
     @field_validator("name")
     @classmethod

@@ -119,6 +119,43 @@ def batches(ids: torch.Tensor, batch_size: int, device: torch.device | str) -> l
     return [{k: v.to(device) for k, v in b.items()} for b in batches_from_ids(ids, batch_size)]
 
 
+def vlm_samples(data: str, *, split: str, num: int, seed: int, base: Path | None = None) -> list[Any]:
+    """Image+text samples for a vision-language model: ``embedded:vqa`` (rendered offline image questions, every
+    task in turn) or a JSONL file of ``{"text", "image", "answer"}`` (a seeded subset)."""
+    import random
+
+    from model_adapters.deepseek_vl2.adapter import ImageTextSample, load_image_text_samples
+
+    if data == "embedded:vqa":
+        from mcmoe_vl.data.images import VQATask, vqa_samples
+
+        tasks = list(VQATask)
+        per = -(-num // len(tasks))
+        pools = [vqa_samples(t, split, per, seed=seed) for t in tasks]
+        mixed = [pool[i] for i in range(per) for pool in pools if i < len(pool)][:num]
+        return [ImageTextSample(text=s.question, images=[s.image], answer=s.answer) for s in mixed]
+    p = Path(data)
+    if base is not None and not p.is_absolute() and (base / p).exists():
+        p = base / p
+    samples = load_image_text_samples(p)
+    rng = random.Random(seed if split == "train" else seed + 10_000)
+    return rng.sample(samples, min(num, len(samples)))
+
+
+def vlm_batches(processor: Any, samples: list[Any], batch_size: int, device: torch.device | str
+                ) -> list[dict[str, torch.Tensor]]:
+    from model_adapters.deepseek_vl2.adapter import image_text_batches
+
+    return [{k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in b.items()}
+            for b in image_text_batches(processor, samples, batch_size=batch_size)]
+
+
+def vl2_processor(tokenizer: Any, model: nn.Module) -> Any:
+    from model_adapters.deepseek_vl2.processing import DeepseekVL2Processor
+
+    return DeepseekVL2Processor.from_config(tokenizer, model)
+
+
 # -- calibrate / allocate --------------------------------------------------------------------------------------------
 def calibrate(model: nn.Module, calib_batches: list[dict[str, Any]], spec: CalibrationSpec, *, group_size: int,
               output: Path, model_name: str, progress: bool) -> Any:
