@@ -576,10 +576,23 @@ class _Distributed:
             td.barrier()
 
     def place(self, spec: ModelSpec) -> ModelSpec:
-        """One GPU per process: ``cuda`` becomes ``cuda:<local rank>`` (sharded models keep their device_map)."""
-        if self.world_size > 1 and spec.device == "cuda" and spec.device_map is None:
+        """Devices of this process: ``cuda`` becomes ``cuda:<local rank>``; a sharded model (``device_map``) gets an
+        equal share of the node's GPUs (GPUs ``local_rank * n .. local_rank * n + n - 1`` with n = GPUs / processes
+        per node) through ``max_memory``, unless the suite sets ``max_memory`` itself."""
+        if self.world_size <= 1 or not spec.device.startswith("cuda"):
+            return spec
+        if spec.device_map is None:
             return spec.model_copy(update={"device": f"cuda:{self.local_rank}"})
-        return spec
+        if spec.max_memory:
+            return spec
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(self.world_size)))
+        n = torch.cuda.device_count() // max(1, local_world)
+        if n < 1:
+            raise ValueError(f"{local_world} processes per node but {torch.cuda.device_count()} GPUs: a sharded "
+                             f"model needs at least one GPU per process")
+        gpus = range(self.local_rank * n, (self.local_rank + 1) * n)
+        mem = {str(i): f"{int(torch.cuda.get_device_properties(i).total_memory * 0.9) >> 20}MiB" for i in gpus}
+        return spec.model_copy(update={"max_memory": mem, "device": f"cuda:{gpus[0]}"})
 
     def gather_summaries(self, mine: RunSummary) -> RunSummary:
         import torch.distributed as td

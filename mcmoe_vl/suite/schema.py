@@ -100,6 +100,7 @@ class ModelSpec(_Strict):
     dtype: str = "float32"
     device: str = "cpu"
     device_map: str | None = None
+    max_memory: dict[str, str] | None = None  # with device_map: per-device limits, e.g. {"0": "70GiB", "1": "70GiB"}
     revision: str | None = None
     tokenizer: str | None = None  # default: the checkpoint's own
     max_length: int | None = Field(None, ge=8)  # context length for lm-eval (default: the model's)

@@ -36,13 +36,14 @@ def load_model(spec: ModelSpec, location: str, is_local: bool) -> nn.Module:
     """The model in eval mode: local directories through the calibration loader (which knows the DeepSeek-VL2
     port), Hub ids and sharded loading through transformers' ``from_pretrained``."""
     dtype = DTYPES[spec.dtype]
+    if spec.adapter == "deepseek_vl_v2":
+        if spec.device_map is not None:
+            raise ValueError(f"model {spec.name!r}: the DeepSeek-VL2 port loads on one device; remove device_map")
+        location, is_local = local_snapshot(spec, location), True
     if is_local and spec.device_map is None:
         from mcmoe_vl.calibration.workflow import load_model as load_local
 
         return load_local(location, dtype=dtype, device=spec.device)
-    if spec.adapter == "deepseek_vl_v2":
-        raise StageUnavailable("loading DeepSeek-VL2 from the Hub or with a device_map: download the checkpoint "
-                               "(huggingface-cli download deepseek-ai/deepseek-vl2) and give its directory")
     from transformers import AutoModelForCausalLM
 
     kwargs: dict[str, Any] = {"dtype": dtype}
@@ -50,15 +51,29 @@ def load_model(spec: ModelSpec, location: str, is_local: bool) -> nn.Module:
         kwargs["revision"] = spec.revision
     if spec.device_map is not None:
         kwargs["device_map"] = spec.device_map
+        if spec.max_memory:
+            kwargs["max_memory"] = {(int(k) if k.isdigit() else k): v for k, v in spec.max_memory.items()}
     model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
     if spec.device_map is None:
         model = model.to(spec.device)
     return model.eval()
 
 
+def local_snapshot(spec: ModelSpec, location: str) -> str:
+    """A local directory for the checkpoint: itself, or the Hub snapshot (downloaded once, then cached)."""
+    if Path(location).is_dir():
+        return location
+    from huggingface_hub import snapshot_download
+
+    return snapshot_download(location, revision=spec.revision,
+                             allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.py"])
+
+
 def load_tokenizer(spec: ModelSpec, location: str) -> Any:
     from transformers import AutoTokenizer
 
+    if spec.adapter == "deepseek_vl_v2" and spec.tokenizer is None:
+        location = local_snapshot(spec, location)
     src = spec.tokenizer or location
     try:
         return AutoTokenizer.from_pretrained(src, revision=spec.revision) if spec.revision else \
