@@ -23,7 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import kernels
 from .packed import PackedMeta, PackedTensor
+
 
 
 class Runtime(str, enum.Enum):
@@ -31,11 +33,43 @@ class Runtime(str, enum.Enum):
     FAKE = "fake"  # dequantised 16-bit weights cached; for fast evaluation
 
 
+class Kernel(str, enum.Enum):
+    """How the packed runtime computes ``x W^T``.
+
+    ``AUTO`` / ``NATIVE`` / ``TORCH`` dequantise the whole weight (native C loop when compiled, else torch) to the
+    same values and call ``F.linear``: bit-identical to the fake-quant runtime. ``LUT`` computes products of up to
+    ``LUT_MAX_TOKENS`` tokens from the packed codes by table lookup (:func:`mcmoe_vl.quant.kernels.lut_matmul`,
+    float32 accumulation: equal up to summation order, not bitwise), and dequantises for more tokens.
+    """
+
+    AUTO = "auto"
+    NATIVE = "native"
+    TORCH = "torch"
+    LUT = "lut"
+
+
+LUT_MAX_TOKENS = 4
+
+
+def dequantize(p: PackedTensor, dtype: torch.dtype, kernel: Kernel = Kernel.AUTO) -> torch.Tensor:
+    """``p.dequantize(dtype)``, through the native loop when available (the same float32 values, then cast)."""
+    native = kernel is not Kernel.TORCH and len(p.meta.shape) == 2 and p.meta.group_size % 8 == 0
+    if native and kernels.available() and p.scale.dtype == torch.float16:
+        w = kernels.dequantize_native(p)  # (R, C) float32, storage column order
+        if p.perm is not None:
+            w = w.index_select(1, torch.argsort(p.perm.long()))
+        return w.to(dtype)
+    if kernel is Kernel.NATIVE:
+        raise RuntimeError("the native kernels are not available (no C compiler?); use kernel='auto' or 'torch'")
+    return p.dequantize(dtype)
+
+
 class QuantLinear(nn.Module):
     """``y = x W^T + b`` with ``W`` stored packed (see the module docstring for the two runtimes)."""
 
     def __init__(self, packed: PackedTensor, bias: torch.Tensor | None = None, *,
-                 runtime: Runtime = Runtime.PACKED, dtype: torch.dtype = torch.bfloat16) -> None:
+                 runtime: Runtime = Runtime.PACKED, dtype: torch.dtype = torch.bfloat16,
+                 kernel: Kernel = Kernel.AUTO) -> None:
         super().__init__()
         if len(packed.meta.shape) != 2:
             raise ValueError(f"QuantLinear needs a 2-D packed weight, got shape {packed.meta.shape}")
@@ -49,6 +83,7 @@ class QuantLinear(nn.Module):
             self.perm = None
         self.bias = None if bias is None else nn.Parameter(bias.detach().to(dtype), requires_grad=False)
         self.dtype = dtype
+        self.kernel = Kernel(kernel)
         self.register_buffer("weight_cache", None, persistent=False)
         self.runtime = Runtime.PACKED
         self.set_runtime(runtime)
@@ -66,10 +101,15 @@ class QuantLinear(nn.Module):
         dtype = dtype or self.dtype
         if self.weight_cache is not None and self.weight_cache.dtype == dtype:
             return self.weight_cache
-        return self.packed.dequantize(dtype)
+        return dequantize(self.packed, dtype, self.kernel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in) -> (..., out)
-        return F.linear(x, self.weight(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        if (self.kernel is Kernel.LUT and self.weight_cache is None and x.numel() // self.in_features <= LUT_MAX_TOKENS
+                and kernels.available() and self.meta.group_size % 8 == 0):
+            y = kernels.lut_matmul(x, self.packed).to(x.dtype)
+            return y if bias is None else y + bias
+        return F.linear(x, self.weight(x.dtype), bias)
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, bits={self.meta.bits}, "
@@ -166,5 +206,15 @@ def set_runtime(model: nn.Module, runtime: Runtime) -> int:
     for m in model.modules():
         if isinstance(m, QuantLinear):
             m.set_runtime(runtime)
+            n += 1
+    return n
+
+
+def set_kernel(model: nn.Module, kernel: Kernel) -> int:
+    """Use ``kernel`` in every :class:`QuantLinear` of ``model``; returns how many were switched."""
+    n = 0
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            m.kernel = Kernel(kernel)
             n += 1
     return n
