@@ -1,0 +1,228 @@
+"""Offline lm-eval task data built from the held-out standard-library text (shipped under ``tasks/lm_eval/data``).
+
+Files (JSON lines, one document per line), all from the *held-out* modules of :func:`.text.stdlib_splits`:
+
+* ``docstrings_heldout.jsonl``: ``{"module", "text"}``, the held-out docstrings cut at paragraph boundaries into
+  pieces of at most ``max_doc_bytes`` (in-domain perplexity).
+* ``code_heldout.jsonl``: the same modules' source with docstrings stripped, cut the same way (out-of-domain).
+* ``cloze.jsonl``: ``{"context", "choices", "label"}``: a passage prefix; the true next word against three words of
+  the same length class drawn from other held-out documents.
+* ``ending.jsonl``: a passage prefix; its true next segment (about ``segment_bytes``, cut at a space) against three
+  segments of other documents.
+* ``word_order.jsonl``: a passage prefix; the true next sentence against three copies with two words swapped.
+
+Everything is drawn with ``random.Random(seed)`` in document order, so a rebuild on the same Python gives the same
+files; ``manifest.json`` records the Python version and the sha256 of each file. Distractors never come from the
+same document as the answer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+import re
+from pathlib import Path
+from typing import Any
+
+from mcmoe_vl.io import write_json_atomic
+
+from .text import TextSplits, stdlib_splits
+
+logger = logging.getLogger(__name__)
+
+_WORD = re.compile(r"[A-Za-z]{3,}")
+
+
+def chunk_paragraphs(text: str, max_bytes: int) -> list[str]:
+    """``text`` cut at blank lines into pieces of at most ``max_bytes`` UTF-8 bytes (long paragraphs cut at lines,
+    then hard-cut)."""
+    pieces: list[str] = []
+    cur = ""
+    units: list[str] = []
+    for para in text.split("\n\n"):
+        if len(para.encode()) <= max_bytes:
+            units.append(para)
+            continue
+        for line in para.split("\n"):
+            while len(line.encode()) > max_bytes:
+                units.append(line[: max_bytes // 4])
+                line = line[max_bytes // 4 :]
+            units.append(line)
+    for u in units:
+        cand = f"{cur}\n\n{u}" if cur else u
+        if len(cand.encode()) <= max_bytes:
+            cur = cand
+        else:
+            if cur.strip():
+                pieces.append(cur)
+            cur = u
+    if cur.strip():
+        pieces.append(cur)
+    return pieces
+
+
+def _passages(splits: TextSplits, context_bytes: int) -> list[tuple[int, str]]:
+    """(document index, text) for every held-out docstring paragraph long enough for a context and a target."""
+    out = []
+    for i, d in enumerate(splits.heldout):
+        for para in d.docstrings.split("\n\n"):
+            para = " ".join(para.split())  # one line, single spaces
+            if len(para) >= context_bytes + 48 and para.isascii():
+                out.append((i, para))
+    return out
+
+
+def _passage_stream(passages: list[tuple[int, str]], rng: random.Random, rounds: int = 4):
+    """The passages in ``rounds`` successive seeded orders (one passage gives several items, cut differently)."""
+    for _ in range(rounds):
+        yield from rng.sample(passages, len(passages))
+
+
+def _cut_at_space(text: str, pos: int) -> int:
+    """The index of the first space at or after ``pos`` (or -1)."""
+    return text.find(" ", pos)
+
+
+def build_cloze(passages: list[tuple[int, str]], rng: random.Random, n: int, context_bytes: int) -> list[dict]:
+    """Next-word cloze: the true word against three same-length-class words from other documents."""
+    words_by_doc: dict[int, list[str]] = {}
+    for i, p in passages:
+        words_by_doc.setdefault(i, []).extend(_WORD.findall(p))
+    all_words = [(i, w) for i, ws in words_by_doc.items() for w in ws]
+    out: list[dict] = []
+    seen: set[str] = set()
+    for i, p in _passage_stream(passages, rng):
+        cut = _cut_at_space(p, rng.randint(context_bytes // 2, context_bytes))
+        if cut < 0:
+            continue
+        m = re.match(r"([A-Za-z]{3,})\b", p[cut + 1 :])
+        if not m:
+            continue
+        word = m.group(1)
+        pool = [w for j, w in all_words if j != i and w != word and abs(len(w) - len(word)) <= 1]
+        if len(set(pool)) < 3:
+            continue
+        distract = rng.sample(sorted(set(pool)), 3)
+        choices = distract + [word]
+        rng.shuffle(choices)
+        if p[:cut] in seen:
+            continue
+        seen.add(p[:cut])
+        out.append({"context": p[:cut], "choices": choices, "label": choices.index(word)})
+        if len(out) == n:
+            break
+    return out
+
+
+def build_ending(passages: list[tuple[int, str]], rng: random.Random, n: int, context_bytes: int,
+                 segment_bytes: int) -> list[dict]:
+    """Passage ending: the true next segment against three segments of other documents."""
+    def segment(p: str, start: int) -> str | None:
+        end = _cut_at_space(p, start + segment_bytes)
+        seg = p[start:end] if end > 0 else p[start:]
+        return seg if len(seg) >= segment_bytes // 2 else None
+
+    out: list[dict] = []
+    seen: set[str] = set()
+    for i, p in _passage_stream(passages, rng):
+        cut = _cut_at_space(p, rng.randint(context_bytes // 2, context_bytes))
+        if cut < 0:
+            continue
+        true = segment(p, cut + 1)
+        if true is None:
+            continue
+        distract: list[str] = []
+        while len(distract) < 3:
+            j, q = rng.choice(passages)
+            s = _cut_at_space(q, rng.randint(0, max(0, len(q) - segment_bytes - 1)))
+            seg = segment(q, s + 1) if s >= 0 else None
+            if j != i and seg and seg != true and seg not in distract:
+                distract.append(seg)
+        choices = distract + [true]
+        rng.shuffle(choices)
+        if p[:cut] in seen:
+            continue
+        seen.add(p[:cut])
+        out.append({"context": p[:cut], "choices": choices, "label": choices.index(true)})
+        if len(out) == n:
+            break
+    return out
+
+
+def build_word_order(passages: list[tuple[int, str]], rng: random.Random, n: int, context_bytes: int) -> list[dict]:
+    """Word order: the true next sentence against three copies with two of its words swapped."""
+    out: list[dict] = []
+    seen: set[str] = set()
+    for _, p in _passage_stream(passages, rng):
+        sentences = re.split(r"(?<=\.) ", p)
+        for k in rng.sample(range(1, len(sentences)), len(sentences) - 1) if len(sentences) > 1 else []:
+            ctx = " ".join(sentences[:k])
+            words = sentences[k].split(" ")
+            if len(ctx) < context_bytes // 3 or not 5 <= len(words) <= 14:
+                continue
+            variants: list[str] = []
+            for _ in range(20):
+                a, b = rng.sample(range(len(words)), 2)
+                w = words[:]
+                w[a], w[b] = w[b], w[a]
+                v = " ".join(w)
+                if v != sentences[k] and v not in variants:
+                    variants.append(v)
+                if len(variants) == 3:
+                    break
+            if len(variants) < 3:
+                continue
+            if ctx in seen:
+                continue
+            seen.add(ctx)
+            choices = variants + [sentences[k]]
+            rng.shuffle(choices)
+            out.append({"context": ctx[-context_bytes:], "choices": choices, "label": choices.index(sentences[k])})
+            break
+        if len(out) == n:
+            break
+    return out
+
+
+def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> str:
+    data = "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in rows)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(data, encoding="utf-8")
+    tmp.replace(path)
+    return hashlib.sha256(data.encode()).hexdigest()
+
+
+def build_text_task_files(out_dir: str | Path, *, seed: int = 0, max_doc_bytes: int = 1024,
+                          max_code_bytes: int = 200_000, n_mc: int = 400, context_bytes: int = 160,
+                          segment_bytes: int = 40) -> dict[str, Any]:
+    """Write the lm-eval task data files (module docstring) into ``out_dir``; returns the manifest."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    splits = stdlib_splits(seed=seed)
+    docs = [{"module": d.name, "text": t} for d in splits.heldout for t in chunk_paragraphs(d.docstrings,
+                                                                                            max_doc_bytes)]
+    code, total = [], 0
+    for d in splits.heldout:
+        for t in chunk_paragraphs(d.code, max_doc_bytes):
+            if total >= max_code_bytes:
+                break
+            code.append({"module": d.name, "text": t})
+            total += len(t.encode())
+    rng = random.Random(seed)
+    passages = _passages(splits, context_bytes)
+    files = {
+        "docstrings_heldout.jsonl": docs,
+        "code_heldout.jsonl": code,
+        "cloze.jsonl": build_cloze(passages, rng, n_mc, context_bytes),
+        "ending.jsonl": build_ending(passages, rng, n_mc, context_bytes, segment_bytes),
+        "word_order.jsonl": build_word_order(passages, rng, n_mc, context_bytes),
+    }
+    manifest: dict[str, Any] = {"python_version": splits.python_version, "seed": seed,
+                                "heldout_modules": [d.name for d in splits.heldout], "files": {}}
+    for name, rows in files.items():
+        manifest["files"][name] = {"rows": len(rows), "sha256": _write_jsonl(out / name, rows)}
+        logger.info("%s: %d rows", name, len(rows))
+    write_json_atomic(out / "manifest.json", manifest)
+    return manifest

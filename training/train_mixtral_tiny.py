@@ -1,0 +1,192 @@
+"""Train the embedded Mixtral-architecture language model on standard-library docstrings (CPU, minutes).
+
+Recipe (everything seeded; the log records the corpus digest, the Python version and every hyper-parameter):
+
+* data: :func:`mcmoe_vl.data.text.stdlib_splits` (docstrings of the stdlib, split by module), encoded as bytes
+  with an end-of-text token between documents; random windows of ``seq_len`` + 1 tokens (seeded generator);
+* model: transformers ``MixtralForCausalLM``, hidden 128, 4 layers, 8 experts top-2, expert intermediate 256
+  (every expert matrix is at least 128 x 128), byte vocabulary of 260;
+* loss: next-token cross-entropy + ``aux_coef`` x the Switch-Transformer load-balancing loss computed *per layer*
+  (E * sum_e f_e P_e, averaged over layers; f_e = share of the top-k slots given to expert e, P_e = its mean
+  router probability), so that no layer can hide a dead expert behind another layer's excess;
+* AdamW, linear warm-up then cosine decay, gradient clipping 1.0.
+
+Run: ``OMP_NUM_THREADS=2 .venv/bin/python training/train_mixtral_tiny.py --out embedded/mixtral-tiny``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from mcmoe_vl.data.text import corpus_digest, stdlib_splits  # noqa: E402
+from mcmoe_vl.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, VOCAB_SIZE, byte_tokenizer  # noqa: E402
+
+log = logging.getLogger("train_mixtral_tiny")
+
+
+def model_config(max_len: int):  # -> MixtralConfig
+    from transformers import MixtralConfig
+
+    return MixtralConfig(
+        vocab_size=VOCAB_SIZE, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=max_len,
+        num_local_experts=8, num_experts_per_tok=2, router_aux_loss_coef=0.01, output_router_logits=False,
+        rope_theta=10000.0, tie_word_embeddings=False, sliding_window=None, bos_token_id=BOS_ID,
+        eos_token_id=EOS_ID, pad_token_id=PAD_ID, initializer_range=0.02, rms_norm_eps=1e-5)
+
+
+def stream(docs: list[str]) -> torch.Tensor:
+    """Bytes of the documents, each followed by the end-of-text token: (N,) int64."""
+    out: list[int] = []
+    for d in docs:
+        out.extend(d.encode("utf-8"))
+        out.append(EOS_ID)
+    return torch.tensor(out, dtype=torch.int64)
+
+
+def batch(data: torch.Tensor, bs: int, seq: int, g: torch.Generator) -> torch.Tensor:
+    starts = torch.randint(0, data.numel() - seq - 1, (bs,), generator=g)
+    return torch.stack([data[s : s + seq + 1] for s in starts.tolist()])  # (B, S+1)
+
+
+def balance_loss(router_logits: tuple[torch.Tensor, ...], top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-layer load-balancing loss (mean over layers) and the per-layer top-k frequencies (L, E)."""
+    losses, freqs = [], []
+    for logits in router_logits:  # (T, E)
+        probs = logits.float().softmax(-1)
+        E = probs.shape[-1]
+        sel = torch.zeros_like(probs).scatter_(1, probs.topk(top_k, dim=-1).indices, 1.0)  # (T, E)
+        f = sel.mean(0) / top_k  # (E,) shares of the top-k slots
+        losses.append(E * (f * probs.mean(0)).sum())
+        freqs.append(f.detach())
+    return torch.stack(losses).mean(), torch.stack(freqs)
+
+
+@torch.no_grad()
+def evaluate(model, data: torch.Tensor, seq: int, n: int) -> float:
+    """Mean next-token loss (nats/byte) on ``n`` fixed non-overlapping windows."""
+    model.eval()
+    tot, cnt = 0.0, 0
+    step = max(1, (data.numel() - seq - 1) // n)
+    for i in range(n):
+        x = data[i * step : i * step + seq + 1][None]
+        logits = model(input_ids=x[:, :-1]).logits
+        tot += F.cross_entropy(logits[0].float(), x[0, 1:], reduction="sum").item()
+        cnt += seq
+    model.train()
+    return tot / cnt
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=str(ROOT / "embedded" / "mixtral-tiny"))
+    ap.add_argument("--log", default=str(ROOT / "training" / "logs" / "mixtral_tiny.log"))
+    ap.add_argument("--steps", type=int, default=800)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--warmup", type=int, default=50)
+    ap.add_argument("--aux-coef", type=float, default=0.01)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--save-dtype", default="float16", choices=["float32", "float16", "bfloat16"])
+    ap.add_argument("--eval-every", type=int, default=150)
+    ap.add_argument("--stop-step", type=int, default=None,
+                    help="end at this step (the schedule still spans --steps); reproduces a --max-minutes stop")
+    ap.add_argument("--max-minutes", type=float, default=45,
+                    help="wall-clock budget: end early (logging the step reached) when exceeded")
+    args = ap.parse_args(argv)
+
+    Path(args.log).parent.mkdir(parents=True, exist_ok=True)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s",
+                        handlers=[logging.FileHandler(args.log, mode="w"), logging.StreamHandler()])
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    log.info("args %s", json.dumps(vars(args)))
+    log.info("python %s torch %s threads %d", sys.version.split()[0], torch.__version__, torch.get_num_threads())
+
+    t0 = time.time()
+    splits = stdlib_splits()
+    log.info("corpus %s", json.dumps(corpus_digest(splits)))
+    train = stream([d.docstrings for d in splits.train])
+    held = stream([d.docstrings for d in splits.heldout])
+    ood = stream([d.code for d in splits.heldout])
+    counts = torch.bincount(train, minlength=VOCAB_SIZE).double() + 1.0  # add-one unigram on the train split
+    logp = (counts / counts.sum()).log()
+    uni_ppl = math.exp(-logp[held].mean().item())
+    log.info("train %d tokens, held-out %d, ood %d; unigram held-out ppl %.2f (%.1fs)",
+             train.numel(), held.numel(), ood.numel(), uni_ppl, time.time() - t0)
+
+    from transformers import MixtralForCausalLM
+
+    cfg = model_config(args.seq_len)
+    model = MixtralForCausalLM(cfg)
+    n_par = sum(p.numel() for p in model.parameters())
+    n_exp = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
+    log.info("params %d, experts %d (%.1f%%)", n_par, n_exp, 100 * n_exp / n_par)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / args.warmup) * (
+        0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / args.steps)))))
+    g = torch.Generator().manual_seed(args.seed)
+    model.train()
+    t_train = time.time()
+    for step in range(1, args.steps + 1):
+        x = batch(train, args.batch, args.seq_len, g)
+        out = model(input_ids=x[:, :-1], output_router_logits=True)
+        ce = F.cross_entropy(out.logits.float().reshape(-1, cfg.vocab_size), x[:, 1:].reshape(-1))
+        aux, freqs = balance_loss(out.router_logits, cfg.num_experts_per_tok)
+        loss = ce + args.aux_coef * aux
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if step % 25 == 0 or step == 1:
+            ratio = (freqs.max(1).values / freqs.min(1).values.clamp_min(1e-9)).tolist()
+            log.info("step %d ce %.4f aux %.4f lr %.2e max/min %s min-share %s %.1fs", step, ce.item(), aux.item(),
+                     sched.get_last_lr()[0], [round(r, 1) for r in ratio],
+                     [round(v, 4) for v in freqs.min(1).values.tolist()], time.time() - t_train)
+        last = step == args.steps or step == args.stop_step or (time.time() - t_train) / 60 > args.max_minutes
+        if step % args.eval_every == 0 or last:
+            h = evaluate(model, held, args.seq_len, 16)
+            o = evaluate(model, ood, args.seq_len, 16)
+            log.info("eval step %d held-out ppl %.3f ood ppl %.3f (unigram %.2f)", step, math.exp(h), math.exp(o),
+                     uni_ppl)
+        if last:
+            break
+    train_s = time.time() - t_train
+    log.info("trained %d of %d scheduled steps in %.1f s (reproduce: --steps %d --stop-step %d)", step, args.steps,
+             train_s, args.steps, step)
+
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.eval()
+    save_dtype = getattr(torch, args.save_dtype)
+    model.to(save_dtype)
+    model.config.dtype = torch.float32  # stored in save_dtype, loaded as float32 by default
+    model.save_pretrained(str(out_dir), safe_serialization=True)
+    byte_tokenizer(model_max_length=args.seq_len).save_pretrained(str(out_dir))
+    meta = {"seed": args.seed, "steps": step, "scheduled_steps": args.steps, "train_seconds": round(train_s, 1), "stored_dtype":
+            args.save_dtype, "corpus": corpus_digest(splits), "params": n_par, "expert_params": n_exp,
+            "unigram_heldout_ppl": round(uni_ppl, 3), "args": vars(args)}
+    (out_dir / "training_meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    log.info("saved to %s", out_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
