@@ -98,7 +98,8 @@ def test_end_to_end_report_numbers_equal_results(first_run) -> None:
         parity = res["results"]["t8_parity"][res["tasks"]["t8_parity"]["metric"]]
         words = res["results"]["t8_words"][res["tasks"]["t8_words"]["metric"]]
         assert cells[1] == f"{100 * parity:.2f}"
-        assert cells[2] == f"{words:.2f}"
+        # large perplexities are shown in scientific notation with 3 significant digits
+        assert float(cells[2]) == pytest.approx(words, rel=5e-3, abs=5e-3)
         assert cells[3] == f"{statistics.fmean([100 * parity]):.2f}"
         c = res["compression"]
         assert c["total_params"] > 0 and c["speed"]["tokens"] > 0

@@ -56,7 +56,12 @@ class LayerActivity(BaseModel):
 
 
 class Speed(BaseModel):
-    """A fixed prefill workload timed on this model (speed-up = tokens_per_second / the baseline's)."""
+    """A fixed prefill workload timed on this model.
+
+    ``reference_tokens_per_second``: the original (16-bit) model timed on the same workload in alternation with this
+    one (same minutes, same machine load); the speed-up is ``tokens_per_second / reference_tokens_per_second``.
+    Without it, the report divides by the baseline row's ``tokens_per_second``.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
@@ -65,6 +70,12 @@ class Speed(BaseModel):
     tokens_per_second: float
     workload: str
     device: str
+    reference_tokens_per_second: float | None = None
+
+    @property
+    def speedup(self) -> float | None:
+        r = self.reference_tokens_per_second
+        return self.tokens_per_second / r if r else None
 
 
 class CompressionBlock(BaseModel):

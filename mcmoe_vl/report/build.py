@@ -100,12 +100,18 @@ def _task_table(rows: list[Row], columns: list[TaskColumn], baseline_label: str)
     return lines
 
 
-def _metric_legend(columns: list[TaskColumn]) -> str:
+def _metric_legend(columns: list[TaskColumn], rows: list[Row]) -> str:
     parts = []
     for c in columns:
         unit = "accuracy-like, x100" if c.percent else ("lower is better" if not c.higher_is_better else "as is")
         parts.append(f"`{c.label}` = {c.harness} `{c.task}` `{c.metric}` ({unit})")
-    return "Metrics: " + "; ".join(parts) + "."
+    text = "Metrics: " + "; ".join(parts) + "."
+    if any(r.measured_speedup is not None for r in rows):
+        text += (" Speed-up: tokens per second on the fixed prefill workload against the original model timed in "
+                 "alternation with each recipe (same minutes, same machine load).")
+    elif any(r.tokens_per_second for r in rows):
+        text += " Speed-up: tokens per second on the fixed prefill workload against the baseline row's."
+    return text
 
 
 def build_report(
@@ -163,7 +169,7 @@ def build_report(
         base_label = baseline or next((r.recipe for r in rows if r.baseline), "baseline")
         lines += [f"## {model}", ""]
         lines += _task_table(rows, cols, base_label)
-        lines += ["", _metric_legend(cols), ""]
+        lines += ["", _metric_legend(cols, rows), ""]
         seeds = sorted({s for r in rows for s in r.seeds})
         if len(seeds) > 1:
             lines += [f"Scores are means over seeds {seeds} (± population standard deviation).", ""]

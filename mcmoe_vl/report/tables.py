@@ -47,6 +47,7 @@ class Row:
     activated_params: float | None
     activated_reduction: float | None
     tokens_per_second: float | None
+    measured_speedup: float | None = None  # against the original model timed in alternation (same minutes)
     files: list[ResultsFile] = field(default_factory=list)
     average: float | None = None  # over higher-is-better tasks, in display units
     delta: float | None = None
@@ -106,6 +107,7 @@ def build_rows(files: list[ResultsFile], model: str, columns: list[TaskColumn]) 
             scores[c.task] = _mean(per_seed)
             spread[c.task] = _std(per_seed)
         tps = [x.speed.tokens_per_second for x in comp if x.speed is not None]
+        own = [x.speed.speedup for x in comp if x.speed is not None and x.speed.speedup is not None]
         rows.append(Row(
             model=model, recipe=recipe, run=run, baseline=all(x.baseline for x in comp), seeds=[f.seed for f in fs],
             scores=scores, spread=spread,
@@ -115,6 +117,7 @@ def build_rows(files: list[ResultsFile], model: str, columns: list[TaskColumn]) 
             activated_params=_mean([x.activated_params_per_token for x in comp]),
             activated_reduction=_mean([x.activated_params_reduction for x in comp]),
             tokens_per_second=statistics.fmean(tps) if tps else None,
+            measured_speedup=statistics.fmean(own) if own and len(own) == len(comp) else None,
             files=fs,
         ))
     for r in rows:
@@ -128,6 +131,8 @@ def build_rows(files: list[ResultsFile], model: str, columns: list[TaskColumn]) 
                 r.delta = r.average - base.average
             if r.tokens_per_second and base.tokens_per_second:
                 r.speedup = r.tokens_per_second / base.tokens_per_second
+        if r.measured_speedup is not None:
+            r.speedup = r.measured_speedup
     return rows
 
 
@@ -147,7 +152,11 @@ def display(v: float | None, col: TaskColumn) -> float | None:
 
 
 def fmt_num(v: float | None, digits: int = 2) -> str:
-    return "-" if v is None else f"{v:.{digits}f}"
+    if v is None:
+        return "-"
+    if abs(v) >= 1e6:
+        return f"{v:.{digits}e}"
+    return f"{v:.{digits}f}"
 
 
 def fmt_signed(v: float | None, digits: int = 2) -> str:

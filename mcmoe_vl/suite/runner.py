@@ -380,8 +380,9 @@ class SuiteRunner:
                 speed, activity = (None, None)
                 if ev.speed_tokens > 0:
                     self._status("measure speed", ctx, recipe)
+                    ref = ctx.model if ev.speed_alternate and model is not ctx.model else None
                     speed, activity = stages.measure(model, iface, ctx.workload(), device=str(ctx.device),
-                                                     counts=ctx.counts())
+                                                     counts=ctx.counts(), repeats=ev.speed_repeats, reference=ref)
                 for harness in Harness:
                     reqs = [TaskRequest(t.name, t.num_fewshot, t.limit, t.id) for t in tasks if t.harness is harness]
                     if not reqs:

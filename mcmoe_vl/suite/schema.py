@@ -264,7 +264,8 @@ class EvaluationSpec(_Strict):
     ``runtime``: fake-quant or packed weights. ``lm_eval_include`` / ``lmms_eval_include``: task directories
     (relative to the suite file) searched before the harness's own tasks; ``include_default_tasks``: also index
     the harness's built-in tasks (needs the Hub for their data). ``speed_tokens``: tokens of the fixed prefill
-    workload timed for the speed-up (0: not measured).
+    workload timed for the speed-up (0: not measured), best of ``speed_repeats`` passes; ``speed_alternate``: the
+    original model is timed in alternation with each compressed one.
     """
 
     batch_size: int = Field(8, ge=1)
@@ -274,6 +275,10 @@ class EvaluationSpec(_Strict):
     include_default_tasks: bool = False
     speed_tokens: int = Field(2048, ge=0)
     speed_seq_len: int = Field(256, ge=8)
+    speed_repeats: int = Field(3, ge=1)
+    # Time the original model in alternation with each compressed one (needs both in memory at once); False: the
+    # report divides by the baseline row's speed, measured at another time.
+    speed_alternate: bool = True
     bootstrap_iters: int = Field(0, ge=0)
 
 
