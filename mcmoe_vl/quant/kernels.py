@@ -22,6 +22,7 @@ import ctypes
 import hashlib
 import logging
 import os
+import platform
 import shutil
 import subprocess
 import tempfile
@@ -42,9 +43,20 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("MCMOE_VL_CACHE", Path.home() / ".cache" / "mcmoe_vl")) / "kernels"
 
 
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
 def _build() -> ctypes.CDLL | None:
     src = _SRC.read_bytes()
-    tag = hashlib.sha256(src).hexdigest()[:16]
+    # -march=native: the binary is only valid for this CPU; key the cache by the source and the CPU's features
+    tag = hashlib.sha256(src + platform.machine().encode() + _cpu_flags().encode()).hexdigest()[:16]
     out = _cache_dir() / f"mq_{tag}.so"
     if not out.is_file():
         cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")

@@ -218,3 +218,36 @@ def set_kernel(model: nn.Module, kernel: Kernel) -> int:
             m.kernel = Kernel(kernel)
             n += 1
     return n
+
+
+class QuantExpertStorage:
+    """Expert storage of a quantized layer for the common expert interface (``mcmoe_vl.moe.ExpertStorage``).
+
+    ``weights(i)`` dequantises expert i (model dtype), ``dense_expert(i)`` is the quantized expert module itself.
+    An adapter returns it from ``expert_storage`` when the block's experts module is a :class:`QuantExperts`.
+    """
+
+    def __init__(self, experts: QuantExperts) -> None:
+        if not isinstance(experts, QuantExperts):
+            raise TypeError(f"expected QuantExperts, got {type(experts).__name__}")
+        self.module = experts
+        self.num_experts = experts.num_experts
+        self.act_fn = experts.act_fn
+
+    def weights(self, i: int):
+        from mcmoe_vl.moe.interface import ExpertWeights
+
+        e = self.module.experts[i]
+        if isinstance(e, DenseExpert):
+            gate_up, down = e.gate_up, e.down
+        else:
+            gate_up = e.gate_up.weight() if e.gate_up is not None else torch.cat([e.gate.weight(), e.up.weight()])
+            down = e.down.weight()
+        n = gate_up.shape[0] // 2
+        return ExpertWeights(gate=gate_up[:n], up=gate_up[n:], down=down)
+
+    def dense_expert(self, i: int) -> nn.Module:
+        return self.module.experts[i]
+
+    def parameters(self) -> list[torch.Tensor]:
+        return list(self.module.parameters()) + list(self.module.buffers())

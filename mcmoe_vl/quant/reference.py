@@ -1,7 +1,7 @@
 """A textbook GPTQ, for checking the blocked core and as the benchmark baseline.
 
 No blocking, no lazy updates, no Cholesky trick: the explicit inverse Hessian is downdated after every column
-(the Optimal Brain Surgeon update ``Hinv <- Hinv - Hinv[:, i] Hinv[i, :] / Hinv[i, i]``) and every remaining
+(the Optimal Brain Surgeon update ``Hinv <- Hinv - Hinv[:, i] Hinv[i, :] / Hinv[i, i]`` on the remaining columns) and every remaining
 column is updated at once. Mathematically the same algorithm as :func:`mcmoe_vl.quant.gptq.gptq_quantize`
 (natural order, groups computed as columns are reached), computed independently, in float64 by default.
 """
@@ -34,8 +34,9 @@ def reference_gptq(w: torch.Tensor, h: torch.Tensor, quantizer: Quantizer, *, gr
         q = quantizer.dequantize(quantizer.quantize(W[:, i], p), p).to(dtype)
         Q[:, i] = q
         err = (W[:, i] - q) / Hinv[i, i]
-        W[:, i + 1 :] -= torch.outer(err, Hinv[i, i + 1 :])
-        Hinv = Hinv - torch.outer(Hinv[:, i], Hinv[i, :]) / Hinv[i, i]
+        W[:, i + 1 :].addr_(err, Hinv[i, i + 1 :], alpha=-1)
+        # OBS downdate of the inverse restricted to the columns not yet quantized
+        Hinv[i + 1 :, i + 1 :].addr_(Hinv[i + 1 :, i], Hinv[i, i + 1 :], alpha=-1 / Hinv[i, i].item())
     out = torch.empty_like(Q)
     out[:, perm] = Q
     return out

@@ -205,3 +205,17 @@ def test_allocator_bit_plan_is_accepted(tmp_path):
 
 def test_hessian_dtype_option():
     assert HessianDtype("float64").torch is torch.float64
+
+
+def test_quantized_experts_through_the_interface_storage(quantized):
+    from mcmoe_vl.quant.qlinear import QuantExpertStorage
+
+    _, model, *_ = quantized
+    st = QuantExpertStorage(model.model.layers[1].mlp.experts)
+    assert st.num_experts == 4
+    x = torch.randn(5, 128).bfloat16()
+    for i in range(4):
+        w = st.weights(i)
+        assert w.gate.shape == (256, 128) and w.down.shape == (128, 256)
+        ref = torch.nn.functional.linear(torch.nn.functional.silu(x @ w.gate.t()) * (x @ w.up.t()), w.down)
+        torch.testing.assert_close(st.dense_expert(i)(x).float(), ref.float(), rtol=0.05, atol=0.05)
