@@ -219,3 +219,21 @@ def test_quantized_experts_through_the_interface_storage(quantized):
         assert w.gate.shape == (256, 128) and w.down.shape == (128, 256)
         ref = torch.nn.functional.linear(torch.nn.functional.silu(x @ w.gate.t()) * (x @ w.up.t()), w.down)
         torch.testing.assert_close(st.dense_expert(i)(x).float(), ref.float(), rtol=0.05, atol=0.05)
+
+
+@pytest.mark.parametrize("family", ["tiny_deepseek_v2", "tiny_deepseek_v3", "tiny_qwen3_moe"])
+def test_other_families_quantize_save_and_load(family, tmp_path):
+    import tiny_models
+
+    torch.set_num_threads(1)
+    model = getattr(tiny_models, family)()
+    layers = {la.index: la.num_experts for la in get_adapter(model).moe_layers(model)}
+    plan = QuantPlan.uniform(layers, 2, group_size=16)
+    ids = torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(0))
+    report = quantize_model(model, plan, [{"input_ids": ids}], QuantizeConfig(progress=False, min_tokens=2))
+    assert len(report.layers) == len(layers) and report.routers
+    assert all(b == 4 for b in report.modules.values())  # attention, dense MLPs, shared experts: default 4 bits
+    save_quantized(model, tmp_path, plan=plan, report=report)
+    ref = _logits(model, ids)
+    assert torch.isfinite(ref).all()
+    assert torch.equal(_logits(load_quantized(tmp_path), ids), ref)
