@@ -76,6 +76,7 @@ def main() -> None:
     ap.add_argument("--calib-seqs", type=int, default=32)
     ap.add_argument("--eval-seqs", type=int, default=64)
     ap.add_argument("--otp-steps", type=int, default=300)
+    ap.add_argument("--methods", nargs="*", default=["ratio", "odp", "otp"], choices=["ratio", "odp", "otp"])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", default=None)
@@ -140,10 +141,17 @@ def main() -> None:
                      rep.reduction, ppl, 100 * row["ppl_increase"], time.time() - t)
 
         for rate in args.rates:
-            evaluate("ratio rule", ODPRule(iface, thresholds(rate, 0.0)), rate, {"fit_rate": rate})
+            if "ratio" in args.methods:
+                evaluate("ratio rule", ODPRule(iface, thresholds(rate, 0.0)), rate, {"fit_rate": rate})
+            if "otp" in args.methods:
+                preds, summary = train_otp(model, calib_batches, OTPConfig(prune_rate=rate, steps=args.otp_steps,
+                                                                           seed=args.seed), iface=iface, progress=False)
+                evaluate("OTP", OTPRule(iface, preds), rate, {"fit_rate": rate, "otp_summary": summary})
+            if "odp" not in args.methods:
+                continue
             # ODP with protection: raise the ratio quantile until the calibration reduction is back at `rate`.
             lo, hi = rate, min((k - 1) / k, rate * 1.5 + 0.02)
-            for _ in range(12):
+            for _ in range(8):
                 mid = 0.5 * (lo + hi)
                 with ODPRule(iface, thresholds(mid, args.protect)):
                     red = measured_reduction(model, iface, calib_batches)
@@ -151,9 +159,6 @@ def main() -> None:
             fit = 0.5 * (lo + hi)
             evaluate(f"ODP + {args.protect:.0%} protection", ODPRule(iface, thresholds(fit, args.protect)), rate,
                      {"fit_rate": fit})
-            preds, summary = train_otp(model, calib_batches, OTPConfig(prune_rate=rate, steps=args.otp_steps,
-                                                                       seed=args.seed), iface=iface, progress=False)
-            evaluate("OTP", OTPRule(iface, preds), rate, {"fit_rate": rate})
 
     print(f"\n{name}: held-out ppl unpruned {base_ppl:.4f} ({held.numel()} tokens, windows of {args.seq_len})")
     print("| target reduction | method | held-out reduction | avg active experts | held-out ppl | ppl increase |")

@@ -57,6 +57,8 @@ class OTPConfig(BaseModel):
     ``lr`` on minibatches of ``batch_tokens`` tokens; at most ``max_tokens`` calibration tokens per layer.
     ``straight_through_from``: fraction of training after which hard masks are used forward (None: never).
     ``calibrate_offset``: with a ``prune_rate``, shift each layer's logits so the hard masks hit it exactly.
+    ``init_at_target``: with a ``prune_rate``, start training from the ratio rule at that rate (else from keeping
+    every pair).
 
     Example: ``OTPConfig(prune_rate=0.2, steps=300, layers=[1, 2])``.
     """
@@ -68,13 +70,14 @@ class OTPConfig(BaseModel):
     lam: float = Field(0.05, ge=0.0)
     rho: float = Field(10.0, gt=0.0)
     steps: int = Field(300, ge=1)
-    lr: float = Field(5e-3, gt=0.0)
+    lr: float = Field(1e-2, gt=0.0)
     batch_tokens: int = Field(512, ge=1)
     max_tokens: int = Field(8192, ge=1)
     tau_start: float = Field(1.0, gt=0.0)
     tau_end: float = Field(0.1, gt=0.0)
     straight_through_from: float | None = Field(0.8, ge=0.0, le=1.0)
     calibrate_offset: bool = True
+    init_at_target: bool = True
     init_logit: float = 3.0
     seed: int = 0
     layers: tuple[int, ...] | None = None
@@ -89,8 +92,9 @@ class OTPConfig(BaseModel):
 class MaskPredictor(nn.Module):
     """Keep logits for a token's top-k experts, ranked by routing weight (rank 0, the top-1, is always kept).
 
-    Input features: the RMS-normalised router input ``x / rms(x)`` (H) and the log weight ratios
-    ``log(w_r / w_0)`` of ranks 1..k-1. Output: k - 1 logits (ranks 1..k-1), plus a per-layer ``offset``.
+    ``logit_r = mlp([x / rms(x), log(w_1 / w_0), ..., log(w_{k-1} / w_0)])_r + c_r * log(w_r / w_0) + offset``
+    for ranks r = 1..k-1. The MLP's last layer starts at zero and ``c_r`` at 1, so an untrained predictor is the
+    ratio rule (keep iff ``log(w_r / w_0) > -bias``): training starts from ODP's rule and learns corrections.
     """
 
     def __init__(self, hidden_size: int, top_k: int, width: int = 32, init_logit: float = 3.0) -> None:
@@ -105,8 +109,9 @@ class MaskPredictor(nn.Module):
             self.net = nn.Sequential(nn.Linear(d_in, top_k - 1))
         with torch.no_grad():
             last = self.net[-1]
-            last.weight.mul_(0.1)
-            last.bias.fill_(init_logit)  # start by keeping everything: the unpruned model
+            last.weight.zero_()
+            last.bias.fill_(init_logit)  # with c = 1: keep pairs whose ratio is above exp(-init_logit)
+        self.ratio_coef = nn.Parameter(torch.ones(top_k - 1))
         self.register_buffer("offset", torch.zeros(()))
 
     @staticmethod
@@ -120,9 +125,9 @@ class MaskPredictor(nn.Module):
         """(T, k-1) logits of ranks 1..k-1 (without the offset). ``x`` (T, H), ``w_sorted`` (T, k) descending."""
         x = x.float()
         xn = x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + 1e-6)  # (T, H)
-        ratio = (w_sorted[:, 1:] / w_sorted[:, :1].clamp_min(1e-20)).clamp_min(1e-9)
-        feats = torch.cat([xn, ratio.log()], dim=-1)  # (T, H + k - 1)
-        return self.net(feats)
+        log_ratio = (w_sorted[:, 1:] / w_sorted[:, :1].clamp_min(1e-20)).clamp_min(1e-9).log()  # (T, k-1)
+        feats = torch.cat([xn, log_ratio], dim=-1)  # (T, H + k - 1)
+        return self.net(feats) + self.ratio_coef * log_ratio
 
     def forward(self, x: torch.Tensor, topk_weight: torch.Tensor) -> torch.Tensor:
         """(T, k) logits in the router's slot order; the top-1 slot gets +inf."""
@@ -186,6 +191,13 @@ def _logistic_noise(shape: tuple[int, ...], g: torch.Generator) -> torch.Tensor:
     return u.log() - (-u).log1p()  # g1 - g2 of two Gumbel(0, 1) draws is Logistic(0, 1)
 
 
+def _drop_threshold(logits: torch.Tensor, drop: float) -> float:
+    """The value ``t`` such that ``logit > t`` keeps all but the ``ceil(drop * n)`` smallest logits."""
+    flat = logits.reshape(-1).sort().values
+    n_drop = min(flat.numel(), int(math.ceil(drop * flat.numel() - 1e-9)))
+    return float(flat[n_drop - 1]) if n_drop > 0 else float(flat[0]) - 1.0
+
+
 def fit_mask_predictor(data: LayerData, top_k: int, config: OTPConfig) -> tuple[MaskPredictor, dict[str, float]]:
     """Train one layer's predictor on its frozen data (see the module docstring). Returns it and a summary."""
     g = torch.Generator().manual_seed(config.seed)
@@ -196,6 +208,11 @@ def fit_mask_predictor(data: LayerData, top_k: int, config: OTPConfig) -> tuple[
     target_keep = None if config.prune_rate is None else 1.0 - config.prune_rate * top_k / (top_k - 1)
     if target_keep is not None and target_keep < -1e-9:
         raise ValueError(f"prune_rate {config.prune_rate} impossible for top-{top_k}: at most {(top_k - 1) / top_k:.3f}")
+    if target_keep is not None and config.init_at_target:
+        # Start as the ratio rule at the requested rate: shift the bias to the matching quantile.
+        with torch.no_grad():
+            l0 = torch.cat([pred.ranked_logits(data.x[s:s + 4096], data.w[s:s + 4096]) for s in range(0, N, 4096)])
+            pred.net[-1].bias.sub_(_drop_threshold(l0, 1.0 - target_keep))
     lam = config.lam
     n_batch = min(config.batch_tokens, N)
     st_from = None if config.straight_through_from is None else int(config.straight_through_from * config.steps)
@@ -220,11 +237,7 @@ def fit_mask_predictor(data: LayerData, top_k: int, config: OTPConfig) -> tuple[
     with torch.no_grad():
         logits = torch.cat([pred.ranked_logits(data.x[s:s + 4096], data.w[s:s + 4096]) for s in range(0, N, 4096)])
         if target_keep is not None and config.calibrate_offset:
-            flat = logits.reshape(-1).sort().values
-            n_drop = min(flat.numel(), int(math.ceil((1.0 - target_keep) * flat.numel() - 1e-9)))
-            # keep iff logit + offset > 0: drop exactly the n_drop smallest logits
-            thr = flat[n_drop - 1] if n_drop > 0 else flat[0] - 1.0
-            pred.offset.fill_(-float(thr))
+            pred.offset.fill_(-_drop_threshold(logits, 1.0 - target_keep))
         hard = (logits + pred.offset > 0).float()  # (N, k-1)
         all_idx = torch.arange(N)
         hard_loss = float(data.distill(all_idx, torch.cat([torch.ones(N, 1), hard], dim=1)))
