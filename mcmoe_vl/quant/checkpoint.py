@@ -36,7 +36,7 @@ from .accounting import Accounting, CategoryBits, build_accounting, resident_byt
 from .model import QuantizeConfig, QuantReport
 from .packed import PackedMeta, PackedTensor
 from .plan import QuantPlan
-from .qlinear import DenseExpert, QuantExpert, QuantExperts, QuantLinear, Runtime
+from .qlinear import DenseExpert, Kernel, QuantExpert, QuantExperts, QuantLinear, Runtime
 
 log = logging.getLogger(__name__)
 
@@ -229,13 +229,15 @@ def load_quantized(
     *,
     model: nn.Module | None = None,
     runtime: Runtime = Runtime.PACKED,
+    kernel: Kernel = Kernel.AUTO,
     verify_hash: bool = True,
 ) -> nn.Module:
     """Load a checkpoint written by :func:`save_quantized`.
 
     ``model``: an (unquantized) instance of the architecture to load into, e.g. built under
     ``accelerate.init_empty_weights()``; by default the transformers class named in the manifest is built that
-    way. ``verify_hash`` checks the tensor file's SHA-256 (reads the file once more).
+    way. ``runtime``: packed or fake-quant; ``kernel``: how the packed runtime multiplies (see :class:`Kernel`).
+    ``verify_hash`` checks the tensor file's SHA-256 (reads the file once more).
     """
     d = Path(ckpt_dir)
     man = read_manifest(d)
@@ -293,7 +295,8 @@ def load_quantized(
             for e, item in enumerate(spec["experts"]):
                 p = f"{name}.experts.{e}"
                 if item["kind"] == "quant":
-                    ql = {k: QuantLinear(packed_at(f"{p}.{k}", quantized[f"{p}.{k}"]), runtime=runtime, dtype=dtype)
+                    ql = {k: QuantLinear(packed_at(f"{p}.{k}", quantized[f"{p}.{k}"]), runtime=runtime, dtype=dtype,
+                                         kernel=kernel)
                           for k in ("gate_up", "down")}
                     mods.append(QuantExpert(ql["down"], act, gate_up=ql["gate_up"]))
                 else:
@@ -313,7 +316,8 @@ def load_quantized(
             if not isinstance(old, (nn.Linear, QuantLinear)):
                 raise CheckpointError(f"{name}: expected a linear layer, found {type(old).__name__}")
             bias = get(f"{name}.bias") if spec["bias"] else None
-            _replace(model, name, QuantLinear(packed_at(name, spec), bias, runtime=runtime, dtype=dtype))
+            _replace(model, name, QuantLinear(packed_at(name, spec), bias, runtime=runtime, dtype=dtype,
+                                              kernel=kernel))
         # everything else
         handled = {n for n in keys if _owned_by_quant(model, n)}
         state = model.state_dict(keep_vars=True)

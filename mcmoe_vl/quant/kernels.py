@@ -107,7 +107,6 @@ def _check(p: PackedTensor) -> None:
 
 
 def _args(p: PackedTensor) -> tuple:
-    m = p.meta
     zero = p.zero if p.zero is not None else p.scale  # unused at 1 bit
     return (p.qdata.contiguous(), p.scale.contiguous(), zero.contiguous())
 
