@@ -97,6 +97,10 @@ class MoEAdapter:
 
     def expert_storage(self, block: nn.Module) -> ExpertStorage:
         experts = getattr(block, self.experts_attr)
+        # An experts module that knows its own storage (e.g. a quantized one) describes itself.
+        provider = getattr(experts, "as_expert_storage", None)
+        if callable(provider):
+            return provider()
         if isinstance(experts, nn.ModuleList):
             return ModuleListExpertStorage(experts)
         return FusedExpertStorage(experts)

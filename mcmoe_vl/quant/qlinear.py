@@ -168,6 +168,10 @@ class QuantExperts(nn.Module):
         self.num_experts = len(experts)
         self.act_fn = act_fn
 
+    def as_expert_storage(self) -> QuantExpertStorage:
+        """How the common expert interface sees this module (adapters call this instead of their fused storage)."""
+        return QuantExpertStorage(self)
+
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
         # The eager loop of transformers 5's fused experts, with each expert a module.

@@ -244,3 +244,22 @@ def test_other_families_quantize_save_and_load(family, tmp_path):
     ref = _logits(model, ids)
     assert torch.isfinite(ref).all()
     assert torch.equal(_logits(load_quantized(tmp_path), ids), ref)
+
+
+def test_expert_interface_sees_a_quantized_model_directly(quantized):
+    """The adapter describes QuantExperts through their own storage: the interface runs the packed experts."""
+    from mcmoe_vl.moe import ExpertInterface
+
+    _, model, _, _, _, _ = quantized
+    ids = batches(1, seed=7)[0]["input_ids"]
+    ref = _logits(model, ids)
+    rows = []
+    with torch.no_grad(), ExpertInterface(model) as iface:
+        layer = iface.layers[0]
+        assert layer.expert(0) is model.model.layers[0].mlp.experts.experts[0]  # the packed module itself
+        w = layer.expert_weights(0)
+        assert w.gate.shape[1] == model.config.hidden_size
+        iface.observe(lambda ev: rows.append(ev.routing.topk_idx.numel()))
+        out = model(ids).logits
+    assert rows and ref.float().abs().mean() > 0
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
