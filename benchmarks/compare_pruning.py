@@ -76,6 +76,7 @@ def main() -> None:
     ap.add_argument("--calib-seqs", type=int, default=32)
     ap.add_argument("--eval-seqs", type=int, default=64)
     ap.add_argument("--otp-steps", type=int, default=300)
+    ap.add_argument("--otp-lr", type=float, default=OTPConfig().lr)
     ap.add_argument("--methods", nargs="*", default=["ratio", "odp", "otp"], choices=["ratio", "odp", "otp"])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
@@ -145,7 +146,7 @@ def main() -> None:
                 evaluate("ratio rule", ODPRule(iface, thresholds(rate, 0.0)), rate, {"fit_rate": rate})
             if "otp" in args.methods:
                 preds, summary = train_otp(model, calib_batches, OTPConfig(prune_rate=rate, steps=args.otp_steps,
-                                                                           seed=args.seed), iface=iface, progress=False)
+                                                                           lr=args.otp_lr, seed=args.seed), iface=iface, progress=False)
                 evaluate("OTP", OTPRule(iface, preds), rate, {"fit_rate": rate, "otp_summary": summary})
             if "odp" not in args.methods:
                 continue

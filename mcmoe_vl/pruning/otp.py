@@ -70,7 +70,7 @@ class OTPConfig(BaseModel):
     lam: float = Field(0.05, ge=0.0)
     rho: float = Field(10.0, gt=0.0)
     steps: int = Field(300, ge=1)
-    lr: float = Field(1e-2, gt=0.0)
+    lr: float = Field(5e-3, gt=0.0)
     batch_tokens: int = Field(512, ge=1)
     max_tokens: int = Field(8192, ge=1)
     tau_start: float = Field(1.0, gt=0.0)
