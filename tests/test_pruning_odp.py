@@ -291,3 +291,16 @@ def test_thresholds_from_pmq_calibration_stats_interpolate_stored_quantiles():
         thresholds_from_calibration_stats(_Stats(), quantile=0.9, layers=[1])
     with pytest.raises(ValueError, match="no ODP ratio quantiles"):
         thresholds_from_calibration_stats(_Stats(), quantile=0.5)
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+def test_odp_with_protection_runs_on_a_bfloat16_model(impl):
+    model = _eager(tiny_mixtral()).to(torch.bfloat16)
+    model.set_attn_implementation(impl)
+    ids, am = _padded_batch(model.config.vocab_size)
+    with torch.no_grad(), ExpertInterface(model) as iface:
+        th = ODPThresholds(mu={la.index: 0.9 for la in iface.layers}, protect_ratio=0.2)
+        with ODPRule(iface, th) as rule:
+            out = model(ids, attention_mask=am).logits
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out[am.bool()].float()).all()
+    assert rule.protected_tokens == len(iface.layers) * sum(math.ceil(0.2 * int(n)) for n in am.sum(1))

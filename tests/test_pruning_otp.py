@@ -183,3 +183,14 @@ def test_loader_rejects_mismatched_model_and_tampered_weights(tmp_path):
     (tmp_path / "bad.json").write_text('{"format_version": 99}')
     with pytest.raises(ValueError, match="not a pruning artifact"):
         load_pruning(tmp_path / "bad.json")
+
+
+def test_otp_trains_and_applies_on_a_bfloat16_model():
+    model = _model("mixtral").to(torch.bfloat16)
+    batches = _batches(model, n=1)
+    preds, summary = train_otp(model, batches, OTPConfig(prune_rate=0.2, steps=5), progress=False)
+    assert all(s["pruned_fraction"] == pytest.approx(0.2, abs=0.02) for s in summary.values())
+    with torch.no_grad(), ExpertInterface(model) as iface, OTPRule(iface, preds), ActivationMeter(iface) as meter:
+        out = model(batches[0]["input_ids"]).logits
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
+    assert meter.report().reduction > 0.05

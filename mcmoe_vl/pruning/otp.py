@@ -173,8 +173,15 @@ class LayerData:
         return d.pow(2).sum(dim=-1).mean() / self.energy
 
 
-def layer_data(layer: MoELayer, x: torch.Tensor, routing_idx: torch.Tensor, routing_weight: torch.Tensor) -> LayerData:
-    """Compute every selected expert's output once (no grad) with the layer's current expert implementations."""
+def layer_data(layer: MoELayer, x: torch.Tensor, routing_idx: torch.Tensor, routing_weight: torch.Tensor, *,
+               device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> LayerData:
+    """Compute every selected expert's output once (no grad) with the layer's current expert implementations.
+
+    ``device`` / ``dtype``: where and in which precision the experts run (default: those of ``x``); the data is
+    kept in float32 on the CPU.
+    """
+    device = x.device if device is None else device
+    dtype = x.dtype if dtype is None else dtype
     order, w_sorted = MaskPredictor.rank(routing_weight)
     idx_sorted = routing_idx.gather(1, order)  # (N, k)
     N, k = idx_sorted.shape
@@ -182,8 +189,8 @@ def layer_data(layer: MoELayer, x: torch.Tensor, routing_idx: torch.Tensor, rout
     with torch.no_grad():
         for e in idx_sorted.unique().tolist():
             tok, rank = (idx_sorted == e).nonzero(as_tuple=True)
-            y[tok, rank] = layer.expert(e)(x[tok]).float()
-    return LayerData(x.float(), w_sorted, y, layer.spec.norm_topk_prob)
+            y[tok, rank] = layer.expert(e)(x[tok].to(device=device, dtype=dtype)).float().cpu()
+    return LayerData(x.float().cpu(), w_sorted.cpu(), y, layer.spec.norm_topk_prob)
 
 
 def _logistic_noise(shape: tuple[int, ...], g: torch.Generator) -> torch.Tensor:
@@ -257,12 +264,15 @@ class _LayerRecorder:
         self.idx: list[torch.Tensor] = []
         self.w: list[torch.Tensor] = []
         self.calls = 0
+        self.device: torch.device | None = None
+        self.dtype: torch.dtype | None = None
 
     def __call__(self, ev: RoutingEvent) -> None:
         b = self.calls
         self.calls += 1
         valid = self.inputs[b].extras.get(VALID_KEY) if b < len(self.inputs) else None
         keep = slice(None) if valid is None else valid.reshape(-1).bool().to(ev.hidden.device)
+        self.device, self.dtype = ev.hidden.device, ev.hidden.dtype  # where the experts run
         self.x.append(ev.hidden[keep].detach().float().cpu())
         self.idx.append(ev.routing.topk_idx[keep].cpu())
         self.w.append(ev.routing.topk_weight[keep].detach().float().cpu())
@@ -325,7 +335,7 @@ def train_otp(
             if x.shape[0] > config.max_tokens:
                 sel = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(config.seed))[: config.max_tokens]
                 x, idx, w = x[sel], idx[sel], w[sel]
-            data = layer_data(la, x, idx, w)
+            data = layer_data(la, x, idx, w, device=rec.device, dtype=rec.dtype)
             with torch.enable_grad():
                 pred, summary = fit_mask_predictor(data, la.top_k, config)
             predictors[la.index], summaries[la.index] = pred, summary
@@ -358,8 +368,9 @@ class OTPRule:
         if pred is None:
             return None
         with torch.no_grad():
-            p = next(pred.parameters())
-            keep = pred.keep(hidden.to(p.device), routing.topk_weight.to(p.device)).to(routing.topk_idx.device)
+            if next(pred.parameters()).device != hidden.device:
+                pred.to(hidden.device)  # once: the predictor runs where the layer runs
+            keep = pred.keep(hidden, routing.topk_weight)
         return decision_from_keep(routing, keep, layer)
 
     def install(self) -> OTPRule:
