@@ -304,3 +304,26 @@ def test_odp_with_protection_runs_on_a_bfloat16_model(impl):
             out = model(ids, attention_mask=am).logits
     assert out.dtype == torch.bfloat16 and torch.isfinite(out[am.bool()].float()).all()
     assert rule.protected_tokens == len(iface.layers) * sum(math.ceil(0.2 * int(n)) for n in am.sum(1))
+
+
+def test_odp_protection_and_otp_run_on_deepseek_vl2():
+    from mcmoe_vl.pruning.accounting import ActivationMeter
+    from mcmoe_vl.pruning.otp import OTPConfig, OTPRule, train_otp
+
+    from tiny_models import TINY_BUILDERS
+
+    model = TINY_BUILDERS["deepseek_vl_v2"]()
+    ids = torch.randint(0, 90, (2, 12), generator=torch.Generator().manual_seed(0))
+    am = torch.ones_like(ids)
+    am[0, :3] = 0
+    with torch.no_grad(), ExpertInterface(model) as iface:
+        th = ODPThresholds(mu={la.index: 0.9 for la in iface.layers}, protect_ratio=0.2)
+        with ODPRule(iface, th) as rule, ActivationMeter(iface) as meter:
+            model(input_ids=ids, attention_mask=am)
+        assert rule.protected_tokens == len(iface.layers) * (math.ceil(0.2 * 9) + math.ceil(0.2 * 12))
+        assert 0 < meter.report().reduction < 1
+        preds, _ = train_otp(model, [{"input_ids": ids, "attention_mask": am}], OTPConfig(prune_rate=0.2, steps=5),
+                             iface=iface, progress=False)
+        with OTPRule(iface, preds), ActivationMeter(iface) as meter2:
+            model(input_ids=ids, attention_mask=am)
+    assert meter2.report().reduction > 0.05
