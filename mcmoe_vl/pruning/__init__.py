@@ -27,7 +27,7 @@ from .artifact import (
     save_pruning,
 )
 from .importance import AttentionColumnCapture, ColumnStats, ProtectScope, protection_mask, token_importance
-from .odp import ODPConfig, ODPRule, ODPThresholds, fit_odp, ratio_keep
+from .odp import ODPConfig, ODPRule, ODPThresholds, fit_odp, ratio_keep, thresholds_from_calibration_stats
 from .otp import MaskPredictor, OTPConfig, OTPRule, train_otp
 from .workflow import PruneRun, fit_pruning, prune_files
 
@@ -58,6 +58,7 @@ __all__ = [
     "prune_files",
     "ratio_keep",
     "save_pruning",
+    "thresholds_from_calibration_stats",
     "token_importance",
     "train_otp",
 ]
