@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 from mcmoe_vl.moe import ExpertInterface
 from mcmoe_vl.pruning.accounting import ActivationMeter
+from mcmoe_vl.pruning.importance import token_importance
 from mcmoe_vl.pruning.odp import ODPRule, ODPThresholds, RatioCollector, run_batches, threshold_from_ratios
 from mcmoe_vl.pruning.otp import OTPConfig, OTPRule, train_otp
 
@@ -60,6 +61,12 @@ def perplexity(model, ids: torch.Tensor, batch: int = 8, meter: ActivationMeter 
     return math.exp(nll / n)
 
 
+def random_importance(hidden: torch.Tensor, stats) -> torch.Tensor:
+    """Ablation: uniform random protection scores (padding excluded), seeded per call shape."""
+    g = torch.Generator().manual_seed(hidden.shape[0] * 7919 + hidden.shape[1])
+    return torch.rand(hidden.shape[:2], generator=g).masked_fill(~stats.valid, float("-inf"))
+
+
 def measured_reduction(model, iface, batches) -> float:
     with ActivationMeter(iface) as meter:
         run_batches(model, batches)
@@ -77,7 +84,9 @@ def main() -> None:
     ap.add_argument("--eval-seqs", type=int, default=64)
     ap.add_argument("--otp-steps", type=int, default=300)
     ap.add_argument("--otp-lr", type=float, default=OTPConfig().lr)
-    ap.add_argument("--methods", nargs="*", default=["ratio", "odp", "otp"], choices=["ratio", "odp", "otp"])
+    ap.add_argument("--methods", nargs="*", default=["ratio", "odp", "otp"],
+                    choices=["ratio", "odp", "odp-random", "otp"],
+                    help="odp-random: ODP protecting random tokens instead of Eq. 6's (ablation)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", default=None)
@@ -148,18 +157,19 @@ def main() -> None:
                 preds, summary = train_otp(model, calib_batches, OTPConfig(prune_rate=rate, steps=args.otp_steps,
                                                                            lr=args.otp_lr, seed=args.seed), iface=iface, progress=False)
                 evaluate("OTP", OTPRule(iface, preds), rate, {"fit_rate": rate, "otp_summary": summary})
-            if "odp" not in args.methods:
-                continue
-            # ODP with protection: raise the ratio quantile until the calibration reduction is back at `rate`.
-            lo, hi = rate, min((k - 1) / k, rate * 1.5 + 0.02)
-            for _ in range(8):
-                mid = 0.5 * (lo + hi)
-                with ODPRule(iface, thresholds(mid, args.protect)):
-                    red = measured_reduction(model, iface, calib_batches)
-                lo, hi = (mid, hi) if red < rate else (lo, mid)
-            fit = 0.5 * (lo + hi)
-            evaluate(f"ODP + {args.protect:.0%} protection", ODPRule(iface, thresholds(fit, args.protect)), rate,
-                     {"fit_rate": fit})
+            for variant in [m for m in ("odp", "odp-random") if m in args.methods]:
+                importance = token_importance if variant == "odp" else random_importance
+                # Raise the ratio quantile until the calibration reduction with protection is back at `rate`.
+                lo, hi = rate, min((k - 1) / k, rate * 1.5 + 0.02)
+                for _ in range(8):
+                    mid = 0.5 * (lo + hi)
+                    with ODPRule(iface, thresholds(mid, args.protect), importance=importance):
+                        red = measured_reduction(model, iface, calib_batches)
+                    lo, hi = (mid, hi) if red < rate else (lo, mid)
+                fit = 0.5 * (lo + hi)
+                label = f"ODP + {args.protect:.0%} protection" + (" (random tokens)" if variant != "odp" else "")
+                evaluate(label, ODPRule(iface, thresholds(fit, args.protect), importance=importance), rate,
+                         {"fit_rate": fit})
 
     print(f"\n{name}: held-out ppl unpruned {base_ppl:.4f} ({held.numel()} tokens, windows of {args.seq_len})")
     print("| target reduction | method | held-out reduction | avg active experts | held-out ppl | ppl increase |")

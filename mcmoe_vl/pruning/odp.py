@@ -28,7 +28,7 @@ Example::
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -37,7 +37,7 @@ from torch import nn
 
 from mcmoe_vl.moe.interface import ExpertInterface, MoELayer, Routing, RoutingDecision, RoutingEvent
 
-from .importance import AttentionColumnCapture, ProtectScope, protection_mask, token_importance
+from .importance import AttentionColumnCapture, ColumnStats, ProtectScope, protection_mask, token_importance
 
 log = logging.getLogger(__name__)
 
@@ -274,12 +274,15 @@ class ODPRule:
     """The ODP routing override on an :class:`ExpertInterface` (installed on the layers that have a ``mu``).
 
     Use as a context manager or call :meth:`install` / :meth:`remove`. With ``protect_ratio > 0`` it also installs
-    an :class:`AttentionColumnCapture` on those layers' attention modules (only those).
+    an :class:`AttentionColumnCapture` on those layers' attention modules (only those). ``importance`` replaces
+    Eq. 6 as the protection score (for ablations: e.g. random scores).
     """
 
-    def __init__(self, iface: ExpertInterface, thresholds: ODPThresholds) -> None:
+    def __init__(self, iface: ExpertInterface, thresholds: ODPThresholds, *,
+                 importance: Callable[[torch.Tensor, ColumnStats], torch.Tensor] = token_importance) -> None:
         self.iface = iface
         self.thresholds = thresholds
+        self.importance = importance  # (B, S, H) MoE input, column stats -> (B, S) scores; Eq. 6 by default
         self.layers = select_layers(iface, sorted(thresholds.mu))
         self.capture: AttentionColumnCapture | None = None
         if thresholds.protect_ratio > 0:
@@ -302,7 +305,7 @@ class ODPRule:
                 if len(batch_shape) != 2 or tuple(batch_shape) != stats.shape:
                     raise RuntimeError(f"{layer.path}: MoE input batch shape {batch_shape} does not match the "
                                        f"attention's (B, S) = {stats.shape}")
-                imp = token_importance(hidden.reshape(*batch_shape, -1), stats)  # (B, S)
+                imp = self.importance(hidden.reshape(*batch_shape, -1), stats)  # (B, S)
                 prot = protection_mask(imp, stats.valid, self.thresholds.protect_ratio,
                                        self.thresholds.protect_scope).reshape(-1)  # (T,)
                 self.protected_tokens += int(prot.sum())
