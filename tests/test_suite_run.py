@@ -118,6 +118,7 @@ def test_end_to_end_report_numbers_equal_results(first_run) -> None:
     q = pmq.compression
     assert 1.0 < q.nominal_bits < 4.0 and q.size_bytes < base.compression.size_bytes
     assert q.quant["runtime"] == "fake" and q.quant["allocator"] == "pmq"
+    assert q.speed.workload.endswith("packed runtime") and q.speed.reference_tokens_per_second > 0
     assert sorted(q.artifacts) == ["allocation_heatmap", "significance_heatmap"]
     md = summary.report.read_text()
     assert "tiny-mixtral: allocation heatmap, PMQ 2.0" in md

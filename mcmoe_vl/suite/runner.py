@@ -381,8 +381,19 @@ class SuiteRunner:
                 if ev.speed_tokens > 0:
                     self._status("measure speed", ctx, recipe)
                     ref = ctx.model if ev.speed_alternate and model is not ctx.model else None
-                    speed, activity = stages.measure(model, iface, ctx.workload(), device=str(ctx.device),
-                                                     counts=ctx.counts(), repeats=ev.speed_repeats, reference=ref)
+                    timed_rt = ev.speed_runtime.value if ev.speed_runtime is not None else ev.runtime.value
+                    switch = recipe.quant is not None and timed_rt != ev.runtime.value
+                    if switch:
+                        stages.set_runtime(model, timed_rt)
+                    try:
+                        speed, activity = stages.measure(model, iface, ctx.workload(), device=str(ctx.device),
+                                                         counts=ctx.counts(), repeats=ev.speed_repeats,
+                                                         reference=ref)
+                    finally:
+                        if switch:
+                            stages.set_runtime(model, ev.runtime.value)
+                    if recipe.quant is not None:
+                        speed = speed.model_copy(update={"workload": f"{speed.workload}, {timed_rt} runtime"})
                 for harness in Harness:
                     reqs = [TaskRequest(t.name, t.num_fewshot, t.limit, t.id) for t in tasks if t.harness is harness]
                     if not reqs:

@@ -260,6 +260,13 @@ def _expert_nominal(acct: Any) -> float | None:
     return float(cat.nominal_bits) if cat is not None else None
 
 
+def set_runtime(model: nn.Module, runtime: str) -> int:
+    """Switch the quantized modules of ``model`` to ``runtime`` (fake or packed); returns how many switched."""
+    from mcmoe_vl.quant.qlinear import Runtime, set_runtime as switch
+
+    return switch(model, Runtime(runtime))
+
+
 def load_quantized(model: nn.Module, ckpt_dir: Path, runtime: str) -> nn.Module:
     """The checkpoint loaded into ``model`` (an unquantized instance of the architecture) in ``runtime``."""
     api = _quant_api()
@@ -300,10 +307,9 @@ def original_counts(model: nn.Module) -> tuple[dict[int, int], int]:
 
 def prune_summary(artifact: Any, spec: PruneSpec) -> dict[str, Any]:
     """Settings and fitted numbers of a pruning artifact for the compression block."""
-    out: dict[str, Any] = {"method": spec.method.value, "protect_ratio": spec.protect_ratio,
-                           "prune_rate": spec.prune_rate, "layers": spec.layers}
+    out: dict[str, Any] = {"method": spec.method.value, "prune_rate": spec.prune_rate, "layers": spec.layers}
     if spec.method is PruneMethod.ODP:
-        out.update({"quantile": spec.quantile, "mu_fixed": spec.mu})
+        out.update({"protect_ratio": spec.protect_ratio, "quantile": spec.quantile, "mu_fixed": spec.mu})
         if artifact.odp is not None:
             out["mu"] = {str(k): v for k, v in sorted(artifact.odp.mu.items())}
             out["calibration_pruned_fraction"] = {str(k): v for k, v in
