@@ -327,3 +327,25 @@ def test_odp_protection_and_otp_run_on_deepseek_vl2():
         with OTPRule(iface, preds), ActivationMeter(iface) as meter2:
             model(input_ids=ids, attention_mask=am)
     assert meter2.report().reduction > 0.05
+
+
+def test_uninstall_removes_an_applied_odp_rule_and_its_attention_capture():
+    from mcmoe_vl.moe import ExpertInterface
+    from mcmoe_vl.pruning import ODPConfig, PruningMethod, apply_pruning, fit_pruning
+    from tiny_models import tiny_mixtral
+
+    model = tiny_mixtral()
+    batch = {"input_ids": torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(0))}
+    art = fit_pruning(model, [batch], PruningMethod.ODP, odp=ODPConfig(prune_rate=0.3, protect_ratio=0.1))
+    with torch.no_grad():
+        ref = model(**batch).logits
+        iface = ExpertInterface(model).install()
+        apply_pruning(iface, art)
+        pruned = model(**batch).logits
+        configs = [la.attention.config for la in iface.layers]
+        iface.uninstall()
+        after = model(**batch).logits
+    assert not torch.allclose(pruned, ref)  # the rule was really active
+    assert all(la.attention.config is model.config for la in iface.layers)  # capture configs restored
+    assert any(c is not model.config for c in configs)
+    torch.testing.assert_close(after, ref, rtol=0, atol=0)

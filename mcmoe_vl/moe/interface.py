@@ -258,6 +258,7 @@ class MoELayer:
         self.shared_experts = shared_experts
         self.attention = attention  # the self-attention of the same decoder layer (for token importance)
         self._experts: dict[int, nn.Module] = {}
+        self._dense: dict[int, nn.Module] = {}  # dense expert modules, built once on first use
         self.observers: list[Callable[[RoutingEvent], None]] = []
         self.routing_override: RoutingOverride | None = None
 
@@ -286,7 +287,13 @@ class MoELayer:
     def expert(self, i: int) -> nn.Module:
         """The implementation expert i currently runs with (a replacement, or the dense original)."""
         self._check_expert(i)
-        return self._experts.get(i) or self.storage.dense_expert(i)
+        replaced = self._experts.get(i)
+        if replaced is not None:
+            return replaced
+        dense = self._dense.get(i)
+        if dense is None:
+            dense = self._dense[i] = self.storage.dense_expert(i)
+        return dense
 
     def set_expert(self, i: int, module: nn.Module) -> None:
         """Run expert i with ``module`` ((t, H) -> (t, H), unweighted) from now on."""
@@ -355,17 +362,20 @@ class MoELayer:
         flat = idx.t().reshape(-1)  # (k*T,)
         order = torch.argsort(flat, stable=True)  # grouped by expert, then slot, then token
         counts = torch.bincount(flat, minlength=E + 1).tolist()
+        n_kept = len(flat) - counts[E]
+        sel = order[:n_kept]  # the kept pairs, expert-major; the sentinel's pairs sort last
+        pos, tok = sel // T, sel % T
+        xs = x[tok]  # (n_kept, H) gathered once
+        ys = torch.empty_like(xs)
         start = 0
         for e in range(E):
             n = counts[e]
-            if n == 0:
-                continue
-            sel = order[start : start + n]
-            start += n
-            pos, tok = sel // T, sel % T
-            y = self.expert(e)(x[tok])  # (n, H)
-            y = y * weights[tok, pos, None]
-            out.index_add_(0, tok, y.to(out.dtype))
+            if n:
+                ys[start : start + n] = self.expert(e)(xs[start : start + n])
+                start += n
+        ys = ys * weights[tok, pos, None]
+        # One scatter; rows are in expert order, so each token still accumulates its experts in ascending order.
+        out.index_add_(0, tok, ys.to(out.dtype))
         return out
 
 
@@ -405,6 +415,7 @@ class ExpertInterface:
         if not self.layers:
             raise ValueError(f"{type(model).__name__}: the {adapter.name} adapter found no MoE layers")
         self.installed = False
+        self._on_uninstall: list[Callable[[], None]] = []
         if install:
             self.install()
 
@@ -432,7 +443,11 @@ class ExpertInterface:
         return self
 
     def uninstall(self) -> None:
-        """Remove everything installed: forwards, observers, overrides and replaced experts."""
+        """Remove everything installed: forwards, observers, overrides, replaced experts and whatever was
+        registered with :meth:`on_uninstall` (e.g. an attention capture of a pruning rule)."""
+        callbacks, self._on_uninstall = self._on_uninstall, []
+        for fn in reversed(callbacks):
+            fn()
         for layer in self.layers:
             vars(layer.block).pop("forward", None)
             layer.observers.clear()
@@ -445,6 +460,10 @@ class ExpertInterface:
 
     def __exit__(self, *exc: Any) -> None:
         self.uninstall()
+
+    def on_uninstall(self, fn: Callable[[], None]) -> None:
+        """Call ``fn()`` when the interface is uninstalled (for hooks installed elsewhere on the model)."""
+        self._on_uninstall.append(fn)
 
     # -- operations over all layers ----------------------------------------------------------------------------
     def observe(self, fn: Callable[[RoutingEvent], None], layers: list[int] | None = None) -> ObserverHandle:

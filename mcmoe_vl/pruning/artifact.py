@@ -209,8 +209,8 @@ def check_compatible(iface: ExpertInterface, artifact: PruningArtifact) -> None:
 def apply_pruning(iface: ExpertInterface, artifact: PruningArtifact) -> ODPRule | OTPRule:
     """Install the artifact's routing override on ``iface`` (installing the interface if needed).
 
-    Returns the installed rule; ``rule.remove()`` (or ``with``) takes it off again. ``iface.uninstall()`` removes
-    the routing overrides too, but not an ODP attention capture: call ``remove()``.
+    Returns the installed rule; ``rule.remove()`` (or ``with``) takes it off again, and so does
+    ``iface.uninstall()`` (attention capture included).
     """
     check_compatible(iface, artifact)
     if artifact.method is PruningMethod.ODP:
@@ -218,4 +218,6 @@ def apply_pruning(iface: ExpertInterface, artifact: PruningArtifact) -> ODPRule 
         rule: ODPRule | OTPRule = ODPRule(iface, artifact.odp)
     else:
         rule = OTPRule(iface, artifact.predictors)
-    return rule.install()
+    rule.install()
+    iface.on_uninstall(rule.remove)
+    return rule
