@@ -44,7 +44,7 @@ def model_config(max_len: int):  # -> MixtralConfig
     return MixtralConfig(
         vocab_size=VOCAB_SIZE, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
         num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=max_len,
-        num_local_experts=8, num_experts_per_tok=2, router_aux_loss_coef=0.01, output_router_logits=False,
+        num_local_experts=8, num_experts_per_tok=2, router_aux_loss_coef=0.003, output_router_logits=False,
         rope_theta=10000.0, tie_word_embeddings=False, sliding_window=None, bos_token_id=BOS_ID,
         eos_token_id=EOS_ID, pad_token_id=PAD_ID, initializer_range=0.02, rms_norm_eps=1e-5)
 
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--warmup", type=int, default=50)
-    ap.add_argument("--aux-coef", type=float, default=0.01)
+    ap.add_argument("--aux-coef", type=float, default=0.003)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--save-dtype", default="float16", choices=["float32", "float16", "bfloat16"])
     ap.add_argument("--eval-every", type=int, default=150)

@@ -13,7 +13,9 @@ Recipe (seeded; the log records every hyper-parameter and the held-out accuracy 
 * tokenizer: byte-level BPE with DeepSeek-VL2's special tokens (:func:`model_adapters.deepseek_vl2.tiny.tiny_tokenizer`)
   trained on the questions and answers;
 * loss: cross-entropy + ``aux_coef`` x the per-layer Switch load-balancing loss (E * sum_e f_e P_e);
-* AdamW, warm-up then cosine decay, gradient clipping 1.0.
+* AdamW, warm-up then cosine decay, gradient clipping 1.0;
+* stages: ``--init <dir> --stage 2`` continues from a saved checkpoint with a fresh schedule and batch order (the
+  committed model is stage 1 then stage 2, see ``docs/embedded.md`` for the exact commands).
 
 Run: ``OMP_NUM_THREADS=2 .venv/bin/python training/train_vlm_tiny.py --out embedded/deepseek-vl2-tiny``.
 """
@@ -37,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from mcmoe_vl.data.images import CLASSES, IMAGE_SIZE, QUESTIONS, VQATask, vqa_samples  # noqa: E402
-from model_adapters.deepseek_vl2 import model_from_config, save_official  # noqa: E402
+from model_adapters.deepseek_vl2 import load_official, model_from_config, save_official  # noqa: E402
 from model_adapters.deepseek_vl2.processing import DeepseekVL2Processor  # noqa: E402
 from model_adapters.deepseek_vl2.tiny import tiny_tokenizer  # noqa: E402
 
@@ -155,6 +157,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--save-dtype", default="float16", choices=["float32", "float16", "bfloat16"])
     ap.add_argument("--eval-every", type=int, default=200)
+    ap.add_argument("--init", default=None,
+                    help="continue from this checkpoint directory (its weights and tokenizer): a further stage")
+    ap.add_argument("--stage", type=int, default=1, help="stage number: seeds the batch order of a continued run")
     ap.add_argument("--stop-step", type=int, default=None,
                     help="end at this step (the schedule still spans --steps); reproduces a --max-minutes stop")
     ap.add_argument("--max-minutes", type=float, default=70,
@@ -170,10 +175,18 @@ def main(argv: list[str] | None = None) -> int:
     log.info("args %s", json.dumps(vars(args)))
     log.info("python %s torch %s threads %d", sys.version.split()[0], torch.__version__, torch.get_num_threads())
 
-    tok = tiny_tokenizer(vocab_size=512, corpus=tokenizer_corpus())
+    if args.init:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(args.init)
+        cfg = json.loads((Path(args.init) / "config.json").read_text(encoding="utf-8"))
+        model = load_official(args.init, dtype=torch.float32)
+        log.info("continuing from %s", args.init)
+    else:
+        tok = tiny_tokenizer(vocab_size=512, corpus=tokenizer_corpus())
+        cfg = official_config(vocab_size=len(tok))
+        model = model_from_config(cfg, seed=args.seed)
     vocab = len(tok)
-    cfg = official_config(vocab_size=vocab)
-    model = model_from_config(cfg, seed=args.seed)
     processor = DeepseekVL2Processor.from_config(tok, model)
     n_par = sum(p.numel() for p in model.parameters())
     n_exp = sum(p.numel() for n, p in model.named_parameters() if ".mlp.experts." in n)
@@ -193,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.05)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / args.warmup) * (
         0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / args.steps)))))
-    rng = random.Random(args.seed)
+    rng = random.Random(args.seed if args.stage == 1 else f"{args.seed}:{args.stage}")
     model.train()
     t_train = time.time()
     for step in range(1, args.steps + 1):
@@ -233,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     model.to(getattr(torch, args.save_dtype))
     save_official(model, out)
     tok.save_pretrained(str(out))
-    meta = {"seed": args.seed, "steps": step, "scheduled_steps": args.steps, "train_seconds": round(train_s, 1),
+    meta = {"seed": args.seed, "stage": args.stage, "init": args.init, "steps": step, "scheduled_steps": args.steps, "train_seconds": round(train_s, 1),
             "stored_dtype": args.save_dtype, "params": n_par, "routed_expert_params": n_exp, "args": vars(args)}
     (out / "training_meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     log.info("saved to %s", out)

@@ -4,11 +4,12 @@ Files (JSON lines, one document per line), all from the *held-out* modules of :f
 
 * ``docstrings_heldout.jsonl``: ``{"module", "text"}``, the held-out docstrings cut at paragraph boundaries into
   pieces of at most ``max_doc_bytes`` (in-domain perplexity).
-* ``code_heldout.jsonl``: the same modules' source with docstrings stripped, cut the same way (out-of-domain).
+* ``code_heldout.jsonl``: the same modules' source with docstrings stripped, cut the same way, the first
+  ``max_code_bytes / modules`` of each module (out-of-domain).
 * ``cloze.jsonl``: ``{"context", "choices", "label"}``: a passage prefix; the true next word against three words of
   the same length class drawn from other held-out documents.
-* ``ending.jsonl``: a passage prefix; its true next segment (about ``segment_bytes``, cut at a space) against three
-  segments of other documents.
+* ``ending.jsonl``: a passage prefix stopping inside a word; its true continuation (about ``segment_bytes``, cut at
+  a space) against three continuations cut inside words of other documents (no delimiter).
 * ``word_order.jsonl``: a passage prefix; the true next sentence against three copies with two words swapped.
 
 Everything is drawn with ``random.Random(seed)`` in document order, so a rebuild on the same Python gives the same
@@ -116,9 +117,17 @@ def build_cloze(passages: list[tuple[int, str]], rng: random.Random, n: int, con
     return out
 
 
+def _mid_word(text: str, lo: int, hi: int, rng: random.Random) -> int:
+    """A random position in [lo, hi) inside a word (letters on both sides), or -1."""
+    cands = [i for i in range(max(1, lo), min(hi, len(text) - 1)) if text[i - 1].isalpha() and text[i].isalpha()]
+    return rng.choice(cands) if cands else -1
+
+
 def build_ending(passages: list[tuple[int, str]], rng: random.Random, n: int, context_bytes: int,
                  segment_bytes: int) -> list[dict]:
-    """Passage ending: the true next segment against three segments of other documents."""
+    """Passage ending: the context stops inside a word; the true continuation (the rest of that word and about
+    ``segment_bytes`` more, cut at a space) against three continuations cut inside words of other documents.
+    The choices follow the context with no delimiter."""
     def segment(p: str, start: int) -> str | None:
         end = _cut_at_space(p, start + segment_bytes)
         seg = p[start:end] if end > 0 else p[start:]
@@ -127,24 +136,24 @@ def build_ending(passages: list[tuple[int, str]], rng: random.Random, n: int, co
     out: list[dict] = []
     seen: set[str] = set()
     for i, p in _passage_stream(passages, rng):
-        cut = _cut_at_space(p, rng.randint(context_bytes // 2, context_bytes))
-        if cut < 0:
-            continue
-        true = segment(p, cut + 1)
-        if true is None:
+        cut = _mid_word(p, context_bytes // 2, context_bytes, rng)
+        true = segment(p, cut) if cut > 0 else None
+        if true is None or p[:cut] in seen:
             continue
         distract: list[str] = []
-        while len(distract) < 3:
+        for _ in range(100):
             j, q = rng.choice(passages)
-            s = _cut_at_space(q, rng.randint(0, max(0, len(q) - segment_bytes - 1)))
-            seg = segment(q, s + 1) if s >= 0 else None
+            s = _mid_word(q, 0, max(1, len(q) - segment_bytes), rng)
+            seg = segment(q, s) if s > 0 else None
             if j != i and seg and seg != true and seg not in distract:
                 distract.append(seg)
-        choices = distract + [true]
-        rng.shuffle(choices)
-        if p[:cut] in seen:
+            if len(distract) == 3:
+                break
+        if len(distract) < 3:
             continue
         seen.add(p[:cut])
+        choices = distract + [true]
+        rng.shuffle(choices)
         out.append({"context": p[:cut], "choices": choices, "label": choices.index(true)})
         if len(out) == n:
             break
@@ -203,10 +212,12 @@ def build_text_task_files(out_dir: str | Path, *, seed: int = 0, max_doc_bytes: 
     splits = stdlib_splits(seed=seed)
     docs = [{"module": d.name, "text": t} for d in splits.heldout for t in chunk_paragraphs(d.docstrings,
                                                                                             max_doc_bytes)]
-    code, total = [], 0
+    code = []
+    per_module = max_code_bytes // len(splits.heldout)  # every held-out module contributes the same share
     for d in splits.heldout:
+        total = 0
         for t in chunk_paragraphs(d.code, max_doc_bytes):
-            if total >= max_code_bytes:
+            if total >= per_module:
                 break
             code.append({"module": d.name, "text": t})
             total += len(t.encode())
