@@ -93,5 +93,6 @@ def test_multiple_choice_answers_come_from_the_passage(name):
     docs = "\n".join(json.loads(line)["text"] for line in (LM_DATA / "docstrings_heldout.jsonl").read_text()
                      .splitlines())
     flat = " ".join(docs.split())
-    hits = sum((r["context"] + " " + r["choices"][r["label"]]) in flat for r in rows[:50])
+    sep = "" if name == "ending.jsonl" else " "  # the ending task's context stops inside a word
+    hits = sum((r["context"] + sep + r["choices"][r["label"]]) in flat for r in rows[:50])
     assert hits >= 45  # the true continuation follows the context in the held-out text
