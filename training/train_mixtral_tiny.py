@@ -177,8 +177,11 @@ def main(argv: list[str] | None = None) -> int:
     model.eval()
     save_dtype = getattr(torch, args.save_dtype)
     model.to(save_dtype)
-    model.config.dtype = torch.float32  # stored in save_dtype, loaded as float32 by default
     model.save_pretrained(str(out_dir), safe_serialization=True)
+    cfg_file = out_dir / "config.json"  # stored in save_dtype, loaded as float32 by default ("dtype": "auto")
+    cfg_json = json.loads(cfg_file.read_text(encoding="utf-8"))
+    cfg_json["dtype"] = "float32"
+    cfg_file.write_text(json.dumps(cfg_json, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     byte_tokenizer(model_max_length=args.seq_len).save_pretrained(str(out_dir))
     meta = {"seed": args.seed, "steps": step, "scheduled_steps": args.steps, "train_seconds": round(train_s, 1), "stored_dtype":
             args.save_dtype, "corpus": corpus_digest(splits), "params": n_par, "expert_params": n_exp,
