@@ -467,6 +467,7 @@ class SuiteRunner:
             n_shot=results.get("n-shot", {}), higher_is_better=results.get("higher_is_better", {}),
             n_samples=results.get("n-samples", {}), tasks=infos, compression=compression,
             config={"model": ctx.spec.model_dump(mode="json"), "checkpoint": ctx.location,
+                    "checkpoint_fingerprint": ctx.fingerprint,
                     "recipe": recipe.model_dump(mode="json"), "tasks": [t.model_dump(mode="json") for t in tasks],
                     "calibration": self.suite.calibration.model_dump(mode="json"),
                     "evaluation": self.suite.evaluation.model_dump(mode="json"), "stage_keys": keys},
