@@ -76,8 +76,9 @@ def test_loglikelihood_is_the_sum_of_continuation_log_probs(lm):
     _task_dict(lm)
     reqs = [_req("loglikelihood", (d["question"], " " + c, _visual, i, "t", "test"))
             for i, d in enumerate(DOCS) for c in d["choices"]]
-    out = [r.text for r in lm.loglikelihood(reqs)]  # (logprob, is_greedy); see the lmms model's docstring
-    assert len(out) == 9 and all(isinstance(s, float) and s < 0 for s, _ in out)
+    nll = [r.text for r in lm.loglikelihood(reqs)]  # (negative log-likelihood, is_greedy): lmms-eval's loss convention
+    assert len(nll) == 9 and all(isinstance(s, float) and s > 0 for s, _ in nll)
+    out = [(-s, g) for s, g in nll]
     # Independent recomputation for one request: full forward, log-softmax, gather.
     proc, tok, model = lm.processor, lm.tokenizer, lm.model
     prompt = proc.format_conversation([{"role": "user", "content": "<image>\n" + DOCS[1]["question"]}])
@@ -191,8 +192,8 @@ def test_evaluator_runs_with_an_in_memory_instance(lm, tmp_path, monkeypatch):
     correct = 0
     for i, d in enumerate(DOCS):
         reqs = [_req("loglikelihood", (d["question"], " " + c, _visual, i, "t", "test")) for c in d["choices"]]
-        scores = [r.text[0] for r in lm.loglikelihood(reqs)]
-        correct += int(np.argmax(scores) == d["answer"])
+        losses = [r.text[0] for r in lm.loglikelihood(reqs)]
+        correct += int(np.argmin(losses) == d["answer"])  # the least negative log-likelihood wins
     assert acc == pytest.approx(correct / 3)
     assert len(res["samples"]["vl2_local_mc"]) == 3
 

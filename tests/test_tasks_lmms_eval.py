@@ -21,24 +21,6 @@ CHANCE = {"colour": 1 / 8, "shape": 1 / 5, "count": 1 / 5, "digit": 1 / 10, "rea
 LIMIT = 8
 
 
-def _lmms_loss_convention(lm_cls):
-    """lmms-eval 0.7.3 picks the multiple-choice answer by ``argmin`` over what ``loglikelihood`` returns (its models
-    return a loss, e.g. llava's ``outputs.loss``); this subclass returns the negative log-likelihood accordingly."""
-    from lmms_eval.api.instance import GenerationResult
-
-    class LossConvention(lm_cls):
-        def loglikelihood(self, requests):
-            out = super().loglikelihood(requests)
-            fixed = []
-            for r in out:
-                ll, greedy = r.text if isinstance(r, GenerationResult) else r
-                fixed.append(GenerationResult(text=(-ll, greedy), token_counts=r.token_counts)
-                             if isinstance(r, GenerationResult) else (-ll, greedy))
-            return fixed
-
-    return LossConvention
-
-
 def test_task_manager_finds_the_suite():
     tm = lmms_task_manager()
     assert OFFLINE_VQA_GROUP in tm.all_tasks and set(OFFLINE_VQA_TASKS) <= set(tm.all_tasks)
@@ -51,11 +33,7 @@ def test_suite_runs_offline_above_chance(tmp_path, monkeypatch):
 
     monkeypatch.chdir(tmp_path)  # data paths must not depend on the working directory
     model, processor = load_embedded_vlm()
-    probe = DeepseekVL2LMMS(model, processor)
-    lm_cls = DeepseekVL2LMMS
-    if probe.score("<image>\nWhat colour is the shape?", " red", [__import__("PIL.Image").Image.new("RGB", (56, 56))])[0] < 0:
-        lm_cls = _lmms_loss_convention(DeepseekVL2LMMS)  # the model returns log-probabilities
-    lm = lm_cls(model, processor, batch_size=8, max_new_tokens=8)
+    lm = DeepseekVL2LMMS(model, processor, batch_size=8, max_new_tokens=8)
     res = evaluator.simple_evaluate(model=lm, tasks=list(OFFLINE_VQA_TASKS), limit=LIMIT,
                                     task_manager=lmms_task_manager(), batch_size=8)["results"]
     assert set(OFFLINE_VQA_TASKS) <= set(res)

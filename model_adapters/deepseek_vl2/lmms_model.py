@@ -12,9 +12,11 @@ lmms-eval 0.7 finds models by name only in its own registry, so hand an instance
 - ``generate_until``: the ``deepseek`` chat template with one ``<image>`` per visual before the question, greedy
   decoding with a KV cache (``max_new_tokens``, ``until`` strings; sampling requests are decoded greedily), the
   text cut at the first ``until`` string.
-- ``loglikelihood``: for multiple-choice tasks, the summed log-probability of the continuation's tokens after the
-  prompt (prompt ids + continuation ids), and whether each was the greedy choice. Each result is a
-  ``GenerationResult`` whose ``text`` is the ``(logprob, is_greedy)`` tuple: lmms-eval 0.7.3's evaluator turns any
+- ``loglikelihood``: for multiple-choice tasks, the *negative* summed log-probability of the continuation's tokens
+  after the prompt (prompt ids + continuation ids), and whether each was the greedy choice. lmms-eval 0.7.3 picks the
+  answer by ``argmin`` over these values (its models return a loss, e.g. llava's ``outputs.loss``), so the value is a
+  loss: lower is better. Each result is a
+  ``GenerationResult`` whose ``text`` is the ``(nll, is_greedy)`` tuple: lmms-eval 0.7.3's evaluator turns any
   other non-string model output into its ``str`` (``unwrap_generation_output``), which breaks the
   ``multiple_choice`` scoring; ``GenerationResult.text`` is passed through as it is. :meth:`DeepseekVL2LMMS.score`
   gives the plain tuple.
@@ -126,16 +128,16 @@ class DeepseekVL2LMMS(lmms):
     # -- lmms-eval API ------------------------------------------------------------------------------------------
     @torch.no_grad()
     def loglikelihood(self, requests: list[Instance]) -> list[GenerationResult]:
-        """``GenerationResult(text=(logprob, is_greedy))`` per request (see the module docstring)."""
+        """``GenerationResult(text=(negative log-likelihood, is_greedy))`` per request (module docstring)."""
         results: list[GenerationResult] = []
         for req in tqdm(requests, desc="loglikelihood", disable=len(requests) < 8):
             context, doc_to_target, doc_to_visual, doc_id, task, split = req.args
             doc = self.task_dict[task][split][doc_id]
             cont = doc_to_target if isinstance(doc_to_target, str) else doc_to_target(doc)
             images = self._visuals(doc_to_visual, doc_id, task, split)
-            scored = self.score(self._prompt(context, len(images)), str(cont), images)
-            # text carries the (logprob, is_greedy) tuple through the evaluator (module docstring)
-            results.append(GenerationResult(text=scored, token_counts=TokenCounts(output_tokens=0)))  # type: ignore
+            logprob, greedy = self.score(self._prompt(context, len(images)), str(cont), images)
+            # text carries the (nll, is_greedy) tuple through the evaluator, which takes the argmin (module docstring)
+            results.append(GenerationResult(text=(-logprob, greedy), token_counts=TokenCounts(output_tokens=0)))  # type: ignore
         return results
 
     @torch.no_grad()
