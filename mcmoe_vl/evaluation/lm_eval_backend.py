@@ -18,9 +18,10 @@ lm-eval's ~10k built-in tasks costs about 17 s and their data needs the Hub); ``
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,25 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 HARNESS_KEYS = ("results", "versions", "n-shot", "higher_is_better", "n-samples")
+
+
+@contextlib.contextmanager
+def single_process_view() -> Iterator[None]:
+    """Make the harness treat this process as a single-process run.
+
+    Under ``accelerate launch`` / ``torchrun`` the suite runner splits *recipes* over processes and each process
+    evaluates its own in-memory model alone; the harnesses, seeing ``LOCAL_RANK != 0``, would otherwise return no
+    results from every process but the first of a node.
+    """
+    saved = {k: os.environ.pop(k, None) for k in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")}
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 @dataclass(frozen=True)
@@ -114,11 +134,12 @@ def evaluate_lm_eval(
     for req in tasks:
         if on_task is not None:
             on_task(req.name)
-        out = lm_eval.simple_evaluate(
-            model=lm, tasks=[req.name], num_fewshot=req.num_fewshot, limit=req.limit, task_manager=tm,
-            log_samples=False, bootstrap_iters=bootstrap_iters, random_seed=seed, numpy_random_seed=seed,
-            torch_random_seed=seed, fewshot_random_seed=seed, verbosity="WARNING",
-        )
+        with single_process_view():
+            out = lm_eval.simple_evaluate(
+                model=lm, tasks=[req.name], num_fewshot=req.num_fewshot, limit=req.limit, task_manager=tm,
+                log_samples=False, bootstrap_iters=bootstrap_iters, random_seed=seed, numpy_random_seed=seed,
+                torch_random_seed=seed, fewshot_random_seed=seed, verbosity="WARNING",
+            )
         if out is None:  # a non-zero rank of a distributed run
             continue
         merge_output(merged, out, req, "lm-eval")

@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from .lm_eval_backend import HARNESS_KEYS, TaskRequest, merge_output
+from .lm_eval_backend import HARNESS_KEYS, TaskRequest, merge_output, single_process_view
 
 log = logging.getLogger(__name__)
 
@@ -68,11 +68,12 @@ def evaluate_lmms_eval(
     for req in tasks:
         if on_task is not None:
             on_task(req.name)
-        out = evaluator.simple_evaluate(
-            model=lm, tasks=[req.name], num_fewshot=req.num_fewshot, limit=req.limit, task_manager=tm,
-            log_samples=False, bootstrap_iters=bootstrap_iters, random_seed=seed, numpy_random_seed=seed,
-            torch_random_seed=seed, fewshot_random_seed=seed, verbosity="WARNING", batch_size=batch_size,
-        )
+        with single_process_view():
+            out = evaluator.simple_evaluate(
+                model=lm, tasks=[req.name], num_fewshot=req.num_fewshot, limit=req.limit, task_manager=tm,
+                log_samples=False, bootstrap_iters=bootstrap_iters, random_seed=seed, numpy_random_seed=seed,
+                torch_random_seed=seed, fewshot_random_seed=seed, verbosity="WARNING", batch_size=batch_size,
+            )
         if out is None:
             continue
         merge_output(merged, out, req, "lmms-eval")

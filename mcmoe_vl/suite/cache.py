@@ -9,11 +9,14 @@ it depends on, so a change anywhere upstream changes every key downstream.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +64,19 @@ class StageCache:
 
     def dir(self, stage: str, key: str) -> Path:
         return self.root / stage / key
+
+    @contextlib.contextmanager
+    def lock(self, stage: str, key: str) -> Iterator[None]:
+        """Exclusive use of one stage directory among processes sharing the run directory (``flock`` on
+        ``<stage>/<key>.lock``): a second process waits, then finds the stage done and reuses it."""
+        path = self.root / stage / f"{key}.lock"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
 
     def lookup(self, stage: str, key: str) -> dict[str, Any] | None:
         """The stage record when the stage finished and its files are intact, else None (and why, in the log)."""

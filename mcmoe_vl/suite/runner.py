@@ -238,6 +238,28 @@ class SuiteRunner:
 
     # -- stages -----------------------------------------------------------------------------------------------------
     def calibrate(self, ctx: _ModelContext, recipe: RecipeSpec, key: str) -> tuple[Any, Path]:
+        with self.cache.lock("calibrate", key):
+            return self._calibrate(ctx, recipe, key)
+
+    def allocate(self, ctx: _ModelContext, recipe: RecipeSpec, keys: dict[str, str | None], stats: Any) -> Path:
+        with self.cache.lock("allocate", str(keys["allocate"])):
+            return self._allocate(ctx, recipe, keys, stats)
+
+    def quantize(self, ctx: _ModelContext, recipe: RecipeSpec, keys: dict[str, str | None], plan_dir: Path
+                 ) -> tuple[Path, dict[str, Any]]:
+        with self.cache.lock("quantize", str(keys["quantize"])):
+            return self._quantize(ctx, recipe, keys, plan_dir)
+
+    def prune(self, ctx: _ModelContext, recipe: RecipeSpec, keys: dict[str, str | None], model: torch.nn.Module
+              ) -> Any:
+        with self.cache.lock("prune", str(keys["prune"])):
+            return self._prune(ctx, recipe, keys, model)
+
+    def evaluate(self, ctx: _ModelContext, recipe: RecipeSpec, keys: dict[str, str | None]) -> Path:
+        with self.cache.lock("evaluate", str(keys["evaluate"])):
+            return self._evaluate(ctx, recipe, keys)
+
+    def _calibrate(self, ctx: _ModelContext, recipe: RecipeSpec, key: str) -> tuple[Any, Path]:
         from mcmoe_vl.calibration.stats import load_stats
 
         d = self.cache.dir("calibrate", key)
@@ -258,7 +280,7 @@ class SuiteRunner:
         self._miss("calibrate")
         return stats, d
 
-    def allocate(self, ctx: _ModelContext, recipe: RecipeSpec, keys: dict[str, str | None], stats: Any) -> Path:
+    def _allocate(self, ctx: _ModelContext, recipe: RecipeSpec, keys: dict[str, str | None], stats: Any) -> Path:
         key = keys["allocate"]
         assert key is not None and recipe.quant is not None
         d = self.cache.dir("allocate", key)
@@ -274,8 +296,8 @@ class SuiteRunner:
         self._miss("allocate")
         return d
 
-    def quantize(self, ctx: _ModelContext, recipe: RecipeSpec, keys: dict[str, str | None], plan_dir: Path
-                 ) -> tuple[Path, dict[str, Any]]:
+    def _quantize(self, ctx: _ModelContext, recipe: RecipeSpec, keys: dict[str, str | None], plan_dir: Path
+                  ) -> tuple[Path, dict[str, Any]]:
         key = keys["quantize"]
         assert key is not None and recipe.quant is not None
         d = self.cache.dir("quantize", key)
@@ -304,8 +326,8 @@ class SuiteRunner:
             return ctx.model
         return stages.load_quantized(ctx.fresh_model(), ckpt, runtime)
 
-    def prune(self, ctx: _ModelContext, recipe: RecipeSpec, keys: dict[str, str | None], model: torch.nn.Module
-              ) -> Any:
+    def _prune(self, ctx: _ModelContext, recipe: RecipeSpec, keys: dict[str, str | None], model: torch.nn.Module
+               ) -> Any:
         from mcmoe_vl.pruning.artifact import load_pruning
 
         key = keys["prune"]
@@ -323,7 +345,7 @@ class SuiteRunner:
         self._miss("prune")
         return load_pruning(d / "pruning.json")
 
-    def evaluate(self, ctx: _ModelContext, recipe: RecipeSpec, keys: dict[str, str | None]) -> Path:
+    def _evaluate(self, ctx: _ModelContext, recipe: RecipeSpec, keys: dict[str, str | None]) -> Path:
         key = keys["evaluate"]
         assert key is not None
         d = self.cache.dir("evaluate", key)
