@@ -388,7 +388,7 @@ class SuiteRunner:
 
     def _evaluate_model(self, ctx: _ModelContext, recipe: RecipeSpec, model: torch.nn.Module, artifact: Any,
                         tasks: list[TaskSpec]) -> tuple[dict[str, Any], Any, Any]:
-        from mcmoe_vl.evaluation.interface import evaluation_interface
+        from mcmoe_vl.moe import ExpertInterface
         from mcmoe_vl.evaluation.lm_eval_backend import TaskRequest, evaluate_lm_eval
         from mcmoe_vl.pruning.artifact import apply_pruning
 
@@ -396,7 +396,7 @@ class SuiteRunner:
         merged: dict[str, Any] = {}
         was_training = model.training
         model.eval()
-        with evaluation_interface(model) as iface:
+        with ExpertInterface(model) as iface:
             rule = apply_pruning(iface, artifact) if artifact is not None else None
             try:
                 speed, activity = (None, None)

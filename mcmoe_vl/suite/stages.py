@@ -277,13 +277,13 @@ def load_quantized(model: nn.Module, ckpt_dir: Path, runtime: str) -> nn.Module:
 def fit_pruning(model: nn.Module, calib_batches: list[dict[str, Any]], p: PruneSpec, *, seed: int, out: Path,
                 progress: bool) -> Any:
     """Fit ODP thresholds or train OTP predictors on ``model`` (original or quantized) and save the artifact."""
-    from mcmoe_vl.evaluation.interface import evaluation_interface
+    from mcmoe_vl.moe import ExpertInterface
     from mcmoe_vl.pruning.artifact import odp_artifact, otp_artifact, save_pruning
     from mcmoe_vl.pruning.odp import ODPConfig, fit_odp
     from mcmoe_vl.pruning.otp import OTPConfig, train_otp
 
     layers = tuple(p.layers) if p.layers is not None else None
-    with evaluation_interface(model) as iface:
+    with ExpertInterface(model) as iface:
         if p.method is PruneMethod.ODP:
             cfg = ODPConfig(mu=p.mu, prune_rate=p.prune_rate, quantile=p.quantile, protect_ratio=p.protect_ratio,
                             layers=layers)
@@ -333,7 +333,7 @@ def measure(model: nn.Module, iface: Any, work: list[dict[str, torch.Tensor]], *
     Activated experts are counted on the first pass, as parameters of the original model (``counts`` from
     :func:`original_counts`). Returns (Speed, ActivationReport).
     """
-    from mcmoe_vl.evaluation.interface import evaluation_interface
+    from mcmoe_vl.moe import ExpertInterface
     from mcmoe_vl.evaluation.results import Speed
     from mcmoe_vl.pruning.accounting import ActivationMeter
 
@@ -352,7 +352,7 @@ def measure(model: nn.Module, iface: Any, work: list[dict[str, torch.Tensor]], *
 
     best, best_ref = math.inf, math.inf
     report = None
-    with torch.no_grad(), (evaluation_interface(reference) if reference is not None else _null()):
+    with torch.no_grad(), (ExpertInterface(reference) if reference is not None else _null()):
         model(**work[0])  # warm-up (allocations, kernels); not timed, not counted
         if reference is not None:
             reference(**work[0])
