@@ -19,6 +19,8 @@ import os
 from pathlib import Path
 
 import torch
+
+from mcmoe_vl.dtypes import parse_dtype
 from pydantic import BaseModel, ConfigDict, Field
 
 from .calibrate import CalibrationConfig, calibrate
@@ -27,7 +29,6 @@ from .stats import CalibrationStats
 
 log = logging.getLogger(__name__)
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class CalibrationRun(BaseModel):
@@ -104,10 +105,9 @@ def calibration_ids(run: CalibrationRun) -> torch.Tensor:
 
 def calibrate_files(run: CalibrationRun) -> CalibrationStats:
     """Load the model and data, run :func:`calibrate` (resumable) and save the statistics (and heatmaps)."""
-    if run.dtype not in _DTYPES:
-        raise ValueError(f"unknown dtype {run.dtype!r}; valid: {', '.join(_DTYPES)}")
+    dtype = parse_dtype(run.dtype)
     ids = calibration_ids(run)  # before loading the model: bad data fails fast
-    model = load_model(run.model, dtype=_DTYPES[run.dtype], device=run.device)
+    model = load_model(run.model, dtype=dtype, device=run.device)
     vocab = getattr(getattr(model.config, "text_config", None) or model.config, "vocab_size", None)
     if vocab is not None and int(ids.max()) >= vocab:
         raise ValueError(f"token id {int(ids.max())} is outside the model's vocabulary of {vocab}")

@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from mcmoe_vl.dtypes import parse_dtype
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
@@ -67,15 +69,14 @@ class PruneRun(BaseModel):
 def prune_files(run: PruneRun) -> PruningArtifact:
     """Load the model and calibration data, fit, and save the artifact at ``run.output``."""
     from mcmoe_vl.calibration.data import batches_from_ids
-    from mcmoe_vl.calibration.workflow import _DTYPES, CalibrationRun, calibration_ids, load_model
+    from mcmoe_vl.calibration.workflow import CalibrationRun, calibration_ids, load_model
 
-    if run.dtype not in _DTYPES:
-        raise ValueError(f"unknown dtype {run.dtype!r}; valid: {', '.join(_DTYPES)}")
+    dtype = parse_dtype(run.dtype)
     if not run.output.endswith(".json"):
         raise ValueError(f"--output must be a .json path, got {run.output}")
     ids = calibration_ids(CalibrationRun(model=run.model, data=run.data, output=run.output,
                                          num_sequences=run.num_sequences, seq_len=run.seq_len, seed=run.seed))
-    model = load_model(run.model, dtype=_DTYPES[run.dtype], device=run.device)
+    model = load_model(run.model, dtype=dtype, device=run.device)
     batches = [{k: v.to(run.device) for k, v in b.items()} for b in batches_from_ids(ids, run.batch_size)]
     log.info("fitting %s on %d sequences x %d tokens", run.method.value, ids.shape[0], ids.shape[1])
     with torch.no_grad():

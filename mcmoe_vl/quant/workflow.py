@@ -12,7 +12,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import torch
+
+from mcmoe_vl.dtypes import parse_dtype
 from pydantic import BaseModel, ConfigDict, Field
 
 from .accounting import Accounting
@@ -22,7 +23,6 @@ from .plan import load_plan
 
 log = logging.getLogger(__name__)
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class QuantizeRun(BaseModel):
@@ -48,8 +48,7 @@ def quantize_files(run: QuantizeRun) -> Accounting:
     from mcmoe_vl.calibration.data import batches_from_ids, load_token_ids, token_windows
     from mcmoe_vl.calibration.workflow import calibration_text, load_model
 
-    if run.dtype not in _DTYPES:
-        raise ValueError(f"unknown dtype {run.dtype!r}; valid: {', '.join(_DTYPES)}")
+    dtype = parse_dtype(run.dtype)
     plan = load_plan(run.plan)  # bad plans fail before the model is loaded
     p = Path(run.data)
     if p.suffix in (".json", ".safetensors") and not run.data.startswith("embedded"):
@@ -65,7 +64,7 @@ def quantize_files(run: QuantizeRun) -> Accounting:
                              "the model or pass a token-ids file") from exc
         ids = token_windows(tok(text, add_special_tokens=False)["input_ids"], run.seq_len, run.num_sequences,
                             seed=run.seed)
-    model = load_model(run.model, dtype=_DTYPES[run.dtype], device=run.device)
+    model = load_model(run.model, dtype=dtype, device=run.device)
     if plan.model_type and plan.model_type != getattr(model.config, "model_type", None):
         raise ValueError(f"the plan is for model type {plan.model_type!r} but {run.model} is "
                          f"{model.config.model_type!r}")

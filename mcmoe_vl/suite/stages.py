@@ -20,11 +20,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from mcmoe_vl.dtypes import DTYPES
+
 from .schema import CalibrationSpec, ModelSpec, PruneMethod, PruneSpec, QuantSpec
 
 log = logging.getLogger(__name__)
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class StageUnavailable(RuntimeError):
