@@ -12,7 +12,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-# Order is the order shown in --help. A listed module that is absent is skipped (partial installs stay usable).
+# Order is the order shown in --help.
 SUBCOMMANDS: tuple[str, ...] = ("run", "report", "calibrate", "allocate", "quantize", "prune", "adapters")
 
 
@@ -24,13 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in SUBCOMMANDS:
-        try:
-            module = importlib.import_module(f"mcmoe_vl.cli.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"mcmoe_vl.cli.{name}":
-                raise
-            continue
-        module.register(sub)
+        importlib.import_module(f"mcmoe_vl.cli.{name}").register(sub)
     return parser
 
 
