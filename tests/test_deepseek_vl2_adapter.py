@@ -20,14 +20,6 @@ from model_adapters.deepseek_vl2.processing import DeepseekVL2Processor
 from model_adapters.deepseek_vl2.tiny import tiny_official_config, tiny_tokenizer
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors: one thread avoids OpenMP contention with the other processes on this machine (30x faster).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 MLA = dict(use_mla=True, kv_lora_rank=32, q_lora_rank=None, qk_rope_head_dim=16, qk_nope_head_dim=16, v_head_dim=16)
 VARIANTS = {

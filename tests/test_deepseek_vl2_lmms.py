@@ -22,14 +22,6 @@ from model_adapters.deepseek_vl2.processing import DeepseekVL2Processor  # noqa:
 from model_adapters.deepseek_vl2.tiny import tiny_official_config, tiny_tokenizer  # noqa: E402
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors: one thread avoids OpenMP contention with the other processes on this machine (30x faster).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 COLORS = {"red": (220, 20, 20), "green": (20, 200, 20), "blue": (20, 20, 220)}
 

@@ -22,14 +22,6 @@ from model_adapters.deepseek_vl2 import (
 from model_adapters.deepseek_vl2.loading import official_layout
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors: one thread avoids OpenMP contention with the other processes on this machine (30x faster).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 DATA = Path(__file__).parent / "data" / "deepseek_vl2_reference"
 CKPT = DATA / "tiny_like"

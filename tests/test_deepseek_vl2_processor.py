@@ -12,14 +12,6 @@ from model_adapters.deepseek_vl2.processing import DeepseekVL2Processor, select_
 from model_adapters.deepseek_vl2.tiny import tiny_official_config, tiny_tokenizer
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors: one thread avoids OpenMP contention with the other processes on this machine (30x faster).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 
 @pytest.fixture(scope="module")

@@ -15,14 +15,6 @@ from mcmoe_vl.pruning import ActivationMeter, apply_pruning, load_pruning
 from tiny_models import tiny_mixtral
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny predictors: one thread avoids contention on the shared CPU.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _parser():
     parser = argparse.ArgumentParser()

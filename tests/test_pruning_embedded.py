@@ -19,13 +19,6 @@ MODEL_DIR = Path(__file__).resolve().parents[1] / "embedded" / "mixtral-tiny"
 pytestmark = pytest.mark.skipif(not (MODEL_DIR / "config.json").is_file(), reason="embedded model not present")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _docstring_ids(names=("json/decoder.py", "textwrap.py"), seq_len=128, num=12):
     from mcmoe_vl.data.text import parse_module, stdlib_dir

@@ -19,14 +19,6 @@ from tiny_models import tiny_deepseek_v2, tiny_mixtral
 MODELS = {"mixtral": tiny_mixtral, "deepseek_v2": tiny_deepseek_v2}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # The predictors are tiny: one thread avoids contention on the shared CPU (results do not depend on it).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _model(family):
     m = MODELS[family]()
