@@ -270,7 +270,50 @@ def fit_odp(model: nn.Module, batches: Iterable[Mapping[str, Any]], config: ODPC
 
 
 # -- the routing override --------------------------------------------------------------------------------------------
-class ODPRule:
+class RoutingRule:
+    """Base of the pruning rules: a routing override installed on a set of MoE layers of an interface.
+
+    Subclasses set ``iface`` and ``layers`` and implement ``__call__`` (the override); ``_install_extra`` /
+    ``_remove_extra`` add and remove anything else the rule hooks into the model (ODP's attention capture).
+    """
+
+    iface: ExpertInterface
+    layers: list[MoELayer]
+    _installed: bool = False
+
+    def install(self) -> RoutingRule:
+        if self._installed:
+            return self
+        self.iface.install()
+        for la in self.layers:
+            if la.routing_override is not None:
+                raise RuntimeError(f"{la.path} already has a routing override")
+            la.routing_override = self
+        self._install_extra()
+        self._installed = True
+        return self
+
+    def remove(self) -> None:
+        for la in self.layers:
+            if la.routing_override is self:
+                la.routing_override = None
+        self._remove_extra()
+        self._installed = False
+
+    def _install_extra(self) -> None:
+        pass
+
+    def _remove_extra(self) -> None:
+        pass
+
+    def __enter__(self) -> RoutingRule:
+        return self.install()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.remove()
+
+
+class ODPRule(RoutingRule):
     """The ODP routing override on an :class:`ExpertInterface` (installed on the layers that have a ``mu``).
 
     Use as a context manager or call :meth:`install` / :meth:`remove`. With ``protect_ratio > 0`` it also installs
@@ -312,29 +355,10 @@ class ODPRule:
                 keep = keep | prot[:, None]
         return decision_from_keep(routing, keep, layer)
 
-    def install(self) -> ODPRule:
-        if self._installed:
-            return self
-        self.iface.install()
-        for la in self.layers:
-            if la.routing_override is not None:
-                raise RuntimeError(f"{la.path} already has a routing override")
-            la.routing_override = self
+    def _install_extra(self) -> None:
         if self.capture is not None:
             self.capture.install()
-        self._installed = True
-        return self
 
-    def remove(self) -> None:
-        for la in self.layers:
-            if la.routing_override is self:
-                la.routing_override = None
+    def _remove_extra(self) -> None:
         if self.capture is not None:
             self.capture.remove()
-        self._installed = False
-
-    def __enter__(self) -> ODPRule:
-        return self.install()
-
-    def __exit__(self, *exc: Any) -> None:
-        self.remove()

@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 from mcmoe_vl.moe.interface import ExpertInterface, MoELayer, Routing, RoutingDecision, RoutingEvent
 from mcmoe_vl.moe.layerwise import iterate_layers
 
-from .odp import decision_from_keep, select_layers
+from .odp import RoutingRule, decision_from_keep, select_layers
 
 log = logging.getLogger(__name__)
 
@@ -348,7 +348,7 @@ def train_otp(
 
 
 # -- the routing override --------------------------------------------------------------------------------------------
-class OTPRule:
+class OTPRule(RoutingRule):
     """The OTP routing override: hard masks from the predictors on the layers that have one."""
 
     def __init__(self, iface: ExpertInterface, predictors: Mapping[int, MaskPredictor]) -> None:
@@ -371,26 +371,3 @@ class OTPRule:
                 pred.to(hidden.device)  # once: the predictor runs where the layer runs
             keep = pred.keep(hidden, routing.topk_weight)
         return decision_from_keep(routing, keep, layer)
-
-    def install(self) -> OTPRule:
-        if self._installed:
-            return self
-        self.iface.install()
-        for la in self.layers:
-            if la.routing_override is not None:
-                raise RuntimeError(f"{la.path} already has a routing override")
-            la.routing_override = self
-        self._installed = True
-        return self
-
-    def remove(self) -> None:
-        for la in self.layers:
-            if la.routing_override is self:
-                la.routing_override = None
-        self._installed = False
-
-    def __enter__(self) -> OTPRule:
-        return self.install()
-
-    def __exit__(self, *exc: Any) -> None:
-        self.remove()
