@@ -17,6 +17,7 @@ import json
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -86,8 +87,12 @@ def calibration_text(data: str) -> str:
     return p.read_text(encoding="utf-8")
 
 
-def calibration_ids(run: CalibrationRun) -> torch.Tensor:
-    """The (N, S) calibration token ids the run describes."""
+def calibration_ids(run: CalibrationRun | Any) -> torch.Tensor:
+    """The (N, S) calibration token ids the run describes.
+
+    ``run`` is any run config with ``data``, ``model``, ``num_sequences``, ``seq_len`` and ``seed`` (the calibrate,
+    quantize and prune workflows share these rules).
+    """
     p = Path(run.data)
     if p.suffix in (".json", ".safetensors") and not run.data.startswith("embedded"):
         return load_token_ids(p)[: run.num_sequences]

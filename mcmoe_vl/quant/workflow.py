@@ -10,11 +10,10 @@ Example::
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
+from pydantic import BaseModel, ConfigDict, Field
 
 from mcmoe_vl.dtypes import parse_dtype
-from pydantic import BaseModel, ConfigDict, Field
 
 from .accounting import Accounting
 from .checkpoint import save_quantized
@@ -45,25 +44,12 @@ class QuantizeRun(BaseModel):
 
 def quantize_files(run: QuantizeRun) -> Accounting:
     """Load model, plan and calibration data, quantize, save; returns the checkpoint's accounting."""
-    from mcmoe_vl.calibration.data import batches_from_ids, load_token_ids, token_windows
-    from mcmoe_vl.calibration.workflow import calibration_text, load_model
+    from mcmoe_vl.calibration.data import batches_from_ids
+    from mcmoe_vl.calibration.workflow import calibration_ids, load_model
 
     dtype = parse_dtype(run.dtype)
     plan = load_plan(run.plan)  # bad plans fail before the model is loaded
-    p = Path(run.data)
-    if p.suffix in (".json", ".safetensors") and not run.data.startswith("embedded"):
-        ids = load_token_ids(p)[: run.num_sequences]
-    else:
-        from transformers import AutoTokenizer
-
-        text = calibration_text(run.data)
-        try:
-            tok = AutoTokenizer.from_pretrained(run.model)
-        except (OSError, ValueError) as exc:
-            raise ValueError(f"{run.model}: no tokenizer to encode text calibration data ({exc}); save one with "
-                             "the model or pass a token-ids file") from exc
-        ids = token_windows(tok(text, add_special_tokens=False)["input_ids"], run.seq_len, run.num_sequences,
-                            seed=run.seed)
+    ids = calibration_ids(run)  # the same data rules as `mcmoe-vl calibrate`; bad data fails before loading
     model = load_model(run.model, dtype=dtype, device=run.device)
     if plan.model_type and plan.model_type != getattr(model.config, "model_type", None):
         raise ValueError(f"the plan is for model type {plan.model_type!r} but {run.model} is "
