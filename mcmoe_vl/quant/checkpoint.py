@@ -4,23 +4,35 @@ Layout of a checkpoint directory::
 
     model.safetensors      every tensor of the quantized model's state: packed linears as
                            <module>.qdata / .scale / .zero / .perm, everything else in its 16-bit dtype
-    quant_manifest.json    {"format": "mcmoe_vl.quantized", "format_version": 1, "model_type", "architecture",
+    config.json            the Hugging Face config with a ``quantization_config`` ({"quant_method": "mcmoe_vl",
+                           ...}): with ``import mcmoe_vl``, transformers' ``from_pretrained`` loads the directory
+                           (:mod:`mcmoe_vl.hf`)
+    tokenizer / processor files, generation_config.json
+                           copied from the source model's directory when it has them
+    quant_manifest.json    {"format": "mcmoe_vl.quantized", "format_version": 2, "model_type", "architecture",
                             "adapter", "config" (the HF config dict), "dtype", "plan", "quantize_config",
                             "report", "quantized": {module: {bits, shape, group_size, perm, bias}},
                             "experts": {experts module: {"layout": "fused", "experts": [{"kind": "quant"|"dense",
                             "bits": ...}]}}, "tensors": {name: {dtype, shape}}, "aliases": {name: stored name},
-                            "file": {name, bytes, sha256}, "accounting": {...}}
+                            "file": {name, bytes, sha256}, "accounting": {...},
+                            "integrity": {"algorithm": "sha256", "digest"}}
 
 The manifest is written after the tensors, so a directory with a manifest has a complete tensor file. Loading
 (:func:`load_quantized`) builds the model without allocating its dense weights (parameters on the meta device),
 replaces the quantized modules, assigns every tensor and refuses, with a message naming the tensor: a missing or
 unexpected tensor, a shape or dtype that differs from the manifest or the model, a file whose size or hash differs
 from the manifest (truncated or edited), and any parameter left uninitialised.
+
+The manifest's ``integrity`` digest is a SHA-256 over its own canonical JSON (every other key, the tensor file's
+SHA-256 included), so an edited manifest (bits, plan, accounting, the model config inside it) is refused rather than
+loaded. It guards against accidents and hand edits, not against someone who recomputes it: like safetensors'
+header checks, it is integrity, not authenticity.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 from pathlib import Path
@@ -30,7 +42,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from mcmoe_vl.io import read_json, save_safetensors_atomic, write_json_atomic
+from mcmoe_vl.io import read_json, save_safetensors_atomic, write_bytes_atomic, write_json_atomic
 
 from .accounting import Accounting, CategoryBits, build_accounting, resident_bytes
 from .model import QuantizeConfig, QuantReport
@@ -41,7 +53,15 @@ from .qlinear import DenseExpert, Kernel, QuantExpert, QuantExperts, QuantLinear
 log = logging.getLogger(__name__)
 
 FORMAT = "mcmoe_vl.quantized"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+QUANT_METHOD = "mcmoe_vl"  # ``quantization_config.quant_method`` in config.json
+PRUNING_FILE = "pruning.json"  # pruning settings saved in a checkpoint directory are applied on load
+# Files copied from the source model's directory so that the checkpoint is a complete Hugging Face model directory.
+SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "vocab.json",
+              "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
+              "preprocessor_config.json", "processor_config.json", "generation_config.json")
+REQUIRED_KEYS = ("format", "format_version", "model_type", "architecture", "config", "dtype", "plan", "quantized",
+                 "experts", "tensors", "aliases", "file", "accounting", "integrity")
 TENSOR_FILE = "model.safetensors"
 MANIFEST_FILE = "quant_manifest.json"
 
@@ -120,6 +140,62 @@ def account_model(model: nn.Module, adapter: Any) -> dict[str, CategoryBits]:
 
 
 # -- save -----------------------------------------------------------------------------------------------------------
+def _same_dir(a: Path, b: Path) -> bool:
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def model_source_dir(model: nn.Module) -> Path | None:
+    """The local directory ``model`` was loaded from (``config._name_or_path``), if it is one."""
+    src = getattr(getattr(model, "config", None), "_name_or_path", None)
+    return Path(src) if src and Path(src).is_dir() else None
+
+
+def check_output_dir(out_dir: str | os.PathLike[str], source_dir: str | os.PathLike[str] | None) -> None:
+    """Refuse to write a checkpoint into the directory of the model it was made from (it would replace the
+    model's own weights). Call it before any long work."""
+    if source_dir is not None and _same_dir(Path(out_dir), Path(source_dir)):
+        raise CheckpointError(f"the output directory {out_dir} is the source model's directory {source_dir}: "
+                              "writing there would replace the model's own weights; choose another output directory")
+
+
+def manifest_digest(manifest: dict) -> str:
+    """SHA-256 over the manifest's canonical JSON, without its ``integrity`` entry."""
+    body = {k: v for k, v in manifest.items() if k != "integrity"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def seal_manifest(manifest: dict) -> dict:
+    """``manifest`` with its ``integrity`` digest (re)computed."""
+    return {**manifest, "integrity": {"algorithm": "sha256", "digest": manifest_digest(manifest)}}
+
+
+def quantization_config_dict(manifest: dict) -> dict:
+    """The ``quantization_config`` entry of config.json: what transformers needs to pick our loader."""
+    return {"quant_method": QUANT_METHOD, "format": FORMAT, "format_version": FORMAT_VERSION,
+            "manifest": MANIFEST_FILE, "dtype": manifest["dtype"], "pruning_file": PRUNING_FILE,
+            "apply_pruning": True, "attn_implementation": manifest.get("attn_implementation")}
+
+
+def _copy_side_files(source_dir: Path | None, out: Path) -> list[str]:
+    copied = []
+    for name in SIDE_FILES if source_dir is not None else ():
+        src = source_dir / name
+        if src.is_file():
+            write_bytes_atomic(out / name, src.read_bytes())
+            copied.append(name)
+    return copied
+
+
+def _hf_config(model: nn.Module, manifest: dict) -> dict:
+    cfg = dict(manifest["config"] or {})
+    cfg["architectures"] = [manifest["architecture"]]
+    cfg["quantization_config"] = quantization_config_dict(manifest)
+    return cfg
+
+
 def save_quantized(
     model: nn.Module,
     out_dir: str | os.PathLike[str],
@@ -128,51 +204,39 @@ def save_quantized(
     report: QuantReport | None = None,
     config: QuantizeConfig | None = None,
     adapter: Any | None = None,
+    source_dir: str | os.PathLike[str] | None = None,
 ) -> Accounting:
-    """Write ``model`` (quantized by :func:`mcmoe_vl.quant.model.quantize_model`) to ``out_dir``."""
+    """Write ``model`` (quantized by :func:`mcmoe_vl.quant.model.quantize_model`) to ``out_dir`` as a Hugging Face
+    model directory (see the module docstring).
+
+    ``source_dir``: the directory the model was loaded from (default: ``model.config._name_or_path`` when it is a
+    local directory); its tokenizer, processor and generation files are copied, and ``out_dir`` may not be it.
+    """
     if adapter is None:
         from model_adapters import get_adapter
 
         adapter = get_adapter(model)
+    source = Path(source_dir) if source_dir is not None else model_source_dir(model)
     out = Path(out_dir)
+    check_output_dir(out, source)
     out.mkdir(parents=True, exist_ok=True)
-    state = model.state_dict()
-    tensors: dict[str, torch.Tensor] = {}
-    aliases: dict[str, str] = {}
-    by_ptr: dict[tuple[int, int, tuple], str] = {}
-    for name, t in state.items():
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
-        if key in by_ptr and t.numel():
-            aliases[name] = by_ptr[key]  # tied weights are stored once
-            continue
-        by_ptr[key] = name
-        tensors[name] = t.detach().contiguous()
-    quantized: dict[str, dict] = {}
-    experts: dict[str, dict] = {}
-    for name, mod in model.named_modules():
-        if isinstance(mod, QuantLinear):
-            quantized[name] = {**mod.meta.to_json(), "perm": mod.perm is not None, "bias": mod.bias is not None,
-                               "dtype": _dtype_name(mod.dtype)}
-        elif isinstance(mod, QuantExperts):
-            items = []
-            for e in mod.experts:
-                if isinstance(e, QuantExpert):
-                    items.append({"kind": "quant", "bits": e.down.meta.bits})
-                else:
-                    items.append({"kind": "dense", "bits": 16})
-            experts[name] = {"layout": "fused", "experts": items}
+    tensors, aliases = _stored_tensors(model)
+    quantized, experts = _quant_modules(model)
     path = out / TENSOR_FILE
     save_safetensors_atomic(path, tensors, metadata={"format": FORMAT})
     cats = account_model(model, adapter)
     acc = build_accounting(cats, bytes_on_disk=os.stat(path).st_size, resident_bytes=resident_bytes(model))
     cfg = getattr(model, "config", None)
-    manifest = {
+    cfg_dict = cfg.to_dict() if cfg is not None else None
+    if cfg_dict is not None:
+        cfg_dict.pop("quantization_config", None)
+    manifest = seal_manifest({
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "model_type": getattr(cfg, "model_type", None),
         "architecture": type(model).__name__,
         "adapter": getattr(adapter, "name", None),
-        "config": cfg.to_dict() if cfg is not None else None,
+        "config": cfg_dict,
         "dtype": _dtype_name(next(model.parameters()).dtype),
         "attn_implementation": getattr(cfg, "_attn_implementation", None),
         "plan": plan.model_dump(mode="json"),
@@ -184,20 +248,66 @@ def save_quantized(
         "aliases": aliases,
         "file": {"name": TENSOR_FILE, "bytes": os.stat(path).st_size, "sha256": _sha256(path)},
         "accounting": acc.model_dump(mode="json"),
-    }
+    })
+    _copy_side_files(source, out)
+    if cfg_dict is not None:
+        write_json_atomic(out / "config.json", _hf_config(model, manifest))
     write_json_atomic(out / MANIFEST_FILE, manifest)
     log.info("saved quantized model to %s: %s", out, acc.summary())
     return acc
 
 
+def _stored_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The model's state, each storage once; tied weights become aliases (name -> stored name)."""
+    tensors: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    by_ptr: dict[tuple[int, int, tuple], str] = {}
+    for name, t in model.state_dict().items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        if key in by_ptr and t.numel():
+            aliases[name] = by_ptr[key]  # tied weights are stored once
+            continue
+        by_ptr[key] = name
+        tensors[name] = t.detach().contiguous()
+    return tensors, aliases
+
+
+def _quant_modules(model: nn.Module) -> tuple[dict[str, dict], dict[str, dict]]:
+    quantized: dict[str, dict] = {}
+    experts: dict[str, dict] = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, QuantLinear):
+            quantized[name] = {**mod.meta.to_json(), "perm": mod.perm is not None, "bias": mod.bias is not None,
+                               "dtype": _dtype_name(mod.dtype)}
+        elif isinstance(mod, QuantExperts):
+            items = [{"kind": "quant", "bits": e.down.meta.bits} if isinstance(e, QuantExpert)
+                     else {"kind": "dense", "bits": 16} for e in mod.experts]
+            experts[name] = {"layout": "fused", "experts": items}
+    return quantized, experts
+
+
 # -- load -----------------------------------------------------------------------------------------------------------
 def read_manifest(ckpt_dir: str | os.PathLike[str]) -> dict:
-    m = read_json(Path(ckpt_dir) / MANIFEST_FILE, what="quantized-checkpoint manifest")
+    """The checkpoint's manifest, checked: format, version, required keys and its integrity digest."""
+    path = Path(ckpt_dir) / MANIFEST_FILE
+    m = read_json(path, what="quantized-checkpoint manifest")
     if not isinstance(m, dict) or m.get("format") != FORMAT:
-        raise CheckpointError(f"{ckpt_dir}: {MANIFEST_FILE} is not a {FORMAT} manifest")
+        raise CheckpointError(f"{path} is not a {FORMAT} manifest")
     if m.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{ckpt_dir}: format version {m.get('format_version')} is not supported "
-                              f"(this loader reads {FORMAT_VERSION})")
+        raise CheckpointError(f"{path}: format version {m.get('format_version')} is not supported (this loader "
+                              f"reads {FORMAT_VERSION}); re-run the quantization to rewrite the checkpoint")
+    missing = [k for k in REQUIRED_KEYS if k not in m]
+    if missing:
+        raise CheckpointError(f"{path}: the manifest lacks {missing} (required keys: {list(REQUIRED_KEYS)}); it "
+                              "was edited or truncated: re-run the quantization")
+    file = m["file"]
+    if not isinstance(file, dict) or not {"name", "bytes", "sha256"} <= set(file):
+        raise CheckpointError(f"{path}: \"file\" must name the tensor file with its bytes and sha256, got {file!r}")
+    integ = m["integrity"]
+    if not isinstance(integ, dict) or integ.get("digest") != manifest_digest(m):
+        raise CheckpointError(f"{path} was edited after it was written (its integrity digest does not match its "
+                              "content: bits, plan, accounting or model config changed); re-run the quantization "
+                              "rather than editing the manifest")
     return m
 
 
@@ -241,6 +351,19 @@ def load_quantized(
     """
     d = Path(ckpt_dir)
     man = read_manifest(d)
+    check_tensor_file(d, man, verify_hash=verify_hash)
+    if model is None:
+        model = _empty_model(man)
+    load_into(model, d, man, runtime=runtime, kernel=kernel)
+    meta_left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.device.type == "meta"]
+    if meta_left:
+        raise CheckpointError(f"parameters left uninitialised after loading: {meta_left[:5]}")
+    mark_compressed(model, d, man)
+    return model.eval()
+
+
+def check_tensor_file(d: Path, man: dict, *, verify_hash: bool = True) -> Path:
+    """The tensor file the manifest names, checked for presence, size and (optionally) SHA-256."""
     path = d / man["file"]["name"]
     if not path.is_file():
         raise CheckpointError(f"{path}: tensor file missing")
@@ -250,8 +373,36 @@ def load_quantized(
                               "truncated or was replaced; re-run the quantization")
     if verify_hash and _sha256(path) != man["file"]["sha256"]:
         raise CheckpointError(f"{path}: SHA-256 differs from the manifest: the file was edited or corrupted")
-    if model is None:
-        model = _empty_model(man)
+    return path
+
+
+def mark_compressed(model: nn.Module, ckpt_dir: Path, manifest: dict) -> None:
+    """Remember where ``model`` came from, so that ``model.save_pretrained(dir)`` writes a checkpoint directory
+    again (the plan, the report and the tokenizer files travel with it)."""
+    import types
+
+    model.mcmoe_manifest = manifest
+    model.mcmoe_source = Path(ckpt_dir)
+    model.save_pretrained = types.MethodType(save_pretrained_compressed, model)
+
+
+def save_pretrained_compressed(model: nn.Module, save_directory: str | os.PathLike[str], **_: Any) -> None:
+    """``save_pretrained`` of a loaded compressed model: :func:`save_quantized` with the manifest's plan, report
+    and quantization settings; tokenizer files and pruning settings are copied from the directory it came from."""
+    man, src = model.mcmoe_manifest, Path(model.mcmoe_source)
+    report = QuantReport.model_validate(man["report"]) if man.get("report") is not None else None
+    save_quantized(model, save_directory, plan=QuantPlan.model_validate(man["plan"]), report=report,
+                   config=QuantizeConfig.model_validate(man["quantize_config"]), source_dir=src)
+    for name in (PRUNING_FILE, Path(PRUNING_FILE).with_suffix(".safetensors").name):
+        if (src / name).is_file():
+            write_bytes_atomic(Path(save_directory) / name, (src / name).read_bytes())
+
+
+def load_into(model: nn.Module, d: Path, man: dict, *, runtime: Runtime = Runtime.PACKED,
+              kernel: Kernel = Kernel.AUTO) -> nn.Module:
+    """Replace ``model``'s quantized modules and assign every stored tensor (strict: see the module docstring).
+    Non-persistent buffers are left as they are."""
+    path = d / man["file"]["name"]
     dtype = getattr(torch, man["dtype"])
     try:
         fh = safe_open(str(path), framework="pt")
@@ -345,10 +496,7 @@ def load_quantized(
             mod_a, _, attr_a = alias.rpartition(".")
             mod_t, _, attr_t = target.rpartition(".")
             setattr(model.get_submodule(mod_a), attr_a, getattr(model.get_submodule(mod_t), attr_t))
-    meta_left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.device.type == "meta"]
-    if meta_left:
-        raise CheckpointError(f"parameters left uninitialised after loading: {meta_left[:5]}")
-    return model.eval()
+    return model
 
 
 def _owned_by_quant(model: nn.Module, key: str) -> bool:

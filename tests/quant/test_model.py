@@ -9,7 +9,8 @@ from tiny import batches, tiny_mixtral_q
 
 from mcmoe_vl.moe.interface import ExpertWeights
 from mcmoe_vl.quant.accounting import nominal_bits, resident_bytes
-from mcmoe_vl.quant.checkpoint import MANIFEST_FILE, TENSOR_FILE, CheckpointError, load_quantized, save_quantized
+from mcmoe_vl.quant.checkpoint import (MANIFEST_FILE, TENSOR_FILE, CheckpointError, load_quantized, save_quantized,
+                                      seal_manifest)
 from mcmoe_vl.quant.gptq import HessianAccumulator
 from mcmoe_vl.quant.model import HessianDtype, QuantizeConfig, quantize_expert, quantize_model
 from mcmoe_vl.quant.plan import PlanError, QuantPlan, load_plan
@@ -133,6 +134,9 @@ def test_refuses_truncated_edited_or_foreign_checkpoints(quantized, tmp_path):
     name = "model.layers.0.mlp.experts.experts.1.down.scale"
     man["tensors"][name]["shape"] = [128, 3]
     (bad / MANIFEST_FILE).write_text(json.dumps(man))
+    with pytest.raises(CheckpointError, match="edited after it was written"):
+        load_quantized(bad)
+    (bad / MANIFEST_FILE).write_text(json.dumps(seal_manifest(man)))  # a consistent but wrong manifest
     with pytest.raises(CheckpointError, match=r"down\.scale"):
         load_quantized(bad)
     # a model of another shape (3 layers) is refused with the missing tensors named
