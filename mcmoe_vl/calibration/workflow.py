@@ -72,7 +72,8 @@ EMBEDDED_SPLITS = ("train", "heldout", "ood")
 
 
 def calibration_text(data: str) -> str:
-    """Text of a ``.txt`` file or of an embedded split (``embedded:train|heldout|ood``, the stdlib corpus)."""
+    """Text of a ``.txt`` file, of an embedded split (``embedded:train|heldout|ood``, the stdlib corpus) or of a
+    Hugging Face dataset (``hf:<dataset>[:<config>[:<split>]]``)."""
     if data.startswith("embedded"):
         split = data.split(":", 1)[1] if ":" in data else "train"
         if split not in EMBEDDED_SPLITS:
@@ -81,10 +82,18 @@ def calibration_text(data: str) -> str:
 
         splits = stdlib_splits()
         return {"train": splits.train_text, "heldout": splits.heldout_text, "ood": splits.ood_text}[split]()
+    if data.startswith("hf:"):
+        from mcmoe_vl.data.hub import hub_text
+
+        return hub_text(data)
     p = Path(data)
     if not p.is_file():
         raise FileNotFoundError(f"calibration data not found: {p}")
-    return p.read_text(encoding="utf-8")
+    try:
+        return p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"calibration text {p} is not UTF-8 (byte {exc.start}: {exc.reason}); valid: a UTF-8 text "
+                         "file, a token-ids file (.json / .safetensors), embedded:<split> or hf:<dataset>") from None
 
 
 def calibration_ids(run: CalibrationRun | Any) -> torch.Tensor:

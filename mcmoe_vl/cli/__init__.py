@@ -21,6 +21,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="mcmoe-vl",
         description="Compress Mixture-of-Experts models (PMQ quantization, ODP/OTP pruning) and benchmark them.",
     )
+    from mcmoe_vl import __version__
+
+    parser.add_argument("--version", action="version", version=f"mcmoe-vl {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in SUBCOMMANDS:

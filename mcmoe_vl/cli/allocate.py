@@ -10,6 +10,8 @@ Precedence: flags, then ``--config`` (YAML or JSON with :class:`AllocationConfig
 from __future__ import annotations
 
 import argparse
+
+from mcmoe_vl.cli.common import help_style
 import json
 from pathlib import Path
 
@@ -22,7 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     from mcmoe_vl.allocation.allocators import ALLOCATORS
 
     p = sub.add_parser("allocate", help="allocate expert bit widths from calibration statistics",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                       **help_style(__doc__))
     p.add_argument("stats", help="calibration statistics JSON (from mcmoe-vl calibrate)")
     p.add_argument("--output", "-o", required=True, help="bit plan JSON to write")
     p.add_argument("--config", default=None, help="YAML / JSON file with allocation settings")

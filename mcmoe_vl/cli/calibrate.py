@@ -10,17 +10,19 @@ from __future__ import annotations
 
 import argparse
 
+from mcmoe_vl.cli.common import help_style, seq_len_for
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("calibrate", help="measure expert significance and the eps table on calibration data",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                       **help_style(__doc__))
     p.add_argument("model", help="model directory (config.json + safetensors)")
     p.add_argument("--data", required=True,
-                   help="text file, token-ids file (.json / .safetensors), or embedded:train / embedded:heldout / "
-                        "embedded:ood (the embedded standard-library corpus)")
+                   help="text file (UTF-8), token-ids file (.json / .safetensors), embedded:train / embedded:heldout "
+                        "/ embedded:ood (the embedded standard-library corpus), or hf:<dataset>[:<config>[:<split>]]")
     p.add_argument("--output", "-o", required=True, help="statistics JSON to write (and resume from)")
-    p.add_argument("--num-sequences", type=int, default=128, help="calibration sequences (default 128)")
-    p.add_argument("--seq-len", type=int, default=2048, help="tokens per sequence for text data (default 2048)")
+    p.add_argument("--num-sequences", type=int, default=128, help="calibration sequences")
+    p.add_argument("--seq-len", type=int, default=2048, help="tokens per sequence for text data")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--seed", type=int, default=0, help="seed of the random calibration windows")
     p.add_argument("--eps-bits", type=int, nargs="*", default=[1, 2, 3],
@@ -41,7 +43,8 @@ def run(args: argparse.Namespace) -> int:
 
     stats = calibrate_files(CalibrationRun(
         model=args.model, data=args.data, output=args.output, num_sequences=args.num_sequences,
-        seq_len=args.seq_len, batch_size=args.batch_size, seed=args.seed, dtype=args.dtype, device=args.device,
+        seq_len=seq_len_for(args.model, args.seq_len),
+        batch_size=args.batch_size, seed=args.seed, dtype=args.dtype, device=args.device,
         resume=not args.no_resume, significance_plot=args.plot, progress=not args.no_progress,
         calibration=CalibrationConfig(eps_bits=tuple(args.eps_bits), group_size=args.group_size,
                                       min_tokens=args.min_tokens),

@@ -12,13 +12,16 @@ from __future__ import annotations
 
 import argparse
 
+from mcmoe_vl.cli.common import help_style, seq_len_for
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("prune", help="fit dynamic expert pruning (ODP thresholds or OTP predictors)",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                       **help_style(__doc__))
     p.add_argument("model", help="model directory (config.json + safetensors)")
     p.add_argument("--data", required=True,
-                   help="text file, token-ids file (.json / .safetensors), or embedded:<name>")
+                   help="text file (UTF-8), token-ids file (.json / .safetensors), embedded:<name>, or "
+                        "hf:<dataset>[:<config>[:<split>]]")
     p.add_argument("--output", "-o", required=True, help="artifact JSON to write (OTP adds a .safetensors beside it)")
     p.add_argument("--method", required=True, choices=["odp", "otp"])
     p.add_argument("--prune-rate", type=float, default=None,
@@ -55,7 +58,8 @@ def run(args: argparse.Namespace) -> int:
                       protect_ratio=args.protect, protect_scope=args.protect_scope),
         otp=OTPConfig(prune_rate=args.prune_rate, steps=args.otp_steps, width=args.otp_width, lam=args.otp_lambda,
                       max_tokens=args.otp_max_tokens, seed=args.seed, layers=layers),
-        num_sequences=args.num_sequences, seq_len=args.seq_len, batch_size=args.batch_size, seed=args.seed,
+        num_sequences=args.num_sequences, seq_len=seq_len_for(args.model, args.seq_len),
+        batch_size=args.batch_size, seed=args.seed,
         dtype=args.dtype, device=args.device, progress=not args.no_progress,
     ))
     print(f"wrote {args.output}: {art.method.value} on decoder layers {art.pruned_layers}")

@@ -1,9 +1,11 @@
 """``mcmoe-vl quantize``: model directory + bit plan + calibration data -> compressed checkpoint directory.
 
-    mcmoe-vl quantize MODEL_DIR --plan plan.json --data calib.txt --output runs/q [--act-order] [--runtime packed]
+    mcmoe-vl quantize MODEL_DIR --plan plan.json --data calib.txt --output runs/q [--act-order]
 
 The plan is a hand-written ``mcmoe_vl.quant_plan`` JSON or the allocator's BitPlan (``mcmoe-vl allocate``).
-Writes ``model.safetensors`` and ``quant_manifest.json`` (plan, bits per tensor, accounting). Calls
+Writes a Hugging Face model directory: config.json (with a quantization_config), the tokenizer and generation
+files of MODEL_DIR, model.safetensors (packed weights) and quant_manifest.json (plan, bits per tensor, accounting).
+After ``import mcmoe_vl``, transformers' ``AutoModelForCausalLM.from_pretrained(OUTPUT)`` loads it. Calls
 :func:`mcmoe_vl.quant.workflow.quantize_files`.
 """
 
@@ -11,14 +13,17 @@ from __future__ import annotations
 
 import argparse
 
+from mcmoe_vl.cli.common import help_style, seq_len_for
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("quantize", help="quantize a model to a bit plan (GPTQ, packed checkpoint)",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                       **help_style(__doc__))
     p.add_argument("model", help="model directory (config.json + safetensors)")
     p.add_argument("--plan", required=True, help="bit plan JSON (hand-written or from `mcmoe-vl allocate`)")
     p.add_argument("--data", required=True,
-                   help="text file, token-ids file (.json / .safetensors), or embedded:train|heldout|ood")
+                   help="text file (UTF-8), token-ids file (.json / .safetensors), embedded:train|heldout|ood, or "
+                        "hf:<dataset>[:<config>[:<split>]]")
     p.add_argument("--output", "-o", required=True, help="checkpoint directory to write")
     p.add_argument("--num-sequences", type=int, default=128)
     p.add_argument("--seq-len", type=int, default=2048)
@@ -43,7 +48,8 @@ def run(args: argparse.Namespace) -> int:
 
     acc = quantize_files(QuantizeRun(
         model=args.model, plan=args.plan, data=args.data, output=args.output, num_sequences=args.num_sequences,
-        seq_len=args.seq_len, batch_size=args.batch_size, seed=args.seed, dtype=args.dtype, device=args.device,
+        seq_len=seq_len_for(args.model, args.seq_len),
+        batch_size=args.batch_size, seed=args.seed, dtype=args.dtype, device=args.device,
         quantize=QuantizeConfig(act_order=args.act_order, static_groups=args.static_groups,
                                 range_search=args.range_search, damp=args.damp, min_tokens=args.min_tokens,
                                 hessian_dtype=args.hessian_dtype, progress=not args.no_progress),

@@ -11,12 +11,14 @@ Calls :func:`mcmoe_vl.report.build.build_report`.
 from __future__ import annotations
 
 import argparse
+
+from mcmoe_vl.cli.common import help_style
 import shlex
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("report", help="build the markdown report from results files",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                       **help_style(__doc__))
     p.add_argument("results", nargs="+", help="results files or directories")
     p.add_argument("--output", "-o", default="reports/report", help="report directory (default: reports/report)")
     p.add_argument("--baseline", default=None, help="recipe every row is compared with (default: 16-bit rows)")

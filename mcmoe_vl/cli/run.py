@@ -13,6 +13,8 @@ Calls :func:`mcmoe_vl.suite.runner.run_suite`.
 from __future__ import annotations
 
 import argparse
+
+from mcmoe_vl.cli.common import help_style
 import shlex
 import sys
 from pathlib import Path
@@ -30,7 +32,7 @@ def default_suite_path() -> Path:
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("run", help="run a benchmark suite (default: the embedded default suite) and report",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                       **help_style(__doc__))
     p.add_argument("suite", nargs="?", default=None, help=f"suite file, TOML or YAML (default: {DEFAULT_SUITE})")
     p.add_argument("--run-dir", default=None, help="where stage artifacts are cached (default: runs/<suite>)")
     p.add_argument("--report-dir", default=None, help="where the report goes (default: reports/<suite>)")

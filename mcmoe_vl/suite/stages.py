@@ -95,20 +95,9 @@ def source_text(data: str, *, base: Path | None = None, text_field: str = "text"
                 ) -> str:
     """The text of a calibration source: ``embedded:<split>``, a text file, or ``hf:<dataset>[:<config>[:<split>]]``."""
     if data.startswith("hf:"):
-        parts = data[3:].split(":")
-        name, config = parts[0], (parts[1] if len(parts) > 1 and parts[1] else None)
-        split = parts[2] if len(parts) > 2 else "train"
-        import datasets
+        from mcmoe_vl.data.hub import hub_text
 
-        ds = datasets.load_dataset(name, config, split=split, streaming=True)
-        chunks, n = [], 0
-        for row in ds:
-            t = row[text_field]
-            chunks.append(t)
-            n += len(t)
-            if n >= max_chars:
-                break
-        return "\n\n".join(chunks)
+        return hub_text(data, text_field=text_field, max_chars=max_chars)
     from mcmoe_vl.calibration.workflow import calibration_text
 
     if not data.startswith("embedded") and base is not None and not Path(data).is_absolute():

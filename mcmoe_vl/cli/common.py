@@ -1,0 +1,45 @@
+"""Shared CLI pieces: plain-text help with defaults shown, and the context-length clamp."""
+
+from __future__ import annotations
+
+import argparse
+import re
+from typing import Any
+
+_ROLE = re.compile(r":(?:func|class|mod|meth|attr|data|obj):`~?([^`]+)`")
+_LITERAL = re.compile(r"``([^`]+)``")
+
+
+def plain(doc: str | None) -> str:
+    """A docstring as plain text: Sphinx roles (:func:`x`) and literals (``x``) lose their markup."""
+    return _LITERAL.sub(r"\1", _ROLE.sub(r"\1", doc or ""))
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Descriptions as written (examples keep their layout); each option's default appended to its help unless
+    the help already states one or there is none to state."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if ("default" in text or default in (None, False, argparse.SUPPRESS) or not action.option_strings
+                or "%(default)" in text):
+            return text
+        shown = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else default
+        return f"{text} (default: {shown})".strip()
+
+
+def help_style(doc: str | None) -> dict[str, Any]:
+    """Keyword arguments for ``add_parser``: the module docstring as plain text, with :class:`HelpFormatter`."""
+    return {"description": plain(doc), "formatter_class": HelpFormatter}
+
+
+def examples(doc: str | None) -> list[str]:
+    """The command lines shown in a help text (lines starting with ``mcmoe-vl``)."""
+    return [ln.strip() for ln in plain(doc).splitlines() if ln.strip().startswith("mcmoe-vl ")]
+
+
+def seq_len_for(model_dir: str, seq_len: int) -> int:
+    from mcmoe_vl.calibration.limits import clamp_seq_len
+
+    return clamp_seq_len(model_dir, seq_len)
