@@ -16,3 +16,11 @@ def _register_with_transformers() -> None:
 
 
 _register_with_transformers()
+
+
+def __getattr__(name: str):  # the one-call API, imported on first use
+    if name in ("compress", "CompressedModel"):
+        from mcmoe_vl import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'mcmoe_vl' has no attribute {name!r}")

@@ -42,12 +42,12 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from mcmoe_vl.io import read_json, save_safetensors_atomic, write_bytes_atomic, write_json_atomic
+from mcmoe_vl.io import _json_default, read_json, save_safetensors_atomic, write_bytes_atomic, write_json_atomic
 
 from .accounting import Accounting, CategoryBits, build_accounting, resident_bytes
 from .model import QuantizeConfig, QuantReport
 from .packed import PackedMeta, PackedTensor
-from .plan import QuantPlan
+from .plan import QuantPlan, as_quant_plan
 from .qlinear import DenseExpert, Kernel, QuantExpert, QuantExperts, QuantLinear, Runtime
 
 log = logging.getLogger(__name__)
@@ -168,7 +168,8 @@ def manifest_digest(manifest: dict) -> str:
 
 
 def seal_manifest(manifest: dict) -> dict:
-    """``manifest`` with its ``integrity`` digest (re)computed."""
+    """``manifest`` (as plain JSON values) with its ``integrity`` digest (re)computed."""
+    manifest = json.loads(json.dumps(manifest, default=_json_default))  # the digest is of what lands on disk
     return {**manifest, "integrity": {"algorithm": "sha256", "digest": manifest_digest(manifest)}}
 
 
@@ -190,8 +191,12 @@ def _copy_side_files(source_dir: Path | None, out: Path) -> list[str]:
 
 
 def _hf_config(model: nn.Module, manifest: dict) -> dict:
-    cfg = dict(manifest["config"] or {})
-    cfg["architectures"] = [manifest["architecture"]]
+    """config.json: the model's config in its checkpoint layout (a port whose checkpoints keep an upstream layout,
+    such as DeepSeek-VL2's, says so with ``to_official_dict``) plus the ``quantization_config``."""
+    official = getattr(model.config, "to_official_dict", None)
+    cfg = json.loads(json.dumps(official(), default=_json_default)) if official else dict(manifest["config"] or {})
+    if not official:
+        cfg["architectures"] = [manifest["architecture"]]
     cfg["quantization_config"] = quantization_config_dict(manifest)
     return cfg
 
@@ -212,6 +217,7 @@ def save_quantized(
     ``source_dir``: the directory the model was loaded from (default: ``model.config._name_or_path`` when it is a
     local directory); its tokenizer, processor and generation files are copied, and ``out_dir`` may not be it.
     """
+    plan = as_quant_plan(plan)
     if adapter is None:
         from model_adapters import get_adapter
 

@@ -32,7 +32,7 @@ from mcmoe_vl.moe.interface import ExpertWeights, FusedExpertStorage, ModuleList
 
 from .gptq import HessianAccumulator, QuantResult, gptq_quantize, prepare_inverse, rtn_quantize
 from .packed import PackedTensor
-from .plan import PlanError, QuantPlan
+from .plan import PlanError, QuantPlan, as_quant_plan
 from .qlinear import DenseExpert, QuantExpert, QuantExperts, QuantLinear, Runtime, concat_rows
 from .quantizer import get_quantizer
 
@@ -197,7 +197,9 @@ def quantize_model(
 
     Returns a :class:`QuantReport`. Afterwards the model holds :class:`QuantLinear` / :class:`QuantExperts`
     modules in ``config.runtime`` and can be saved with :func:`mcmoe_vl.quant.checkpoint.save_quantized`.
+    ``plan``: a :class:`QuantPlan` or the allocator's ``BitPlan`` (or any form :func:`as_quant_plan` reads).
     """
+    plan = as_quant_plan(plan)  # before anything reads the plan
     from mcmoe_vl.moe.layerwise import iterate_layers
 
     cfg = config or QuantizeConfig()

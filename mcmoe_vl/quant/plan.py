@@ -178,6 +178,23 @@ def plan_from_dict(data: Any, *, source: str = "plan") -> QuantPlan:
                     "allocator BitPlan (\"format_version\" and \"layers\")")
 
 
+def as_quant_plan(plan: Any) -> QuantPlan:
+    """The engine's plan from any plan form: a :class:`QuantPlan`, the allocator's
+    :class:`~mcmoe_vl.allocation.plan.BitPlan`, a plan dict (either JSON form) or a plan file path."""
+    if isinstance(plan, QuantPlan):
+        return plan
+    from mcmoe_vl.allocation.plan import BitPlan
+
+    if isinstance(plan, BitPlan):
+        return QuantPlan.from_bit_plan(plan)
+    if isinstance(plan, dict):
+        return plan_from_dict(plan)
+    if isinstance(plan, (str, os.PathLike)):
+        return load_plan(plan)
+    raise PlanError(f"a plan must be a QuantPlan, the allocator's BitPlan, a plan dict or a plan file path; got "
+                    f"{type(plan).__name__}")
+
+
 def load_plan(path: str | os.PathLike[str]) -> QuantPlan:
     """Read a plan file of either form."""
     return plan_from_dict(read_json(path, what="plan"), source=str(path))

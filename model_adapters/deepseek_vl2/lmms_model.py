@@ -73,21 +73,23 @@ class DeepseekVL2LMMS(lmms):
         *,
         dtype: torch.dtype = torch.bfloat16,
         device: str = "cuda" if torch.cuda.is_available() else "cpu",
+        apply_pruning: bool = True,
         **kw: Any,
     ) -> DeepseekVL2LMMS:
-        """From an official checkpoint directory (or a Hub id, downloaded with ``huggingface_hub``)."""
+        """From an official checkpoint directory (or a Hub id, downloaded with ``huggingface_hub``), or a compressed
+        directory (packed weights; its pruning settings applied unless ``apply_pruning=False``)."""
         from pathlib import Path
 
         from transformers import AutoTokenizer
 
-        from .loading import load_official
+        from .loading import from_pretrained
 
         local = Path(path)
         if not local.is_dir():
             from huggingface_hub import snapshot_download
 
             local = Path(snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
-        model = load_official(local, dtype=dtype, device=device)
+        model = from_pretrained(local, dtype=dtype, device=device, apply_pruning=apply_pruning)
         processor = DeepseekVL2Processor.from_config(AutoTokenizer.from_pretrained(str(local)), model)
         return cls(model, processor, **kw)
 

@@ -9,7 +9,9 @@ model tensor exactly once, so a load that passes the key check leaves nothing at
 - :func:`model_from_config` (a config dict in the official layout -> a randomly initialised model),
 - :func:`load_official` (a checkpoint directory -> the model; any missing or unexpected key is an error naming it),
 - :func:`save_official` (the model -> ``config.json`` + ``model.safetensors`` in the official layout, loadable by
-  :func:`load_official` and by the official code).
+  :func:`load_official` and by the official code),
+- :func:`from_pretrained` (either an official checkpoint or a compressed directory written by
+  :func:`mcmoe_vl.quant.checkpoint.save_quantized`: packed modules, strict, its pruning settings applied).
 """
 
 from __future__ import annotations
@@ -248,7 +250,56 @@ def load_official(
             for p in layout[key].parts:
                 dst = params[p.port_name]
                 dst[p.port_index].copy_(src[p.official_index])
+    model.config._name_or_path = str(path)  # where its tokenizer is; a compressed copy may not be written here
     return model.eval()
+
+
+def from_pretrained(
+    path: str | Path,
+    *,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+    attn_implementation: str | None = None,
+    apply_pruning: bool = True,
+    runtime: str = "packed",
+) -> DeepseekVL2ForCausalLM:
+    """An official checkpoint (:func:`load_official`) or a compressed directory (:func:`load_compressed`)."""
+    from mcmoe_vl.quant.checkpoint import MANIFEST_FILE
+
+    path = Path(path)
+    if (path / MANIFEST_FILE).is_file():
+        return load_compressed(path, device=device, apply_pruning=apply_pruning, runtime=runtime,
+                               attn_implementation=attn_implementation)
+    return load_official(path, dtype=dtype or torch.float32, device=device,
+                         attn_implementation=attn_implementation or "sdpa")
+
+
+def load_compressed(path: str | Path, *, device: str | torch.device = "cpu", apply_pruning: bool = True,
+                    runtime: str = "packed", attn_implementation: str | None = None) -> DeepseekVL2ForCausalLM:
+    """A compressed directory: config.json (official layout) checked against the integrity-checked manifest, the
+    packed model loaded strictly by :func:`mcmoe_vl.quant.checkpoint.load_quantized`, pruning settings applied."""
+    from accelerate import init_empty_weights
+
+    from mcmoe_vl.hf.quantizer import apply_saved_pruning, config_mismatches
+    from mcmoe_vl.quant.checkpoint import PRUNING_FILE, CheckpointError, load_quantized, read_manifest
+    from mcmoe_vl.quant.qlinear import Runtime
+
+    path = Path(path)
+    man = read_manifest(path)
+    official = {k: v for k, v in read_official_config(path).items() if k != "quantization_config"}
+    cfg = DeepseekVL2Config.from_official(official)
+    have = json.loads(json.dumps(cfg.to_dict(), default=lambda o: o.model_dump(mode="json")))
+    bad = config_mismatches(man["config"] or {}, have)
+    if bad:
+        raise CheckpointError(f"{path / 'config.json'} differs from the model config in the manifest in {bad[:8]}: "
+                              "it was edited; the packed weights were made for the manifest's")
+    _set_attn(cfg, attn_implementation or man.get("attn_implementation") or "sdpa")
+    with init_empty_weights(include_buffers=False):
+        skeleton = DeepseekVL2ForCausalLM(cfg).to(getattr(torch, man["dtype"]))
+    model = load_quantized(path, model=skeleton.eval(), runtime=Runtime(runtime)).to(device)
+    model.config._name_or_path = str(path)
+    model.mcmoe_pruning = apply_saved_pruning(model, path / PRUNING_FILE) if apply_pruning else None
+    return model
 
 
 def official_state_dict(model: DeepseekVL2ForCausalLM) -> dict[str, torch.Tensor]:
