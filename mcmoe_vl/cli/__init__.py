@@ -13,7 +13,8 @@ import sys
 from collections.abc import Sequence
 
 # Order is the order shown in --help.
-SUBCOMMANDS: tuple[str, ...] = ("run", "report", "calibrate", "allocate", "quantize", "prune", "adapters")
+PASSTHROUGH: tuple[str, ...] = ("eval",)  # subcommands that take arguments after --
+SUBCOMMANDS: tuple[str, ...] = ("run", "report", "calibrate", "allocate", "quantize", "prune", "eval", "adapters")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,7 +34,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    passthrough: list[str] = []
+    if "--" in argv:  # the rest goes to the tool a subcommand wraps (mcmoe-vl eval: the harness)
+        i = argv.index("--")
+        argv, passthrough = argv[:i], argv[i + 1:]
     args = parser.parse_args(argv)
+    if passthrough and args.command not in PASSTHROUGH:
+        parser.error(f"arguments after -- are only for {', '.join(PASSTHROUGH)}")
+    args.passthrough = passthrough
     logging.basicConfig(
         level=logging.WARNING - 10 * min(args.verbose + 1, 2),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

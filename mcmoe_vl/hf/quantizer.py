@@ -35,10 +35,13 @@ _VOLATILE = {"transformers_version", "_name_or_path", "architectures", "quantiza
 
 
 @contextlib.contextmanager
-def loading_options(*, apply_pruning: bool = True) -> Iterator[None]:
+def loading_options(*, apply_pruning: bool = True, runtime: str = "packed") -> Iterator[None]:
     """Options for ``from_pretrained`` calls inside the block: ``apply_pruning=False`` loads without the
-    directory's pruning settings."""
-    token = _OPTIONS.set({"apply_pruning": apply_pruning})
+    directory's pruning settings; ``runtime="fake"`` caches the dequantised weights (16-bit memory, faster, the
+    same outputs bit for bit; see :class:`mcmoe_vl.quant.qlinear.Runtime`)."""
+    from mcmoe_vl.quant.qlinear import Runtime
+
+    token = _OPTIONS.set({"apply_pruning": apply_pruning, "runtime": Runtime(runtime)})
     try:
         yield
     finally:
@@ -122,7 +125,7 @@ def _classes() -> tuple[type, type]:
                 raise CheckpointError(f"{d / 'config.json'} differs from the model config in {MANIFEST_FILE} in "
                                       f"{bad[:8]}: it was edited; the packed weights were made for the manifest's")
             check_tensor_file(d, man)
-            load_into(model, d, man)
+            load_into(model, d, man, runtime=_OPTIONS.get().get("runtime", "packed"))
             self.ckpt_dir, self.manifest = d, man
             return model
 
@@ -132,6 +135,10 @@ def _classes() -> tuple[type, type]:
             if left:
                 raise CheckpointError(f"parameters left uninitialised after loading: {left[:5]}")
             assert self.ckpt_dir is not None and self.manifest is not None
+            from mcmoe_vl.quant.qlinear import Runtime, set_runtime
+
+            if _OPTIONS.get().get("runtime") is Runtime.FAKE:
+                set_runtime(model, Runtime.FAKE)  # the caches from the tensors as finally loaded
             mark_compressed(model, self.ckpt_dir, self.manifest)
             apply = _OPTIONS.get().get("apply_pruning", True) and self.quantization_config.apply_pruning
             model.mcmoe_pruning = apply_saved_pruning(model, self.ckpt_dir / self.quantization_config.pruning_file) \
