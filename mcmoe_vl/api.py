@@ -192,10 +192,9 @@ def _token_ids(data: Any, tokenizer: Any, source: Path | None, *, num_sequences:
     """(N, S) int64 calibration ids from any accepted form of ``data``."""
     from mcmoe_vl.calibration.data import load_token_ids, token_windows
 
-    if isinstance(data, torch.Tensor) or (isinstance(data, Sequence) and not isinstance(data, str) and data
-                                          and not isinstance(data[0], str)):
+    if isinstance(data, torch.Tensor) or _is_id_rows(data):
         ids = data if isinstance(data, torch.Tensor) else torch.tensor([list(r) for r in data])
-        if ids.dim() != 2 or ids.is_floating_point() or ids.numel() == 0:
+        if ids.dim() != 2 or ids.is_floating_point() or ids.dtype == torch.bool or ids.numel() == 0:
             raise ValueError(f"token ids must be a non-empty (N, S) integer tensor or list of lists, got "
                              f"{ids.dtype} {tuple(ids.shape)}")
         return ids.to(torch.int64)[:num_sequences]
@@ -211,6 +210,13 @@ def _token_ids(data: Any, tokenizer: Any, source: Path | None, *, num_sequences:
         seq_len = clamp_seq_len(source, seq_len)
     stream = tokenizer(text, add_special_tokens=False)["input_ids"]
     return token_windows(stream, seq_len, num_sequences, seed=seed)
+
+
+def _is_id_rows(data: Any) -> bool:
+    """A non-empty list of equal-length lists of ints."""
+    return (isinstance(data, Sequence) and not isinstance(data, str) and bool(data)
+            and all(isinstance(r, Sequence) and not isinstance(r, str) and r
+                    and all(isinstance(v, int) and not isinstance(v, bool) for v in r) for r in data))
 
 
 def _text(data: Any) -> str:
