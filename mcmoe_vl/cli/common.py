@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import re
 from typing import Any
 
@@ -19,14 +20,26 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """Descriptions as written (examples keep their layout); each option's default appended to its help unless
     the help already states one or there is none to state."""
 
-    def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
+    @staticmethod
+    def _default(action: argparse.Action) -> str | None:
         default = action.default
-        if ("default" in text or default in (None, False, argparse.SUPPRESS) or not action.option_strings
-                or "%(default)" in text):
+        if (default is None or default is False or default == argparse.SUPPRESS or not action.option_strings
+                or "default" in (action.help or "")):
+            return None
+        return " ".join(map(str, default)) if isinstance(default, (list, tuple)) else str(default)
+
+    def _format_action(self, action: argparse.Action) -> str:
+        if not action.help and self._default(action) is not None:
+            action = copy.copy(action)
+            action.help = f"(default: {self._default(action).replace('%', '%%')})"  # argparse shows no help line
+            # (hence no default) for an option without help
+        return super()._format_action(action)
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text, shown = (action.help or "").strip(), self._default(action)
+        if shown is None:
             return text
-        shown = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else default
-        return f"{text} (default: {shown})".strip()
+        return f"{text} (default: {shown.replace('%', '%%')})".strip()
 
 
 def help_style(doc: str | None) -> dict[str, Any]:
@@ -35,8 +48,9 @@ def help_style(doc: str | None) -> dict[str, Any]:
 
 
 def examples(doc: str | None) -> list[str]:
-    """The command lines shown in a help text (lines starting with ``mcmoe-vl``)."""
-    return [ln.strip() for ln in plain(doc).splitlines() if ln.strip().startswith("mcmoe-vl ")]
+    """The command lines shown in a help text (indented lines starting with ``mcmoe-vl``)."""
+    return [ln.strip() for ln in plain(doc).splitlines()
+            if ln[:1] in (" ", "\t") and ln.strip().startswith("mcmoe-vl ")]
 
 
 def seq_len_for(model_dir: str, seq_len: int) -> int:
