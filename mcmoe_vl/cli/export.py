@@ -1,0 +1,37 @@
+"""mcmoe-vl export: a compressed checkpoint directory -> a format other engines read.
+
+    mcmoe-vl export runs/q --format compressed-tensors --output runs/q-ct
+
+compressed-tensors (pack-quantized, per-group int codes of 1-8 bits) is read by vLLM and by transformers with
+the compressed-tensors package. 1-bit experts are written as 2-bit codes {0, 2} with zero 1 (exactly the same
+weights), and the command says how many. docs/interop.md names which engine serves which export. Calls
+mcmoe_vl.export.compressed_tensors.export_compressed_tensors.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from mcmoe_vl.cli.common import help_style
+
+FORMATS = ("compressed-tensors",)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="export a compressed checkpoint for other engines", **help_style(__doc__))
+    p.add_argument("checkpoint", help="compressed checkpoint directory (from mcmoe-vl quantize or a suite)")
+    p.add_argument("--format", required=True, choices=FORMATS, help="output format")
+    p.add_argument("--output", "-o", required=True, help="directory to write")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from mcmoe_vl.export.compressed_tensors import export_compressed_tensors
+
+    summary = export_compressed_tensors(args.checkpoint, args.output)
+    widths = ", ".join(f"{n} at {w}" for w, n in summary["modules"].items())
+    print(f"wrote {args.output} ({args.format}): {widths}")
+    if summary["one_bit_as_two"]:
+        print(f"{len(summary['one_bit_as_two'])} 1-bit linears written as 2-bit codes {{0, 2}} with zero 1 "
+              "(the same weights; compressed-tensors cannot express a symmetric 1-bit code)")
+    return 0
