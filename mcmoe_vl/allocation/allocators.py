@@ -105,6 +105,8 @@ def units_for(config: AllocationConfig, bits: tuple[int, ...] | None = None) -> 
 def solve_costs(layers: list[LayerInputs], costs: list[np.ndarray], config: AllocationConfig) -> list[np.ndarray]:
     """Solve the allocation program for the given per-layer cost matrices; returns widths per layer."""
     units = units_for(config)
+    if config.per_layer_uniform:
+        return solve_per_layer_uniform(layers, costs, config, units)
     required = tuple(config.bits.index(w) for w in config.required)
     blocks = [Block(la.name, c, required) for la, c in zip(layers, costs, strict=True)]
     masks = [reachable_mask(la.n, units.costs, required) for la in layers]
@@ -121,6 +123,47 @@ def solve_costs(layers: list[LayerInputs], costs: list[np.ndarray], config: Allo
                             units, sumset(masks))
     choices = solve(blocks, units.costs, budget, config.solver, time_limit_s=config.time_limit_s)
     return [widths[c] for c in choices]
+
+
+def solve_per_layer_uniform(layers: list[LayerInputs], costs: list[np.ndarray], config: AllocationConfig,
+                            units: UnitCosts) -> list[np.ndarray]:
+    """One width per layer minimising the summed cost within the model-wide budget: an exact dynamic program over
+    (layer, total units), each layer spending ``n * units[j]`` for width j at cost ``sum_i cost[i, j]``."""
+    widths = np.asarray(config.bits)
+    spend = [np.asarray(units.costs, dtype=np.int64) * la.n for la in layers]  # (m,) per layer
+    top = int(sum(s.max() for s in spend))
+    masks = []
+    for s in spend:
+        m = np.zeros(int(s.max()) + 1, dtype=bool)
+        m[s] = True
+        masks.append(m)
+    total = sum(la.n for la in layers)
+    budget = resolve_budget(f"model ({len(layers)} MoE layers, one width per layer)", total, config.target_bits,
+                            units, sumset(masks))
+    best = np.full(top + 1, np.inf)
+    best[0] = 0.0
+    picks = []
+    for s, c in zip(spend, costs, strict=True):
+        layer_cost = c.sum(axis=0)  # (m,)
+        new, pick = np.full(top + 1, np.inf), np.full(top + 1, -1, dtype=np.int64)
+        for j, (u, v) in enumerate(zip(s, layer_cost)):
+            cand = np.full(top + 1, np.inf)
+            cand[u:] = best[: top + 1 - u] + v
+            better = cand < new
+            new[better], pick[better] = cand[better], j
+        best = new
+        picks.append(pick)
+    allowed = np.arange(top + 1) == budget.units if budget.exact else np.arange(top + 1) <= budget.units
+    end = int(np.argmin(np.where(allowed, best, np.inf)))
+    if not np.isfinite(best[end]):
+        raise AllocationError(f"no per-layer-uniform assignment meets the budget of {config.target_bits:g} bits")
+    chosen = []
+    for s, pick in zip(reversed(spend), reversed(picks)):  # backtrack from the best reachable total
+        j = int(pick[end])
+        chosen.append(j)
+        end -= int(s[j])
+    chosen.reverse()
+    return [np.full(la.n, widths[j], dtype=np.int64) for la, j in zip(layers, chosen)]
 
 
 def _proxy_error(bits: tuple[int, ...]) -> np.ndarray:

@@ -45,6 +45,9 @@ class AllocationConfig(BaseModel):
     param_bits: int = Field(16, ge=1)  # bits of each stored scale / zero
     other_bits: int = Field(4, ge=1)  # every other quantized linear layer (attention, router, dense MLPs)
     shared_experts_bits: int = Field(4, ge=1)  # shared experts are not in the program (METHOD.md section 3)
+    # One width for all routed experts of a layer (serving engines need one format per layer; docs/interop.md).
+    # The budget is then model-wide, and the per-layer required widths cannot apply (one width cannot meet them).
+    per_layer_uniform: bool = False
 
     @field_validator("bits")
     @classmethod
@@ -63,6 +66,9 @@ class AllocationConfig(BaseModel):
             bad = [w for w in self.require_widths if w not in self.bits]
             if bad:
                 raise ValueError(f"require_widths {bad} are not in the bit set {list(self.bits)}")
+        if self.per_layer_uniform and self.require_widths:
+            raise ValueError(f"per_layer_uniform gives each layer one width, so require_widths "
+                             f"{list(self.require_widths)} cannot hold; leave it unset or empty")
         lo, hi = self.block_widths
         if not lo < hi:
             raise ValueError(f"block_widths must be (low, high) with low < high, got {self.block_widths}")
@@ -71,6 +77,8 @@ class AllocationConfig(BaseModel):
     @property
     def required(self) -> tuple[int, ...]:
         """The widths that need >= 1 expert per layer (resolved default)."""
+        if self.per_layer_uniform:
+            return ()
         if self.require_widths is not None:
             return tuple(sorted(set(self.require_widths)))
         return tuple(w for w in (2, 3) if w in self.bits)

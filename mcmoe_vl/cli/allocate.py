@@ -17,7 +17,8 @@ from pathlib import Path
 
 # flag dest -> AllocationConfig field (all flags default to None so that only given ones override the file)
 _FIELDS = ("method", "target_bits", "budget", "bits", "scope", "alpha", "beta", "gamma", "require_widths",
-           "solver", "time_limit_s", "seed", "block_widths", "group_size", "other_bits", "shared_experts_bits")
+           "solver", "time_limit_s", "seed", "block_widths", "group_size", "other_bits", "shared_experts_bits",
+           "per_layer_uniform")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -45,6 +46,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--group-size", type=int, default=None)
     p.add_argument("--other-bits", type=int, default=None, help="width of other linear layers (default 4)")
     p.add_argument("--shared-experts-bits", type=int, default=None, help="width of shared experts (default 4)")
+    p.add_argument("--per-layer-uniform", action="store_true", default=None,
+                   help="one width for all experts of a layer (what serving engines need; model-wide budget)")
     p.add_argument("--heatmap", default=None, help="also write the bit-allocation heatmap (PNG)")
     p.set_defaults(func=run)
 
