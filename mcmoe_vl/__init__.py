@@ -10,9 +10,10 @@ __version__ = "0.1.0"
 def _register_with_transformers() -> None:
     try:
         from mcmoe_vl.hf import register
-    except ImportError:  # transformers missing: nothing to register with
+
+        register()
+    except ImportError:  # transformers missing, or one without quantizer registration: nothing to register with
         return
-    register()
 
 
 _register_with_transformers()
