@@ -47,7 +47,8 @@ def test_bad_arguments_fail_before_the_model_is_loaded(monkeypatch):
 
 def test_token_ids_in_bit_plan_out_and_its_plan_reused(tmp_path):
     cm = mcmoe_vl.compress(str(EMBEDDED), _ids().tolist(), target_bits=2.0, num_sequences=3)
-    assert type(cm.bit_plan).__name__ == "BitPlan" and cm.plan.experts == {lp.index: lp.bits for lp in cm.bit_plan.layers}
+    assert type(cm.bit_plan).__name__ == "BitPlan"
+    assert cm.plan.experts == {lp.index: lp.bits for lp in cm.bit_plan.layers}
     assert cm.stats.num_sequences == 3
     acc = cm.accounting
     assert acc.bytes_on_disk is None and 1.5 < acc.summary()["effective_bits_experts"] < 3.0

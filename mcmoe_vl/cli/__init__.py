@@ -14,7 +14,8 @@ from collections.abc import Sequence
 
 # Order is the order shown in --help.
 PASSTHROUGH: tuple[str, ...] = ("eval",)  # subcommands that take arguments after --
-SUBCOMMANDS: tuple[str, ...] = ("run", "report", "calibrate", "allocate", "quantize", "prune", "eval", "export", "adapters")
+SUBCOMMANDS: tuple[str, ...] = ("run", "report", "calibrate", "allocate", "quantize", "prune", "eval", "export",
+                                "adapters")
 
 
 def build_parser() -> argparse.ArgumentParser:

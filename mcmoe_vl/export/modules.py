@@ -74,7 +74,8 @@ def model_linears(model: nn.Module) -> Iterator[IntLinear | tuple[str, torch.Ten
                 yield from _expert(hub_name(model_type, f"{name}.{e}"), ex, gate, up, down)
 
 
-def _expert(prefix: str, ex: nn.Module, gate: str, up: str, down: str) -> Iterator[IntLinear | tuple[str, torch.Tensor]]:
+def _expert(prefix: str, ex: nn.Module, gate: str, up: str,
+            down: str) -> Iterator[IntLinear | tuple[str, torch.Tensor]]:
     if isinstance(ex, QuantExpert):
         if ex.gate_up is not None:
             rows = ex.gate_up.out_features // 2  # [gate; up] stacked by rows

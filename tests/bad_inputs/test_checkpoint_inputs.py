@@ -16,7 +16,6 @@ from safetensors.torch import save_file
 from mcmoe_vl.cli import main
 from mcmoe_vl.quant.checkpoint import (MANIFEST_FILE, TENSOR_FILE, CheckpointError, load_quantized, read_manifest,
                                        save_quantized)
-from mcmoe_vl.quant.model import QuantizeConfig, quantize_model
 from mcmoe_vl.quant.plan import QuantPlan
 
 ROOT = Path(__file__).resolve().parents[2]
