@@ -117,7 +117,8 @@ def compress(
     ``model_or_path``: a model instance or a local model directory. ``data``: a list of strings, a dataset name
     (``embedded:train``, ``hf:<dataset>[:<config>[:<split>]]``, or a text / token-ids file), or token ids (an
     (N, S) tensor or a list of lists). ``allocator``: any registered allocator (``pmq``, the paper's, by default;
-    ``pmq+`` where installed); ``plan``: a plan to use instead (``QuantPlan``, the allocator's ``BitPlan``, a plan
+    ``pmq+`` where installed, with a quarter of the sequences held apart from the statistics for its selection);
+    ``plan``: a plan to use instead (``QuantPlan``, the allocator's ``BitPlan``, a plan
     dict or a plan file). ``prune``: None, ``"odp"``, ``"otp"``, or an ``ODPConfig`` / ``OTPConfig``.
     ``calibration`` / ``allocation`` / ``quantize``: the stages' configs for anything not named here.
     """
@@ -137,8 +138,9 @@ def compress(
     batches = [{"input_ids": row[None]} for row in ids]
     stats = bit_plan = None
     if given_plan is None:
-        stats = _calibrate(model, batches, calibration)
-        bit_plan = _allocate(model, stats, batches, alloc_cfg)
+        fit, select = _held_apart(batches, alloc_cfg)
+        stats = _calibrate(model, fit, calibration)
+        bit_plan = _allocate(model, stats, fit, select, alloc_cfg)
     qplan = given_plan or as_quant_plan(bit_plan)
     report = _quantize(model, qplan, batches, quantize)
     art = _fit_pruning(model, batches, prune, prune_method) if prune_method else None
@@ -255,25 +257,27 @@ def _calibrate(model: nn.Module, batches: list[dict], calibration: Any | None) -
     return calibrate(model, batches, calibration or CalibrationConfig(), progress=False)
 
 
-def _allocate(model: nn.Module, stats: Any, batches: list[dict], config: Any) -> Any:
-    if config.method == "pmq+":
-        return _allocate_plus(model, stats, batches, config)
-    from mcmoe_vl.allocation.allocate import allocate
+def _held_apart(batches: list[dict], config: Any) -> tuple[list[dict], list[dict]]:
+    """(statistics batches, selection batches): ``pmq+`` chooses among candidate plans by calibration loss on
+    sequences the statistics never saw, the last quarter (at least one); other allocators use every sequence."""
+    if config.method != "pmq+":
+        return batches, []
+    if len(batches) < 2:
+        raise ValueError("pmq+ needs at least 2 calibration sequences (a quarter is held apart for the selection)")
+    n_sel = max(1, len(batches) // 4)
+    return batches[:-n_sel], batches[-n_sel:]
 
-    return allocate(stats, config)
 
+def _allocate(model: nn.Module, stats: Any, fit: list[dict], select: list[dict], config: Any) -> Any:
+    if config.method != "pmq+":
+        from mcmoe_vl.allocation.allocate import allocate
 
-def _allocate_plus(model: nn.Module, stats: Any, batches: list[dict], config: Any) -> Any:
-    """pmq+ chooses among candidate plans by calibration loss on a split held apart from the statistics: here the
-    last quarter of the calibration sequences (at least one)."""
+        return allocate(stats, config)
     try:
         from mcmoe_vl.allocation.plus import allocate_plus
     except ImportError as exc:
         raise ValueError(f"allocator 'pmq+' is registered but its implementation is missing ({exc})") from None
-    if len(batches) < 2:
-        raise ValueError("pmq+ needs at least 2 calibration sequences (one is held apart for the selection)")
-    n_sel = max(1, len(batches) // 4)
-    return allocate_plus(model, stats, batches[:-n_sel], batches[-n_sel:], config)
+    return allocate_plus(model, stats, fit, select, config)
 
 
 def _quantize(model: nn.Module, plan: Any, batches: list[dict], quantize: Any | None) -> Any:
