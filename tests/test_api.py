@@ -102,3 +102,10 @@ def test_every_plan_taking_function_accepts_both_plan_types(tmp_path):
     assert read_manifest(tmp_path / "q")["plan"]["experts"]["1"] == [2, 3, 1, 2]
     with pytest.raises(PlanError, match="pass|QuantPlan"):
         quantize_model(tiny_mixtral_q(), ["not", "a", "plan"], batches(1))
+
+
+def test_pmq_plus_by_name_with_a_held_apart_selection_split():
+    pytest.importorskip("mcmoe_vl.allocation.plus", reason="the pmq+ allocator is merged separately")
+    cm = mcmoe_vl.compress(EMBEDDED, _ids(4, 64), allocator="pmq+", target_bits=2.0, num_sequences=4)
+    assert cm.bit_plan.allocator == "pmq+" and cm.bit_plan.selection["chosen"]
+    assert cm.stats.num_sequences == 3  # the fourth sequence was held apart for the selection
