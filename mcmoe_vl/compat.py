@@ -37,3 +37,8 @@ def pop_cache(kwargs: dict) -> object:
         if value is not None:
             found = value
     return found
+
+
+def output_cache(output: object) -> object:
+    """The cache a model returned, from its output's ``cache`` field (5.24+) or ``past_key_values`` (before)."""
+    return getattr(output, CACHE_KWARG)

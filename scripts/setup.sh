@@ -45,8 +45,10 @@ case "$mode" in
   --latest)
     # The newest releases pyproject.toml and requirements/constraints.txt allow, for `make test-latest`.
     "${PIP[@]}" install "torch==$TORCH_VERSION" "${torch_index[@]}"
-    "${PIP[@]}" install --upgrade --upgrade-strategy eager -c requirements/constraints.txt -e ".[dev]" \
-      -r scripts/lmms-eval-deps.txt
+    # torch stays the chosen build: the newest torch release would be another (on Linux, CUDA) build.
+    echo "torch==$TORCH_VERSION" > "$VENV/torch-constraint.txt"
+    "${PIP[@]}" install --upgrade --upgrade-strategy eager -c requirements/constraints.txt \
+      -c "$VENV/torch-constraint.txt" -e ".[dev]" -r scripts/lmms-eval-deps.txt
     "${PIP[@]}" install --upgrade --no-deps "${LMMS_EVAL_SPEC%%==*}<0.8"
     rm -f "$VENV/.installed-from-lock"
     ;;
