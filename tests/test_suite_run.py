@@ -165,3 +165,37 @@ def test_fake_quant_and_packed_runtimes_give_the_same_scores(first_run) -> None:
     for task in fake.tasks:
         assert packed.score(task) == fake.score(task), task
     assert packed.results["t8_words"]["word_perplexity,none"] == fake.results["t8_words"]["word_perplexity,none"]
+
+
+def test_incomplete_run_keeps_the_last_good_report(first_run, monkeypatch, capsys) -> None:
+    from mcmoe_vl.cli import main
+    from mcmoe_vl.suite.runner import SuiteRunner
+
+    root, summary = first_run
+    good = summary.report.read_bytes()
+    real = SuiteRunner.evaluate
+
+    def odp_breaks(self, ctx, recipe, keys):
+        if recipe.name == "ODP":
+            raise RuntimeError("the ODP recipe broke")
+        return real(self, ctx, recipe, keys)
+
+    monkeypatch.setattr(SuiteRunner, "evaluate", odp_breaks)
+    try:
+        rc = main(["run", str(root / "suite.toml"), "--no-progress"])
+        assert rc == 1
+        err = capsys.readouterr().err
+        assert f"{summary.report} was kept" in err and "--overwrite-report" in err
+        assert summary.report.read_bytes() == good  # the last good report is untouched
+        partial = root / "runs" / "report" / "report.md"
+        text = partial.read_text()
+        assert "FAILED" in text and "the ODP recipe broke" in text
+        # asked for explicitly: replaced, failures listed
+        assert main(["run", str(root / "suite.toml"), "--no-progress", "--overwrite-report"]) == 1
+        assert "the ODP recipe broke" in summary.report.read_text()
+    finally:
+        summary.report.write_bytes(good)
+    # a complete run writes to the suite's report directory as before
+    monkeypatch.setattr(SuiteRunner, "evaluate", real)
+    again = run_suite(load_suite(root / "suite.toml"), progress=False)
+    assert again.kept_report is None and again.report == summary.report

@@ -27,6 +27,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..compat import pop_cache
+
 log = logging.getLogger(__name__)
 
 
@@ -62,7 +64,7 @@ def capture_layer_inputs(
         kw = dict(kwargs)
         kw.pop("hidden_states", None)
         # No cache across the layer-by-layer pass: each layer runs each batch exactly once.
-        kw["past_key_values"] = None
+        pop_cache(kw)
         kw["use_cache"] = False
         captured.append(LayerInput(hidden.detach(), kw))
         raise _StopForward

@@ -63,6 +63,8 @@ class RunSummary:
     results: list[Path] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
+    not_run: list[str] = field(default_factory=list)  # recipes whose stage was unavailable
+    kept_report: Path | None = None  # an existing report left in place because the run was incomplete
     reused: dict[str, int] = field(default_factory=dict)  # stage -> cache hits
     computed: dict[str, int] = field(default_factory=dict)  # stage -> runs
 
@@ -176,8 +178,10 @@ class SuiteRunner:
 
     def __init__(self, loaded: LoadedSuite, *, run_dir: str | os.PathLike[str] | None = None,
                  report_dir: str | os.PathLike[str] | None = None, progress: bool = True,
-                 command: str | None = None) -> None:
+                 command: str | None = None, overwrite_report: bool = False) -> None:
         self.loaded = loaded
+        self.overwrite_report = overwrite_report
+        self._subset = False
         self.suite: Suite = loaded.suite
         self.run_dir = Path(run_dir or self.suite.run_dir or Path("runs") / slug(self.suite.name))
         self.report_dir = Path(report_dir or self.suite.report.output_dir or Path("reports") / slug(self.suite.name))
@@ -531,6 +535,7 @@ class SuiteRunner:
             sorted(set(recipes or []) - {r.name for r in self.suite.recipes})
         if unknown:
             raise ValueError(f"--model / --recipe name(s) {unknown} are not in the suite")
+        self._subset = bool(models or recipes)
         dist = _Distributed.from_env()
         if dist.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -559,6 +564,7 @@ class SuiteRunner:
                     self.summary.results.append(self.publish(ctx, r, src))
                 except stages.StageUnavailable as exc:
                     log.warning("%s: not run: %s", label, exc)
+                    self.summary.not_run.append(label)
                     self.summary.notes.append(f"{label}: not run: {exc}")
                 except (KeyboardInterrupt, SystemExit):
                     raise
@@ -577,10 +583,22 @@ class SuiteRunner:
         if write_report and self.summary.results:
             from mcmoe_vl.report.build import build_report
 
-            self.summary.report = build_report(self.summary.results, self.report_dir, baseline=self.suite.report.baseline,
+            self.summary.report = build_report(self.summary.results, self._report_destination(),
+                                               baseline=self.suite.report.baseline,
                                                command=self.command, notes=sorted(self.summary.notes),
                                                title=f"Suite `{self.suite.name}`")
         return self.summary
+
+    def _report_destination(self) -> Path:
+        """The suite's report directory, unless this run is incomplete (a recipe failed or was not run, or only a
+        subset was asked for) and a report is already there: that one is the last good report and is kept; this
+        run's report, with its failures listed, goes to ``<run dir>/report`` instead. ``overwrite_report`` (the
+        CLI's ``--overwrite-report``) replaces it anyway."""
+        incomplete = bool(self.summary.failed or self.summary.not_run or self._subset)
+        if incomplete and not self.overwrite_report and (self.report_dir / "report.md").exists():
+            self.summary.kept_report = self.report_dir / "report.md"
+            return self.run_dir / "report"
+        return self.report_dir
 
 
 @dataclass
@@ -639,6 +657,7 @@ class _Distributed:
             out.results += p.results
             out.notes += p.notes
             out.failed += p.failed
+            out.not_run += p.not_run
             for mine_d, theirs in ((out.reused, p.reused), (out.computed, p.computed)):
                 for k, v in theirs.items():
                     mine_d[k] = mine_d.get(k, 0) + v
@@ -656,7 +675,10 @@ def _check_lmms_available() -> None:
 
 def run_suite(loaded: LoadedSuite, *, run_dir: str | os.PathLike[str] | None = None,
               report_dir: str | os.PathLike[str] | None = None, progress: bool = True, command: str | None = None,
-              models: list[str] | None = None, recipes: list[str] | None = None) -> RunSummary:
-    """Run (or resume) every model x recipe x seed of the suite and write its report."""
-    runner = SuiteRunner(loaded, run_dir=run_dir, report_dir=report_dir, progress=progress, command=command)
+              models: list[str] | None = None, recipes: list[str] | None = None,
+              overwrite_report: bool = False) -> RunSummary:
+    """Run (or resume) every model x recipe x seed of the suite and write its report (see
+    :meth:`SuiteRunner._report_destination` for where it goes when the run is incomplete)."""
+    runner = SuiteRunner(loaded, run_dir=run_dir, report_dir=report_dir, progress=progress, command=command,
+                         overwrite_report=overwrite_report)
     return runner.run(models=models, recipes=recipes)
