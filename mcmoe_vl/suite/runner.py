@@ -223,7 +223,8 @@ class SuiteRunner:
             k["allocate"] = stage_key("allocate", {"calibrate": k["calibrate"], "quant": alloc, "seed": ctx.seed,
                                                    "version": self._version})
             k["quantize"] = stage_key("quantize", {"allocate": k["allocate"], "calibrate": k["calibrate"],
-                                                   "quant": q.model_dump(mode="json"), "version": self._version})
+                                                   "quant": q.model_dump(mode="json"), "version": self._version,
+                                                   "checkpoint_format": _checkpoint_format()})
         if recipe.prune is not None:
             k["prune"] = stage_key("prune", {"base": k["quantize"] or ctx.fingerprint, "calibrate": k["calibrate"],
                                              "prune": recipe.prune.model_dump(mode="json"), "seed": ctx.seed,
@@ -682,3 +683,12 @@ def run_suite(loaded: LoadedSuite, *, run_dir: str | os.PathLike[str] | None = N
     runner = SuiteRunner(loaded, run_dir=run_dir, report_dir=report_dir, progress=progress, command=command,
                          overwrite_report=overwrite_report)
     return runner.run(models=models, recipes=recipes)
+
+
+def _checkpoint_format() -> int | None:
+    """The checkpoint format version: a checkpoint cached in an older format is rewritten, not reloaded."""
+    try:
+        from mcmoe_vl.quant.checkpoint import FORMAT_VERSION
+    except ImportError:
+        return None
+    return FORMAT_VERSION
