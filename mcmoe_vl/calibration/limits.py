@@ -33,3 +33,21 @@ def clamp_seq_len(model_dir: str | os.PathLike[str], seq_len: int) -> int:
                     "using %d", seq_len, limit, Path(model_dir) / "config.json", limit)
         return limit
     return seq_len
+
+
+def check_ids_file(data: str, model_dir: str | os.PathLike[str]) -> None:
+    """A token-ids file (.json / .safetensors) with sequences longer than the model's maximum is an error naming
+    the file, the length and the limit (token ids are used as they are, so they cannot be clamped silently)."""
+    p = Path(data)
+    if p.suffix not in (".json", ".safetensors") or not p.is_file():
+        return
+    limit = max_positions(model_dir)
+    if limit is None:
+        return
+    from .data import load_token_ids
+
+    length = int(load_token_ids(p).shape[1])
+    if length > limit:
+        raise ValueError(f"{p}: sequences of {length} tokens exceed the model's maximum of {limit} positions "
+                         f"(max_position_embeddings in {Path(model_dir) / 'config.json'}); cut them to at most "
+                         f"{limit} tokens")

@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
 
     stats = calibrate_files(CalibrationRun(
         model=args.model, data=args.data, output=args.output, num_sequences=args.num_sequences,
-        seq_len=seq_len_for(args.model, args.seq_len),
+        seq_len=seq_len_for(args.model, args.seq_len, args.data),
         batch_size=args.batch_size, seed=args.seed, dtype=args.dtype, device=args.device,
         resume=not args.no_resume, significance_plot=args.plot, progress=not args.no_progress,
         calibration=CalibrationConfig(eps_bits=tuple(args.eps_bits), group_size=args.group_size,

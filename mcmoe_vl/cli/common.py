@@ -53,7 +53,11 @@ def examples(doc: str | None) -> list[str]:
             if ln[:1] in (" ", "\t") and ln.strip().startswith("mcmoe-vl ")]
 
 
-def seq_len_for(model_dir: str, seq_len: int) -> int:
-    from mcmoe_vl.calibration.limits import clamp_seq_len
+def seq_len_for(model_dir: str, seq_len: int, data: str | None = None) -> int:
+    """``--seq-len`` clamped to the model's maximum (with a warning); a token-ids ``data`` file whose sequences
+    exceed the maximum is refused here, before any work."""
+    from mcmoe_vl.calibration.limits import check_ids_file, clamp_seq_len
 
+    if data is not None:
+        check_ids_file(data, model_dir)
     return clamp_seq_len(model_dir, seq_len)

@@ -58,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
                       protect_ratio=args.protect, protect_scope=args.protect_scope),
         otp=OTPConfig(prune_rate=args.prune_rate, steps=args.otp_steps, width=args.otp_width, lam=args.otp_lambda,
                       max_tokens=args.otp_max_tokens, seed=args.seed, layers=layers),
-        num_sequences=args.num_sequences, seq_len=seq_len_for(args.model, args.seq_len),
+        num_sequences=args.num_sequences, seq_len=seq_len_for(args.model, args.seq_len, args.data),
         batch_size=args.batch_size, seed=args.seed,
         dtype=args.dtype, device=args.device, progress=not args.no_progress,
     ))

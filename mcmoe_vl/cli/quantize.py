@@ -48,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
 
     acc = quantize_files(QuantizeRun(
         model=args.model, plan=args.plan, data=args.data, output=args.output, num_sequences=args.num_sequences,
-        seq_len=seq_len_for(args.model, args.seq_len),
+        seq_len=seq_len_for(args.model, args.seq_len, args.data),
         batch_size=args.batch_size, seed=args.seed, dtype=args.dtype, device=args.device,
         quantize=QuantizeConfig(act_order=args.act_order, static_groups=args.static_groups,
                                 range_search=args.range_search, damp=args.damp, min_tokens=args.min_tokens,

@@ -153,3 +153,16 @@ def test_non_utf8_text_is_named_in_its_error(model_dir, tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and str(bad) in err and "not UTF-8" in err
     assert not out.exists()
+
+
+def test_token_ids_longer_than_the_model_maximum_are_refused_before_work(model_dir, tmp_path, capsys, monkeypatch):
+    import mcmoe_vl.calibration.workflow as wf
+
+    monkeypatch.setattr(wf, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    ids = tmp_path / "long.safetensors"
+    save_file({"input_ids": torch.zeros(1, 300, dtype=torch.int64)}, str(ids))
+    out = tmp_path / "stats.json"
+    rc = main(["calibrate", str(model_dir), "--data", str(ids), "-o", str(out), "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and str(ids) in err and "300 tokens exceed the model's maximum of 256" in err
+    assert not out.exists()
