@@ -27,7 +27,6 @@ import copy
 import datetime as _dt
 import logging
 import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,7 +47,7 @@ from mcmoe_vl.evaluation.results import (
 from mcmoe_vl.evaluation.memory import PeakMemory
 from mcmoe_vl.evaluation.provenance import provenance
 from mcmoe_vl.evaluation.samples import samples_path_for, write_samples
-from mcmoe_vl.io import read_json, write_json_atomic
+from mcmoe_vl.io import read_json, write_bytes_atomic, write_json_atomic
 
 from . import stages
 from .cache import StageCache, checkpoint_fingerprint, stage_key
@@ -537,7 +536,7 @@ class SuiteRunner:
             rebased[name] = os.path.relpath(target, dst.parent.resolve())
         res.compression.artifacts = rebased
         if res.samples is not None:
-            shutil.copyfile(src.parent / res.samples.file, samples_path_for(dst))
+            write_bytes_atomic(samples_path_for(dst), (src.parent / res.samples.file).read_bytes())
             res.samples = res.samples.model_copy(update={"file": samples_path_for(dst).name})
         save_results(res, dst)
         return dst
