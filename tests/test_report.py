@@ -23,7 +23,7 @@ from mcmoe_vl.evaluation.results import (
 )
 from mcmoe_vl.evaluation.samples import samples_path_for, write_samples
 from mcmoe_vl.report.build import build_report
-from mcmoe_vl.report.plots import pareto_front
+from mcmoe_vl.report.plots import pareto_front, spread_labels
 from mcmoe_vl.report.tables import ReportError
 
 
@@ -237,3 +237,42 @@ def test_primary_metric_choice() -> None:
 def test_pareto_front() -> None:
     pts = [(16, 80.0), (2.5, 75.0), (2.0, 70.0), (2.0, 50.0), (3.0, 60.0), (1.5, 40.0)]
     assert pareto_front(pts) == [(1.5, 40.0), (2.0, 70.0), (2.5, 75.0), (16, 80.0)]
+
+
+def test_pareto_labels_do_not_collide() -> None:
+    ys = [50.0, 50.1, 50.15, 70.0, 49.9]
+    placed = spread_labels(ys, 1.0, 40.0, 80.0)
+    srt = sorted(placed)
+    assert all(b - a >= 1.0 - 1e-9 for a, b in zip(srt, srt[1:]))
+    assert all(40.0 <= p <= 80.0 for p in placed)
+    assert placed[3] == 70.0  # a label with room stays where its point is
+    # crowded at the top: the stack is shifted down to stay inside the axis
+    top = spread_labels([79.9, 79.95, 80.0], 1.0, 40.0, 80.0)
+    assert max(top) <= 80.0 and sorted(top)[1] - sorted(top)[0] >= 1.0 - 1e-9
+
+
+def test_heatmaps_only_for_non_uniform_plans_and_significance_named_after_the_model(tmp_path: Path) -> None:
+    from PIL import Image
+
+    art = tmp_path / "art"
+    art.mkdir()
+    for i, name in enumerate(["sig.png", "alloc_pmq.png", "alloc_uniform.png"]):
+        Image.new("RGB", (8, 8), (40 * i, 0, 0)).save(art / name)
+    files = []
+    for f, plan, alloc in ((RUN[1], {"0": [1, 2, 3, 2]}, "alloc_pmq.png"),
+                           (RUN[2], {"0": [2, 2, 2, 2]}, "alloc_uniform.png")):
+        c = f.compression.model_copy(update={
+            "quant": {**f.compression.quant, "plan": plan},
+            "artifacts": {"significance_heatmap": "../art/sig.png", "allocation_heatmap": f"../art/{alloc}"}})
+        files.append(f.model_copy(update={"compression": c}))
+    paths = []
+    for f in [RUN[0], RUN[3]] + files:
+        p = tmp_path / "results" / f"{f.recipe.replace(' ', '_')}.json"
+        save_results(f, p)
+        paths.append(p)
+    md = build_report(paths, tmp_path / "r").read_text()
+    assert "figures/tiny-significance-heatmap.png" in md and md.count("**tiny: expert significance") == 1
+    assert "tiny: allocation heatmap, PMQ 2.5" in md
+    assert "allocation heatmap, uniform 2" not in md
+    # the active-experts plot shows the pruned recipe only
+    assert "| PMQ 2.0 + ODP | 1.60 | 1.60 | 2 |" in md and "| 16-bit | 2.00" not in md
