@@ -556,7 +556,7 @@ class SuiteRunner:
             self._prune_published()
         dist.barrier()
         todo = [(m, seed, r) for m in self.suite.models if not models or m.name in models
-                for seed in self.suite.seeds for r in self.suite.recipes_for(m) if not recipes or r.name in recipes
+                for seed in self.suite.all_seeds for r in self.suite.recipes_for(m) if not recipes or r.name in recipes
                 if seed in self.suite.seeds_for(r)]
         # data-parallel over the (model, seed, recipe) grid: each process takes every world_size-th item
         todo = todo[dist.rank::dist.world_size]

@@ -387,6 +387,12 @@ class Suite(_Strict):
         """The seeds a recipe runs with: its own, else the suite's."""
         return list(recipe.seeds) if recipe.seeds is not None else list(self.seeds)
 
+    @property
+    def all_seeds(self) -> list[int]:
+        """Every seed some recipe runs with, in the suite's order, then the recipes' own."""
+        extra = sorted({s for r in self.recipes for s in (r.seeds or [])} - set(self.seeds))
+        return list(self.seeds) + extra
+
     def tasks_for(self, model: ModelSpec) -> list[TaskSpec]:
         hs = set(model.resolved_harnesses)
         return [t for t in self.tasks if t.harness in hs and (t.models is None or model.name in t.models)]
