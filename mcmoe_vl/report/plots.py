@@ -93,8 +93,8 @@ def pareto_plot(rows_by_model: dict[str, list[Row]], path: str | os.PathLike[str
         front = pareto_front([(b, v if higher else -v) for b, v in zip(xs, ys)])
         ax.plot([p[0] for p in front], [p[1] if higher else -p[1] for p in front], linewidth=1, alpha=0.7)
         ax.set_xscale("log", base=2)
-        ax.set_xlim(min(xs) / 1.15, max(xs) * 3.2)  # room on the right for the labels
-        ticks = [t for t in (1, 1.5, 2, 2.5, 3, 4, 8, 16, 32) if min(xs) / 1.15 <= t <= max(xs) * 3.2]
+        ax.set_xlim(min(xs) / 1.15, max(xs) * 2.4)  # room on the right for the labels
+        ticks = [t for t in (1, 1.5, 2, 2.5, 3, 4, 8, 16, 32) if min(xs) / 1.15 <= t <= max(xs) * 2.4]
         ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
         ax.xaxis.set_minor_locator(NullLocator())
         lo, hi = min(y - e for y, e in zip(ys, errs)), max(y + e for y, e in zip(ys, errs))
