@@ -33,7 +33,6 @@ from .tables import (
     Row,
     TaskColumn,
     build_rows,
-    display,
     fmt_bytes,
     fmt_num,
     fmt_params,

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from . import stats
 from .items import paired
-from .tables import Row, TaskColumn, fmt_num
+from .tables import Row, TaskColumn, display, fmt_num, reference_row
 
 
 @dataclass(frozen=True)
@@ -28,8 +28,6 @@ class Settings:
 
 def cell(row: Row, col: TaskColumn, s: Settings) -> str:
     """The score with its standard error (accuracy-like) or its bootstrap interval (perplexity)."""
-    from .tables import display
-
     value = fmt_num(display(row.scores[col.task], col))
     it = row.items.get(col.task)
     if it is None or row.scores[col.task] is None:
@@ -120,8 +118,6 @@ def compare(a: Row, b: Row, columns: list[TaskColumn], s: Settings) -> list[str]
 def paired_table(rows: list[Row], columns: list[TaskColumn], reference: str | None, compare_to: str | None,
                  s: Settings) -> list[str]:
     """The paired-differences table of one model (empty when no row has per-item outputs)."""
-    from .tables import reference_row
-
     if not any(r.items for r in rows):
         return []
     head = ["Recipe", "against"] + [c.label for c in columns] + ["Avg"]
