@@ -126,7 +126,8 @@ def _metric_legend(columns: list[TaskColumn], rows: list[Row], s: Settings) -> s
         text += (" `a ± b`: score ± its standard error over the n documents (with several seeds: the mean over "
                  "seeds, its standard error including the seed spread); perplexities: `value [low, high]`, a "
                  f"{s.pct} bootstrap interval over documents ({s.iters} resamples). Avg ± the standard error of the "
-                 "average over tasks.")
+                 "average over tasks. Δ is the plain difference of averages; whether it is more than noise is in the "
+                 "paired-differences table below.")
     else:
         text += " These results files carry no per-item outputs, so no uncertainty is shown."
     text += (" Resident: bytes of the loaded model's tensors in the runtime named in its results file (packed: the "
