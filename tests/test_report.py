@@ -276,3 +276,24 @@ def test_heatmaps_only_for_non_uniform_plans_and_significance_named_after_the_mo
     assert "allocation heatmap, uniform 2" not in md
     # the active-experts plot shows the pruned recipe only
     assert "| PMQ 2.0 + ODP | 1.60 | 1.60 | 2 |" in md and "| 16-bit | 2.00" not in md
+
+
+def test_altered_or_missing_per_item_outputs_are_refused(tmp_path: Path) -> None:
+    from mcmoe_vl.evaluation.samples import SamplesError
+
+    paths = write_all(tmp_path, RUN)
+    side = samples_path_for(paths[1])
+    side.write_text(side.read_text().replace('"acc": 0.0', '"acc": 1.0', 1))
+    with pytest.raises(SamplesError, match="SHA-256 differs"):
+        build_report(paths, tmp_path / "r")
+    assert not (tmp_path / "r").exists()  # refused before writing anything
+    side.unlink()
+    with pytest.raises(SamplesError, match="are missing"):
+        build_report(paths, tmp_path / "r")
+
+
+def test_results_without_per_item_outputs_still_report_and_say_so(tmp_path: Path) -> None:
+    md = build_report(write_all(tmp_path, RUN, samples=False), tmp_path / "r").read_text()
+    assert table_rows(md, "tiny")["PMQ 2.5"]["Cloze"] == "75.00"
+    assert "carry no per-item outputs, so no uncertainty is shown" in md
+    assert "Paired differences" not in md

@@ -173,6 +173,12 @@ def build_report(
     out = Path(output_dir)
     files: list[ResultsFile] = [load_results(p) for p in paths]  # every file validated before anything is written
     origin = {id(f): p for f, p in zip(files, paths)}
+    # every row with its per-item outputs, read (and their digests checked) before anything is written
+    columns = {m: task_columns(files, m) for m in sorted({f.model for f in files})}
+    built = {m: build_rows(files, m, cols) for m, cols in columns.items()}
+    for rows in built.values():
+        for r in rows:
+            r.items = row_items(r.files, [origin[id(f)] for f in r.files])
     fig_dir = out / "figures"
     if fig_dir.exists():
         shutil.rmtree(fig_dir)
@@ -191,10 +197,7 @@ def build_report(
 
     rows_by_model: dict[str, list[Row]] = {}
     for model in models:
-        cols = task_columns(files, model)
-        rows = build_rows(files, model, cols)
-        for r in rows:
-            r.items = row_items(r.files, [origin[id(f)] for f in r.files])
+        cols, rows = columns[model], built[model]
         if baseline:
             from .tables import reference_row
 
