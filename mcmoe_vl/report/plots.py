@@ -139,5 +139,5 @@ def active_experts_plot(rows: list[Row], model: str, path: str | os.PathLike[str
     ax.set_ylabel("active experts per token")
     ax.set_title(f"{model}: active experts per layer (dotted: top-k)", fontsize=10)
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=6, ncols=2)
+    ax.legend(fontsize=6, ncols=2, loc="center right")
     return _save(fig, path)
