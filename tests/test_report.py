@@ -159,6 +159,10 @@ def test_report_numbers_equal_the_results_files(tmp_path: Path) -> None:
             assert row["Speed-up†"] == f"{f['compression']['speed']['tokens_per_second'] / base_tps:.2f}x"
     assert "(−20.0%)" in rows["PMQ 2.0 + ODP"]["Activated params"]
     assert "| Cloze n=20 |" in md.replace(" (ppl↓)", "")  # n in the header
+    # the paired comparisons: a 27.5-point drop over 20 items per task is real, and the summary says so
+    worse = next(ln for ln in md.splitlines() if ln.startswith("- Significantly worse on the average at 95%"))
+    assert "uniform 2 vs 16-bit (-27.50 [" in worse
+    assert "| uniform 2 | 16-bit |" in md and "**-27.50 [" in md
     assert "† Not meaningful at this size" in md
     assert (tmp_path / "report" / "figures" / "pareto.png").stat().st_size > 1000
     assert "![accuracy against bits](figures/pareto.png)" in md

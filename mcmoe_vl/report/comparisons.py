@@ -86,8 +86,8 @@ def _fmt_diff(d: stats.Difference, higher_is_better: bool) -> str:
     return f"**{text}** {'▲' if better else '▼'}"
 
 
-def compare(a: Row, b: Row, columns: list[TaskColumn], s: Settings) -> list[str]:
-    """Cells of one comparison: each task's paired difference, then the average's."""
+def compare(a: Row, b: Row, columns: list[TaskColumn], s: Settings) -> tuple[list[str], stats.Difference | None]:
+    """Cells of one comparison (each task's paired difference, then the average's) and the average's difference."""
     out = []
     avg_parts = []
     for c in columns:
@@ -110,9 +110,9 @@ def compare(a: Row, b: Row, columns: list[TaskColumn], s: Settings) -> list[str]
                                             scale=100.0 if all(c.percent for c in columns if c.higher_is_better)
                                             else 1.0)
         out.append(_fmt_diff(d, True))
-    else:
-        out.append("-")
-    return out
+        return out, d
+    out.append("-")
+    return out, None
 
 
 def paired_table(rows: list[Row], columns: list[TaskColumn], reference: str | None, compare_to: str | None,
@@ -122,6 +122,7 @@ def paired_table(rows: list[Row], columns: list[TaskColumn], reference: str | No
         return []
     head = ["Recipe", "against"] + [c.label for c in columns] + ["Avg"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---", "---"] + ["---:"] * (len(head) - 2)) + "|"]
+    verdicts: dict[str, list[str]] = {"better": [], "worse": [], "noise": []}
     for r in rows:
         if r.baseline and reference is None:
             continue
@@ -131,8 +132,20 @@ def paired_table(rows: list[Row], columns: list[TaskColumn], reference: str | No
         if pb is not None and pb not in targets:
             targets.append(pb)
         for t in targets:
-            lines.append("| " + " | ".join([r.recipe, t.recipe] + compare(r, t, columns, s)) + " |")
-    return lines if len(lines) > 2 else []
+            cells, avg = compare(r, t, columns, s)
+            lines.append("| " + " | ".join([r.recipe, t.recipe] + cells) + " |")
+            if avg is not None:
+                kind = "noise" if not avg.significant else ("better" if avg.estimate > 0 else "worse")
+                verdicts[kind].append(f"{r.recipe} vs {t.recipe} ({avg.estimate:+.2f} [{avg.low:+.2f}, "
+                                      f"{avg.high:+.2f}])")
+    if len(lines) <= 2:
+        return []
+    summary = [f"- {label} on the average at {s.pct}: " + ("; ".join(v) if v else "none")
+               for label, v in (("Significantly better", verdicts["better"]),
+                                ("Significantly worse", verdicts["worse"]),
+                                ("Within noise", verdicts["noise"]))
+               if any(verdicts.values())]
+    return lines + ([""] + summary if summary else [])
 
 
 def seed_spread_table(rows: list[Row], columns: list[TaskColumn]) -> list[str]:
