@@ -34,6 +34,11 @@ def test_ratio_metrics_aggregate_like_the_harness() -> None:
     assert stats.score("byte_perplexity,none", v) == pytest.approx(math.exp(-ll / n), rel=1e-12)
     assert stats.score("word_perplexity", v) == pytest.approx(math.exp(-ll / n), rel=1e-12)
     assert stats.score("bits_per_byte,none", v) == pytest.approx(-ll / n / math.log(2), rel=1e-12)
+    # lm-eval's "perplexity" (loglikelihood tasks): exp of minus the mean per-item log-likelihood, compared relatively
+    lls = np.array([[-1.0, -2.0, -4.5]])
+    assert stats.score("perplexity,none", lls) == pytest.approx(math.exp(2.5), rel=1e-12)
+    d = stats.paired_difference("perplexity", lls - 0.1, lls, confidence=0.95, iters=200, rng=stats.rng_for("p"))
+    assert d.relative and d.estimate == pytest.approx(100 * (math.exp(0.1) - 1), rel=1e-9)
 
 
 def test_perplexity_interval_is_deterministic_and_brackets_the_score() -> None:

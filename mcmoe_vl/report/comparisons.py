@@ -32,12 +32,10 @@ def cell(row: Row, col: TaskColumn, s: Settings) -> str:
     it = row.items.get(col.task)
     if it is None or row.scores[col.task] is None:
         return value
-    if stats.is_ratio(col.metric):
+    if stats.is_perplexity(col.metric):
         lo, hi = stats.bootstrap_interval(col.metric, it.values, confidence=s.confidence, iters=s.iters,
                                           rng=stats.rng_for("interval", row.model, row.recipe, row.run, col.task))
         return f"{value} [{fmt_num(lo)}, {fmt_num(hi)}]"
-    if not col.higher_is_better:
-        return value
     scale = 100.0 if col.percent else 1.0
     return f"{value} ± {fmt_num(scale * stats.standard_error(it.values))}"
 
@@ -49,7 +47,7 @@ def average_se(row: Row, columns: list[TaskColumn]) -> float | None:
         if not c.higher_is_better:
             continue
         it = row.items.get(c.task)
-        if it is None or stats.is_ratio(c.metric):
+        if it is None or stats.is_perplexity(c.metric):
             return None
         ses.append((100.0 if c.percent else 1.0) * stats.standard_error(it.values))
     return (sum(x * x for x in ses) ** 0.5) / len(ses) if ses else None
@@ -101,7 +99,7 @@ def compare(a: Row, b: Row, columns: list[TaskColumn], s: Settings) -> tuple[lis
         if not d.relative and c.percent:
             d = stats.Difference(100 * d.estimate, 100 * d.low, 100 * d.high, d.n, False)
         out.append(_fmt_diff(d, c.higher_is_better))
-        if c.higher_is_better and not stats.is_ratio(c.metric):
+        if c.higher_is_better and not stats.is_perplexity(c.metric):
             avg_parts.append((c.metric, *pair))
     n_hib = sum(c.higher_is_better for c in columns)
     if avg_parts and len(avg_parts) == n_hib:

@@ -6,6 +6,7 @@ the weighted perplexities (per document: log-likelihood and its count of bytes /
 
 - :func:`score`: the harness's aggregate per seed (mean; ``exp(-sum ll / sum count)`` for word / byte perplexity,
   ``-sum ll / (sum count * ln 2)`` for bits per byte), then the mean over seeds.
+- lm-eval's ``perplexity`` (per-item log-likelihoods): ``exp(-mean)``.
 - :func:`standard_error` (mean metrics): with one seed the standard error of the mean over items,
   ``sd(x, ddof=1) / sqrt(n)`` (lm-eval's ``mean_stderr``); with S seeds the standard error of the seed-averaged
   score, ``sqrt(se_items(seed-averaged item values)^2 + var_seeds(per-seed scores) / S)``: item noise plus the
@@ -36,6 +37,12 @@ def is_ratio(metric: str) -> bool:
     return metric.split(",", 1)[0] in RATIO_METRICS
 
 
+def is_perplexity(metric: str) -> bool:
+    """Perplexity-like metrics: shown with a bootstrap interval and compared as a relative difference. Besides the
+    ratio metrics, lm-eval's ``perplexity`` (``exp(-mean loglikelihood)`` over items)."""
+    return is_ratio(metric) or metric.split(",", 1)[0] == "perplexity"
+
+
 def rng_for(*names: str) -> np.random.Generator:
     """A generator whose seed is a hash of ``names`` (the same comparison always resamples the same way)."""
     digest = hashlib.sha256("\x1f".join(names).encode()).digest()
@@ -45,6 +52,8 @@ def rng_for(*names: str) -> np.random.Generator:
 def _aggregate(metric: str, values: np.ndarray, axis: int) -> np.ndarray:
     """Aggregate over the item axis ``axis``. Ratio metrics carry a last axis of 2: log-likelihood, count."""
     name = metric.split(",", 1)[0]
+    if name == "perplexity":
+        return np.exp(-values.mean(axis=axis))
     if not is_ratio(metric):
         return values.mean(axis=axis)
     ll = values[..., 0].sum(axis=axis)
@@ -116,7 +125,7 @@ class Difference:
 
 
 def _diff(metric: str, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return 100.0 * (a / b - 1.0) if is_ratio(metric) else a - b
+    return 100.0 * (a / b - 1.0) if is_perplexity(metric) else a - b
 
 
 def paired_difference(metric: str, a: np.ndarray, b: np.ndarray, *, confidence: float, iters: int,
@@ -137,7 +146,7 @@ def paired_difference(metric: str, a: np.ndarray, b: np.ndarray, *, confidence: 
     alpha = (1.0 - confidence) / 2
     lo, hi = np.quantile(boot, [alpha, 1.0 - alpha])
     est = float(_diff(metric, np.float64(score(metric, a)), np.float64(score(metric, b))))
-    return Difference(estimate=est, low=float(lo), high=float(hi), n=n, relative=is_ratio(metric))
+    return Difference(estimate=est, low=float(lo), high=float(hi), n=n, relative=is_perplexity(metric))
 
 
 def paired_average_difference(tasks: list[tuple[str, np.ndarray, np.ndarray]], *, confidence: float, iters: int,
