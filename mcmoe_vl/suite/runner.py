@@ -37,13 +37,17 @@ from tqdm.auto import tqdm
 from mcmoe_vl.evaluation.results import (
     CompressionBlock,
     LayerActivity,
+    Memory,
     ResultsFile,
     TaskInfo,
     load_results,
     primary_metric,
     save_results,
 )
-from mcmoe_vl.io import read_json, write_json_atomic
+from mcmoe_vl.evaluation.memory import PeakMemory
+from mcmoe_vl.evaluation.provenance import provenance
+from mcmoe_vl.evaluation.samples import samples_path_for, write_samples
+from mcmoe_vl.io import read_json, write_bytes_atomic, write_json_atomic
 
 from . import stages
 from .cache import StageCache, checkpoint_fingerprint, stage_key
@@ -377,21 +381,24 @@ class SuiteRunner:
         artifact = self.prune(ctx, recipe, keys, model) if recipe.prune is not None else None
 
         self._status("evaluate", ctx, recipe)
-        results, speed, activity = self._evaluate_model(ctx, recipe, model, artifact, tasks)
+        results, speed, activity, memory = self._evaluate_model(ctx, recipe, model, artifact, tasks)
         if model is not ctx.model:
             del model
         d = self.cache.begin("evaluate", key)
         res = self._results_file(ctx, recipe, keys, results, tasks, speed, activity, acct, artifact, artifacts, d,
                                  plan_path=(self.cache.dir("allocate", keys["allocate"]) / "plan.json"
                                             if keys["allocate"] else None))
+        res.compression.memory = memory
+        res.samples = write_samples(samples_path_for(d / "results.json"), results.get("samples") or {})
+        res.provenance = provenance(command=self.command, seeds=self.suite.seeds_for(recipe))
         save_results(res, d / "results.json")
         self.cache.commit("evaluate", key, inputs={"recipe": recipe.name, "model": ctx.spec.name, "seed": ctx.seed},
-                          files=["results.json"])
+                          files=["results.json", res.samples.file])
         self._miss("evaluate")
         return d / "results.json"
 
     def _evaluate_model(self, ctx: _ModelContext, recipe: RecipeSpec, model: torch.nn.Module, artifact: Any,
-                        tasks: list[TaskSpec]) -> tuple[dict[str, Any], Any, Any]:
+                        tasks: list[TaskSpec]) -> tuple[dict[str, Any], Any, Any, Memory]:
         from mcmoe_vl.moe import ExpertInterface
         from mcmoe_vl.evaluation.lm_eval_backend import TaskRequest, evaluate_lm_eval
         from mcmoe_vl.pruning.artifact import apply_pruning
@@ -420,30 +427,37 @@ class SuiteRunner:
                             stages.set_runtime(model, ev.runtime.value)
                     if recipe.quant is not None:
                         speed = speed.model_copy(update={"workload": f"{speed.workload}, {timed_rt} runtime"})
-                for harness in Harness:
-                    reqs = [TaskRequest(t.name, t.num_fewshot, t.limit, t.id) for t in tasks if t.harness is harness]
-                    if not reqs:
-                        continue
+                mem_rt = (ev.speed_runtime or ev.runtime).value if recipe.quant is not None else "16-bit"
+                resident = _resident_bytes(model, mem_rt if recipe.quant is not None else None, ev.runtime.value)
+                with PeakMemory(str(ctx.device)) as peak:
+                    for harness in Harness:
+                        reqs = [TaskRequest(t.name, t.num_fewshot, t.limit, t.id) for t in tasks
+                                if t.harness is harness]
+                        if not reqs:
+                            continue
 
-                    def on_task(name: str, _h: str = harness.value) -> None:
-                        self._status(f"evaluate ({_h})", ctx, recipe, name)
+                        def on_task(name: str, _h: str = harness.value) -> None:
+                            self._status(f"evaluate ({_h})", ctx, recipe, name)
 
-                    common = dict(include_paths=include_dirs(self.loaded, harness),
-                                  include_defaults=ev.include_default_tasks, batch_size=ev.batch_size,
-                                  seed=ctx.seed, bootstrap_iters=ev.bootstrap_iters, on_task=on_task)
-                    if harness is Harness.LM_EVAL:
-                        out = evaluate_lm_eval(model, ctx.tokenizer, reqs, max_length=ctx.spec.max_length, **common)
-                    else:
-                        from mcmoe_vl.evaluation.lmms_eval_backend import evaluate_lmms_eval
+                        common = dict(include_paths=include_dirs(self.loaded, harness),
+                                      include_defaults=ev.include_default_tasks, batch_size=ev.batch_size,
+                                      seed=ctx.seed, bootstrap_iters=ev.bootstrap_iters, on_task=on_task)
+                        if harness is Harness.LM_EVAL:
+                            out = evaluate_lm_eval(model, ctx.tokenizer, reqs, max_length=ctx.spec.max_length,
+                                                   **common)
+                        else:
+                            from mcmoe_vl.evaluation.lmms_eval_backend import evaluate_lmms_eval
 
-                        out = evaluate_lmms_eval(model, stages.vl2_processor(ctx.tokenizer, model), reqs, **common)
-                    for k, v in out.items():
-                        merged.setdefault(k, {}).update(v)
+                            out = evaluate_lmms_eval(model, stages.vl2_processor(ctx.tokenizer, model), reqs,
+                                                     **common)
+                        for k, v in out.items():
+                            merged.setdefault(k, {}).update(v)
             finally:
                 if rule is not None:
                     rule.remove()
         model.train(was_training)
-        return merged, speed, activity
+        memory = Memory(resident_bytes=resident, runtime=mem_rt, peak_bytes=peak.bytes, peak_what=peak.what)
+        return merged, speed, activity, memory
 
     def _results_file(self, ctx: _ModelContext, recipe: RecipeSpec, keys: dict[str, str | None],
                       results: dict[str, Any], tasks: list[TaskSpec], speed: Any, activity: Any,
@@ -510,9 +524,10 @@ class SuiteRunner:
         if not root.exists():
             return
         keep = {self.published_path(m, r, s).resolve() for m in self.suite.models for r in self.suite.recipes_for(m)
-                for s in self.suite.seeds}
+                for s in self.suite.seeds_for(r)}
         for f in sorted(root.rglob("*.json")):
             if f.resolve() not in keep:
+                samples_path_for(f).unlink(missing_ok=True)
                 log.info("removing %s: not part of the suite any more", f)
                 f.unlink()
     def publish(self, ctx: _ModelContext, recipe: RecipeSpec, src: Path) -> Path:
@@ -524,6 +539,9 @@ class SuiteRunner:
             target = (src.parent / rel).resolve()
             rebased[name] = os.path.relpath(target, dst.parent.resolve())
         res.compression.artifacts = rebased
+        if res.samples is not None:
+            write_bytes_atomic(samples_path_for(dst), (src.parent / res.samples.file).read_bytes())
+            res.samples = res.samples.model_copy(update={"file": samples_path_for(dst).name})
         save_results(res, dst)
         return dst
 
@@ -543,7 +561,8 @@ class SuiteRunner:
             self._prune_published()
         dist.barrier()
         todo = [(m, seed, r) for m in self.suite.models if not models or m.name in models
-                for seed in self.suite.seeds for r in self.suite.recipes_for(m) if not recipes or r.name in recipes]
+                for seed in self.suite.all_seeds for r in self.suite.recipes_for(m) if not recipes or r.name in recipes
+                if seed in self.suite.seeds_for(r)]
         # data-parallel over the (model, seed, recipe) grid: each process takes every world_size-th item
         todo = todo[dist.rank::dist.world_size]
         contexts: dict[tuple[str, int], _ModelContext] = {}
@@ -583,10 +602,11 @@ class SuiteRunner:
         if write_report and self.summary.results:
             from mcmoe_vl.report.build import build_report
 
-            self.summary.report = build_report(self.summary.results, self._report_destination(),
-                                               baseline=self.suite.report.baseline,
+            rs = self.suite.report
+            self.summary.report = build_report(self.summary.results, self._report_destination(), baseline=rs.baseline,
                                                command=self.command, notes=sorted(self.summary.notes),
-                                               title=f"Suite `{self.suite.name}`")
+                                               title=f"Suite `{self.suite.name}`", compare_to=rs.compare_to,
+                                               confidence=rs.confidence, bootstrap=rs.bootstrap)
         return self.summary
 
     def _report_destination(self) -> Path:
@@ -662,6 +682,19 @@ class _Distributed:
                 for k, v in theirs.items():
                     mine_d[k] = mine_d.get(k, 0) + v
         return out
+
+
+def _resident_bytes(model: torch.nn.Module, runtime: str | None, eval_runtime: str) -> int:
+    """Bytes the loaded model holds in ``runtime`` (packed: its true size), measured on its storages."""
+    from mcmoe_vl.quant.accounting import resident_bytes
+
+    if runtime is None or runtime == eval_runtime:
+        return resident_bytes(model, include_caches=True)
+    stages.set_runtime(model, runtime)
+    try:
+        return resident_bytes(model, include_caches=True)
+    finally:
+        stages.set_runtime(model, eval_runtime)
 
 
 def _check_lmms_available() -> None:
