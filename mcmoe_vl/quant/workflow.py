@@ -44,9 +44,12 @@ class QuantizeRun(BaseModel):
 
 def quantize_files(run: QuantizeRun) -> Accounting:
     """Load model, plan and calibration data, quantize, save; returns the checkpoint's accounting."""
-    from mcmoe_vl.calibration.data import batches_from_ids
-    from mcmoe_vl.calibration.workflow import calibration_ids, load_model
+    from mcmoe_vl.calibration.data import batches_from_ids, check_token_ids
+    from mcmoe_vl.calibration.workflow import calibration_ids, load_model, model_vocab_size
 
+    from mcmoe_vl.io import check_output_outside
+
+    check_output_outside(run.output, {"model directory": run.model}, what="output directory")
     dtype = parse_dtype(run.dtype)
     plan = load_plan(run.plan)  # bad plans fail before the model is loaded
     ids = calibration_ids(run)  # the same data rules as `mcmoe-vl calibrate`; bad data fails before loading
@@ -54,6 +57,7 @@ def quantize_files(run: QuantizeRun) -> Accounting:
     if plan.model_type and plan.model_type != getattr(model.config, "model_type", None):
         raise ValueError(f"the plan is for model type {plan.model_type!r} but {run.model} is "
                          f"{model.config.model_type!r}")
+    check_token_ids(ids, model_vocab_size(model), where=run.data)
     batches = [{k: v.to(run.device) for k, v in b.items()} for b in batches_from_ids(ids, run.batch_size)]
     log.info("quantizing %s on %d sequences x %d tokens", run.model, ids.shape[0], ids.shape[1])
     report = quantize_model(model, plan, batches, run.quantize)

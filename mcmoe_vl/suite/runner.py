@@ -14,6 +14,7 @@ Layout of a run directory (``runs/<suite>/`` unless the suite or the caller name
     prune/<key>/pruning.json            ODP thresholds or OTP predictors
     evaluate/<key>/results.json         one (model, recipe, seed) in the results schema
     results/<model>/<recipe>-seed<k>.json   the results files the report reads
+    results.stale/...                   results of recipes that failed or left the suite (moved aside, not read)
 
 ``<key>`` hashes the stage's inputs, including the keys of the stages before it (:mod:`.cache`), so a re-run does
 only what changed and an interrupted run resumes; a stage directory without its completion record is redone.
@@ -267,11 +268,15 @@ class SuiteRunner:
             self._hit("calibrate")
             return load_stats(d / "stats.json"), d
         self._status("calibrate", ctx, recipe)
-        d.mkdir(parents=True, exist_ok=True)  # not cleared: calibration resumes from its own partial file
-        (d / "stage.json").unlink(missing_ok=True)
+        if (d / "stage.json").exists():  # finished once, changed since: redone from scratch, nothing kept
+            d = self.cache.begin("calibrate", key)
+        # else not cleared: an interrupted pass resumes from its own partial file once the file proves intact
+        d.mkdir(parents=True, exist_ok=True)
         group = recipe.quant.group_size if recipe.quant else 128
         stats = stages.calibrate(ctx.model, ctx.calibration_batches(), self.suite.calibration, group_size=group,
-                                 output=d / "stats.json", model_name=ctx.spec.name, progress=self.progress)
+                                 output=d / "stats.json", model_name=ctx.spec.name,
+                                 model_fingerprint=ctx.fingerprint.get("files", ctx.fingerprint),
+                                 progress=self.progress)
         files = ["stats.json"]
         if self.suite.report.heatmaps:
             stages.significance_plot(stats, d / "significance.png")
@@ -509,8 +514,16 @@ class SuiteRunner:
                 for s in self.suite.seeds}
         for f in sorted(root.rglob("*.json")):
             if f.resolve() not in keep:
-                log.info("removing %s: not part of the suite any more", f)
-                f.unlink()
+                self._set_aside(f, "not part of the suite any more")
+
+    def _set_aside(self, published: Path, reason: str) -> None:
+        """Move a published results file out of ``results/`` (which reports read) into ``results.stale/``."""
+        if not published.is_file():
+            return
+        dst = self.run_dir / "results.stale" / published.relative_to(self.run_dir / "results")
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(published, dst)
+        log.warning("moved %s to %s: %s", published, dst, reason)
     def publish(self, ctx: _ModelContext, recipe: RecipeSpec, src: Path) -> Path:
         """Copy a cached results file to ``results/<model>/<recipe>-seed<k>.json`` with artifact paths rebased."""
         res = load_results(src)
@@ -560,12 +573,15 @@ class SuiteRunner:
                 except stages.StageUnavailable as exc:
                     log.warning("%s: not run: %s", label, exc)
                     self.summary.notes.append(f"{label}: not run: {exc}")
+                    self._set_aside(self.published_path(m, r, seed), f"{label} was not run")
                 except (KeyboardInterrupt, SystemExit):
                     raise
                 except Exception as exc:  # one broken recipe must not stop the others; it is reported
                     log.exception("%s failed", label)
                     self.summary.failed.append(label)
                     self.summary.notes.append(f"{label}: FAILED: {type(exc).__name__}: {exc}")
+                    # an earlier result under the same name describes another recipe: never report it as current
+                    self._set_aside(self.published_path(m, r, seed), f"{label} failed")
         finally:
             self._bar.close()
             self._bar = None
