@@ -96,6 +96,28 @@ def load_model(path: str | os.PathLike[str], *, dtype: torch.dtype = torch.float
     return AutoModelForCausalLM.from_pretrained(str(p), dtype=dtype).to(device).eval()
 
 
+def moe_layout(path: str | os.PathLike[str]) -> dict[int, int]:
+    """Decoder layer index -> routed experts of every MoE layer of a model directory, read from its config alone
+    (the model is built on the meta device: no weights are read or allocated)."""
+    model_type = check_model_dir(path)
+    from model_adapters import get_adapter
+
+    if model_type == "deepseek_vl_v2":
+        from model_adapters.deepseek_vl2.configuration import DeepseekVL2Config
+        from model_adapters.deepseek_vl2.loading import read_official_config
+        from model_adapters.deepseek_vl2.modeling import DeepseekVL2ForCausalLM
+
+        cfg = DeepseekVL2Config.from_official(read_official_config(path))
+        with torch.device("meta"):
+            model = DeepseekVL2ForCausalLM(cfg)
+    else:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(path)))
+    return {la.index: la.num_experts for la in get_adapter(model).moe_layers(model)}
+
+
 EMBEDDED_SPLITS = ("train", "heldout", "ood")
 
 

@@ -30,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from tqdm.auto import tqdm
 
+from mcmoe_vl.moe.checks import check_finite_weights
 from mcmoe_vl.moe.interface import ExpertWeights, FusedExpertStorage, ModuleListExpertStorage, MoELayer
 from mcmoe_vl.moe.layerwise import LayerStep, run_layer
 
@@ -262,6 +263,7 @@ def quantize_model(
         adapter = get_adapter(model)
     moe_layers = {la.index: la for la in adapter.moe_layers(model)}
     plan.check_layers({i: la.num_experts for i, la in moe_layers.items()})
+    check_finite_weights(model, moe_layers.values())  # a NaN expert is named here, not by a Cholesky failure
     for la in moe_layers.values():
         if not isinstance(la.storage, (FusedExpertStorage, ModuleListExpertStorage)):
             raise PlanError(f"{la.path}: expert storage {type(la.storage).__name__} is not supported "

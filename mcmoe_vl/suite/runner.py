@@ -44,7 +44,7 @@ from mcmoe_vl.evaluation.results import (
     primary_metric,
     save_results,
 )
-from mcmoe_vl.io import read_json, write_json_atomic
+from mcmoe_vl.io import check_output_outside, read_json, write_json_atomic
 
 from . import stages
 from .cache import StageCache, checkpoint_fingerprint, stage_key
@@ -540,6 +540,9 @@ class SuiteRunner:
     def run(self, *, models: list[str] | None = None, recipes: list[str] | None = None,
             write_report: bool = True) -> RunSummary:
         locations = preflight(self.loaded)
+        models_dirs = {f"checkpoint directory of model {n!r}": loc for n, (loc, local) in locations.items() if local}
+        check_output_outside(self.run_dir, models_dirs, what="run directory")
+        check_output_outside(self.report_dir, models_dirs, what="report directory")
         unknown = sorted(set(models or []) - {m.name for m in self.suite.models}) + \
             sorted(set(recipes or []) - {r.name for r in self.suite.recipes})
         if unknown:

@@ -187,3 +187,15 @@ def test_calibration_output_inside_the_model_directory_is_refused(calibrated):
     with pytest.raises(ValueError, match=rf"output {ckpt}/stats.json is inside the model directory {ckpt}"):
         calibrate_files(_run(ckpt, ckpt / "stats.json", text))
     assert not (ckpt / "stats.json").exists()
+
+
+def test_non_finite_expert_weight_is_refused_by_quantization():
+    from mcmoe_vl.quant.model import QuantizeConfig, quantize_model
+    from mcmoe_vl.quant.plan import QuantPlan
+
+    model = tiny_mixtral(seed=0)
+    with torch.no_grad():
+        model.model.layers[0].mlp.experts.down_proj[5, 1, 1] = float("-inf")
+    with pytest.raises(NonFiniteWeightError, match=r"model\.layers\.0\.mlp: expert 5 \(down projection\)"):
+        quantize_model(model, QuantPlan.uniform({0: 8, 1: 8}, 2, group_size=16), _batches(),
+                       QuantizeConfig(progress=False))
