@@ -93,7 +93,17 @@ def load_model(path: str | os.PathLike[str], *, dtype: torch.dtype = torch.float
         return load_official(p, dtype=dtype, device=device)
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(str(p), dtype=dtype).to(device).eval()
+    model, info = AutoModelForCausalLM.from_pretrained(str(p), dtype=dtype, output_loading_info=True)
+    problems = {k: sorted(info.get(k) or []) for k in ("missing_keys", "mismatched_keys")}
+    if any(problems.values()):
+        # transformers would leave these weights randomly initialised (e.g. a directory overwritten by a packed
+        # checkpoint): refuse instead of calibrating, quantizing or evaluating a partly random model
+        shown = "; ".join(f"{k.replace('_', ' ')}: {', '.join(map(str, v[:5]))}" + (f" (+{len(v) - 5} more)"
+                                                                               if len(v) > 5 else "")
+                          for k, v in problems.items() if v)
+        raise ValueError(f"{p} does not hold every weight of its {model_type} architecture ({shown}); it is not an "
+                         f"intact checkpoint (a quantized checkpoint loads with mcmoe_vl.quant.checkpoint.load_quantized)")
+    return model.to(device).eval()
 
 
 def moe_layout(path: str | os.PathLike[str]) -> dict[int, int]:

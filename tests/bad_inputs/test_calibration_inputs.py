@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import save_tiny_mixtral
+from battery_helpers import save_tiny_mixtral
 from safetensors.torch import save_file
 from tiny_models import tiny_mixtral
 
@@ -199,3 +199,40 @@ def test_non_finite_expert_weight_is_refused_by_quantization():
     with pytest.raises(NonFiniteWeightError, match=r"model\.layers\.0\.mlp: expert 5 \(down projection\)"):
         quantize_model(model, QuantPlan.uniform({0: 8, 1: 8}, 2, group_size=16), _batches(),
                        QuantizeConfig(progress=False))
+
+
+def test_checkpoint_missing_weights_is_refused_not_randomly_initialised(tiny_ckpt, tmp_path):
+    """Item 1's aftermath: a directory whose weights file no longer matches its architecture (as after a quantized
+    checkpoint overwrote it) is refused at load, instead of calibrating on random weights."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from mcmoe_vl.calibration.workflow import load_model
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_ckpt, broken)
+    sd = load_file(str(broken / "model.safetensors"))
+    del sd["model.layers.1.self_attn.q_proj.weight"]
+    save_file(sd, str(broken / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"does not hold every weight .*missing keys: "
+                                         r"model\.layers\.1\.self_attn\.q_proj\.weight"):
+        load_model(broken)
+    assert load_model(tiny_ckpt) is not None  # the intact directory loads
+
+
+@pytest.mark.parametrize("sub", ["", "compressed"])
+def test_quantize_into_the_model_directory_is_refused_before_work(calibrated, tmp_path, sub):
+    """Item 1 (workflow level): `quantize m -o m` (or a folder inside m) names both paths and writes nothing."""
+    from mcmoe_vl.quant.plan import QuantPlan
+    from mcmoe_vl.quant.workflow import QuantizeRun, quantize_files
+
+    ckpt, text, _ = calibrated
+    plan = tmp_path / "plan.json"
+    QuantPlan(model_type="mixtral", experts={0: [2] * 4, 1: [2] * 4}, group_size=16).save(plan)
+    before = {f.name: f.read_bytes() for f in ckpt.iterdir()}
+    out = ckpt / sub if sub else ckpt
+    with pytest.raises(ValueError, match=rf"output directory {out} is inside the model directory {ckpt}"):
+        quantize_files(QuantizeRun(model=str(ckpt), plan=str(plan), data=str(text), output=str(out),
+                                   num_sequences=2, seq_len=16))
+    assert {f.name: f.read_bytes() for f in ckpt.iterdir()} == before
