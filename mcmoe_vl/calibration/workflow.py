@@ -90,7 +90,7 @@ def load_model(path: str | os.PathLike[str], *, dtype: torch.dtype = torch.float
     if model_type == "deepseek_vl_v2":
         from model_adapters.deepseek_vl2.loading import load_official
 
-        return load_official(p, dtype=dtype, device=device)
+        return _finite(load_official(p, dtype=dtype, device=device))
     from transformers import AutoModelForCausalLM
 
     model, info = AutoModelForCausalLM.from_pretrained(str(p), dtype=dtype, output_loading_info=True)
@@ -103,7 +103,17 @@ def load_model(path: str | os.PathLike[str], *, dtype: torch.dtype = torch.float
                           for k, v in problems.items() if v)
         raise ValueError(f"{p} does not hold every weight of its {model_type} architecture ({shown}); it is not an "
                          f"intact checkpoint (a quantized checkpoint loads with mcmoe_vl.quant.checkpoint.load_quantized)")
-    return model.to(device).eval()
+    return _finite(model.to(device).eval())
+
+
+def _finite(model: Any) -> Any:
+    """The model, once every weight is checked finite (NaN / inf named by layer and expert, or by tensor)."""
+    from model_adapters import get_adapter
+
+    from mcmoe_vl.moe.checks import check_finite_weights
+
+    check_finite_weights(model, get_adapter(model).moe_layers(model))
+    return model
 
 
 def moe_layout(path: str | os.PathLike[str]) -> dict[int, int]:

@@ -236,3 +236,20 @@ def test_quantize_into_the_model_directory_is_refused_before_work(calibrated, tm
         quantize_files(QuantizeRun(model=str(ckpt), plan=str(plan), data=str(text), output=str(out),
                                    num_sequences=2, seq_len=16))
     assert {f.name: f.read_bytes() for f in ckpt.iterdir()} == before
+
+
+def test_non_finite_weight_in_a_checkpoint_is_refused_at_load(tiny_ckpt, tmp_path):
+    """Item 7 at load: every recipe of a suite (the 16-bit one too) and every CLI workflow loads through here."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from mcmoe_vl.calibration.workflow import load_model
+
+    bad = tmp_path / "nan"
+    shutil.copytree(tiny_ckpt, bad)
+    sd = load_file(str(bad / "model.safetensors"))
+    sd["model.layers.0.block_sparse_moe.experts.2.w2.weight"][0, 0] = float("nan")  # expert 2's down projection
+    save_file(sd, str(bad / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(NonFiniteWeightError, match=r"model\.layers\.0\.mlp: expert 2 \(down projection\) has 1 NaN"):
+        load_model(bad)
