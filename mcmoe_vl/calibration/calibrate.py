@@ -258,11 +258,11 @@ def _resume(path: Path, fresh: CalibrationStats) -> CalibrationStats:
                        "data_fingerprint", "config"):
         a, b = getattr(old, field_name), getattr(fresh, field_name)
         if a != b:
-            what = "weights" if field_name == "model_fingerprint" else field_name
-            shown = "" if field_name == "model_fingerprint" else f" ({a!r} vs now {b!r})"
-            raise ResumeError(
-                f"{path} was made with different {what}{shown}; delete it or run without resume to start over"
-            )
+            if field_name == "model_fingerprint":
+                what = "no record of its weights (an older file)" if a is None else "different weights"
+            else:
+                what = f"a different {field_name} ({a!r} vs now {b!r})"
+            raise ResumeError(f"{path} was made with {what}; delete it or run without resume to start over")
     log.info("resuming calibration from %s: %d of %d MoE layers done", path, len(old.layers),
              len(old.moe_layer_indices))
     return old

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from mcmoe_vl.dtypes import parse_dtype
+from mcmoe_vl.io import check_output_outside, checkpoint_fingerprint
 from pydantic import BaseModel, ConfigDict, Field
 
 from .calibrate import CalibrationConfig, calibrate
@@ -98,11 +99,11 @@ def load_model(path: str | os.PathLike[str], *, dtype: torch.dtype = torch.float
     if any(problems.values()):
         # transformers would leave these weights randomly initialised (e.g. a directory overwritten by a packed
         # checkpoint): refuse instead of calibrating, quantizing or evaluating a partly random model
-        shown = "; ".join(f"{k.replace('_', ' ')}: {', '.join(map(str, v[:5]))}" + (f" (+{len(v) - 5} more)"
-                                                                               if len(v) > 5 else "")
-                          for k, v in problems.items() if v)
+        shown = "; ".join(f"{k.replace('_', ' ')}: {', '.join(map(str, v[:5]))}"
+                          + (f" (+{len(v) - 5} more)" if len(v) > 5 else "") for k, v in problems.items() if v)
         raise ValueError(f"{p} does not hold every weight of its {model_type} architecture ({shown}); it is not an "
-                         f"intact checkpoint (a quantized checkpoint loads with mcmoe_vl.quant.checkpoint.load_quantized)")
+                         "intact checkpoint (a quantized checkpoint loads with mcmoe_vl.quant.checkpoint."
+                         "load_quantized)")
     return _finite(model.to(device).eval())
 
 
@@ -186,18 +187,12 @@ def model_vocab_size(model: Any) -> int | None:
 
 def calibrate_files(run: CalibrationRun) -> CalibrationStats:
     """Load the model and data, run :func:`calibrate` (resumable) and save the statistics (and heatmaps)."""
-    from mcmoe_vl.io import check_output_outside
-
     for out in (run.output, run.significance_plot):
         if out:
             check_output_outside(out, {"model directory": run.model})
     dtype = parse_dtype(run.dtype)
     ids = calibration_ids(run)  # before loading the model: bad data fails fast
-    from mcmoe_vl.io import checkpoint_fingerprint
-
-    # the weights' identity, taken before loading; the outputs are left out should they be written inside it
-    fingerprint = checkpoint_fingerprint(run.model, exclude=tuple(
-        f for f in (run.output, run.significance_plot) if f))["files"]
+    fingerprint = checkpoint_fingerprint(run.model)["files"]  # the weights' identity, recorded in the statistics
     model = load_model(run.model, dtype=dtype, device=run.device)
     check_token_ids(ids, model_vocab_size(model), where=run.data)
     batches = [{k: v.to(run.device) for k, v in b.items()} for b in batches_from_ids(ids, run.batch_size)]

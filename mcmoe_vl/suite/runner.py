@@ -524,6 +524,7 @@ class SuiteRunner:
         dst.parent.mkdir(parents=True, exist_ok=True)
         os.replace(published, dst)
         log.warning("moved %s to %s: %s", published, dst, reason)
+
     def publish(self, ctx: _ModelContext, recipe: RecipeSpec, src: Path) -> Path:
         """Copy a cached results file to ``results/<model>/<recipe>-seed<k>.json`` with artifact paths rebased."""
         res = load_results(src)

@@ -18,7 +18,9 @@ What the official ``DeepseekVLV2Processor`` does, step by step:
    ``"<|User|>: " question.strip() "\n\n<|Assistant|>:"`` (with its images), each assistant turn as
    ``encode(answer.strip()) + [eos]``, directly after the colon (no space). The ``system_prompt`` is not part of
    the ids on this path (the official processor keeps it only on the ``prompt=`` path and in the display string);
-   giving one logs a warning; pass an already formatted ``prompt=`` to have it in the ids.
+   giving one logs a warning; pass an already formatted ``prompt=`` to have it in the ids. A checkpoint trained with
+   another answer layout declares it in its ``config.json`` (``"mcmoe_answer_prefix": " "``: the embedded tiny
+   model, trained before this layout was fixed), which :meth:`DeepseekVL2Processor.from_config` picks up.
 6. Text-only samples get one all-zero tile and a (0, 0) crop grid, like the official processor.
 
 Batches are left-padded (``pad_token_id``, attention mask 0); tiles and crop grids are zero-padded.
@@ -45,6 +47,7 @@ PAD_TOKEN = "<｜▁pad▁｜>"
 USER, ASSISTANT = "<|User|>", "<|Assistant|>"
 GROUNDING_TOKENS = ("<|ref|>", "<|/ref|>", "<|det|>", "<|/det|>", "<|grounding|>")
 _ROLES = {"user": USER, USER: USER, "assistant": ASSISTANT, ASSISTANT: ASSISTANT}
+ANSWER_PREFIX_KEY = "mcmoe_answer_prefix"  # config.json key: a checkpoint's own answer layout (see answer_prefix)
 
 
 def prepare_tokenizer(tokenizer: Any, image_token: str = IMAGE_TOKEN, pad_token: str = PAD_TOKEN) -> int:
@@ -107,6 +110,9 @@ class DeepseekVL2Processor:
     image_token: str = IMAGE_TOKEN
     max_cropping_images: int = 2
     global_view_pos: str = "head"
+    # Text between "<|Assistant|>:" and a finished answer. "" is the official layout; a checkpoint trained with
+    # another one declares it in its config.json under ANSWER_PREFIX_KEY (the embedded tiny model: " ").
+    answer_prefix: str = ""
     image_token_id: int = field(init=False)
 
     def __post_init__(self) -> None:
@@ -130,6 +136,13 @@ class DeepseekVL2Processor:
         official = getattr(getattr(config, "config", config), "official", config)
         if not isinstance(official, OfficialConfig):
             raise TypeError(f"expected an OfficialConfig, a DeepseekVL2Config or a model, got {type(config).__name__}")
+        declared = official.extras.get("", {}).get(ANSWER_PREFIX_KEY)
+        if declared is not None and "answer_prefix" not in kw:
+            if not isinstance(declared, str):
+                raise ValueError(f"config.json: {ANSWER_PREFIX_KEY} must be a string, got {declared!r}")
+            log.info("answers follow '<|Assistant|>:' after %r, as the checkpoint's config declares (official: '')",
+                     declared)
+            kw["answer_prefix"] = declared
         proc = cls(
             tokenizer=tokenizer,
             candidate_resolutions=[tuple(r) for r in official.candidate_resolutions],
@@ -182,7 +195,7 @@ class DeepseekVL2Processor:
             if _ROLES[msg["role"]] == USER:
                 turns.append((f"{USER}: {content}\n\n{ASSISTANT}:" if content else f"{USER}:{ASSISTANT}:", False))
             else:
-                turns.append((content, True))
+                turns.append((self.answer_prefix + content if content else content, True))
         return turns
 
     def _encode(self, text: str) -> list[int]:

@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 from tiny_models import tiny_mixtral
 
 from mcmoe_vl.calibration.calibrate import CalibrationConfig, ResumeError, calibrate
-from mcmoe_vl.calibration.stats import load_stats, save_stats
+from mcmoe_vl.calibration.stats import load_stats
 from mcmoe_vl.calibration.workflow import CalibrationRun, calibrate_files
 from mcmoe_vl.moe.checks import NonFiniteWeightError
 

@@ -3,8 +3,6 @@ model's MoE layout, and a suite whose run or report directory is a model's check
 
 from __future__ import annotations
 
-import shutil
-from pathlib import Path
 
 import pytest
 from test_suite_run import write_suite

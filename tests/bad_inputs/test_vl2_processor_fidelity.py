@@ -5,6 +5,7 @@ tokenizer: conversations are tokenized turn by turn, an answer is ``encode(answe
 
 from __future__ import annotations
 
+import json
 import logging
 
 import numpy as np
@@ -115,3 +116,28 @@ def test_text_only_sample_has_one_zero_tile_and_batches_with_images(proc, model)
         # the zero tile is never looked at: the text-only sample equals the language model alone
         alone = model(input_ids=text.input_ids[None]).logits[0]
         torch.testing.assert_close(model(**proc.collate([text])).logits[0], alone, rtol=1e-5, atol=1e-5)
+
+
+def test_a_checkpoint_declares_a_departing_answer_layout(model):
+    """The departure from the official layout is an explicit, per-checkpoint option: the embedded tiny model was
+    trained with a space before answers and says so in its config.json; anything else gets the official layout."""
+    import copy
+
+    from model_adapters.deepseek_vl2.processing import ANSWER_PREFIX_KEY
+
+    from mcmoe_vl.data.embedded import VLM_TINY_DIR
+
+    assert json.loads((VLM_TINY_DIR / "config.json").read_text())[ANSWER_PREFIX_KEY] == " "
+    declared = copy.deepcopy(model.config.official)
+    declared.extras[""] = {**declared.extras.get("", {}), ANSWER_PREFIX_KEY: " "}
+    spaced = DeepseekVL2Processor.from_config(tiny_tokenizer(), declared)
+    official = DeepseekVL2Processor.from_config(tiny_tokenizer(), model)
+    assert (spaced.answer_prefix, official.answer_prefix) == (" ", "")
+    conv = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Red."}]
+    a = spaced.process_one(conv, inference=False).input_ids.tolist()
+    b = official.process_one(conv, inference=False).input_ids.tolist()
+    space = spaced.tokenizer.encode(" Red.", add_special_tokens=False)
+    assert a[-len(space) - 1 : -1] == space and b[-len(space) - 1 : -1] != space
+    declared.extras[""][ANSWER_PREFIX_KEY] = 1
+    with pytest.raises(ValueError, match="mcmoe_answer_prefix must be a string"):
+        DeepseekVL2Processor.from_config(tiny_tokenizer(), declared)
