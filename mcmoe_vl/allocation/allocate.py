@@ -104,6 +104,7 @@ def allocate(
         layers=plans,
         shared_experts_bits=config.shared_experts_bits,
         other_bits=config.other_bits,
+        source={"model_fingerprint": stats.model_fingerprint, "data_fingerprint": stats.data_fingerprint},
     )
     got = eff if config.budget is BudgetKind.EFFECTIVE else nominal
     if abs(got - config.target_bits) > 1e-9:

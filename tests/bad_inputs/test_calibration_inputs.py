@@ -253,3 +253,21 @@ def test_non_finite_weight_in_a_checkpoint_is_refused_at_load(tiny_ckpt, tmp_pat
     save_file(sd, str(bad / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(NonFiniteWeightError, match=r"model\.layers\.0\.mlp: expert 2 \(down projection\) has 1 NaN"):
         load_model(bad)
+
+
+def test_plan_from_other_weights_is_refused_by_quantize(calibrated, tmp_path):
+    """Item 2 one stage later: an allocator plan records the weights its statistics came from."""
+    from mcmoe_vl.allocation.config import AllocationConfig
+    from mcmoe_vl.allocation.workflow import allocate_files
+    from mcmoe_vl.quant.plan import load_plan
+    from mcmoe_vl.quant.workflow import QuantizeRun, check_plan_source, quantize_files
+
+    ckpt, text, stats = calibrated
+    plan = tmp_path / "plan.json"
+    allocate_files(stats, plan, AllocationConfig(method="uniform", target_bits=2.0, bits=(2,), group_size=16))
+    check_plan_source(load_plan(plan), str(ckpt))  # its own model: accepted
+    other = save_tiny_mixtral(tmp_path / "other", seed=1)
+    with pytest.raises(ValueError, match=r"allocated from statistics measured on other weights .*model.safetensors"):
+        quantize_files(QuantizeRun(model=str(other), plan=str(plan), data=str(text), output=str(tmp_path / "q"),
+                                   num_sequences=2, seq_len=16))
+    assert not (tmp_path / "q").exists()
