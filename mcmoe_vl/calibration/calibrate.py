@@ -194,8 +194,8 @@ def calibrate(
     finished layers are kept and skipped. Anything else is a :class:`ResumeError` (delete the file or pass
     ``resume=False`` to start over): a file from other weights, data or config, an unreadable one, or one whose
     checksum shows it was edited. ``model_fingerprint`` identifies the weights (the checkpoint's file hashes,
-    :func:`mcmoe_vl.io.checkpoint_fingerprint`); None hashes the weights in memory. NaN or infinite weights are
-    refused before any work, naming the layer and expert.
+    :func:`mcmoe_vl.io.checkpoint_fingerprint`); None hashes the weights in memory (when there is an ``output``).
+    NaN or infinite weights are refused before any work, naming the layer and expert.
     """
     config = config or CalibrationConfig()
     iface = ExpertInterface(model)
@@ -212,7 +212,9 @@ def calibrate(
         num_sequences=sum(int(torch.as_tensor(b["input_ids"]).shape[0]) if "input_ids" in b else 1
                           for b in prepared),
         data_fingerprint=fingerprint,
-        model_fingerprint=model_fingerprint if model_fingerprint is not None else weights_fingerprint(model),
+        # without a file to resume from, the (costly for large models) hash of the weights in memory is not needed
+        model_fingerprint=model_fingerprint if model_fingerprint is not None or output is None
+        else weights_fingerprint(model),
         config=config.model_dump(mode="json"),
     )
     stats = fresh
