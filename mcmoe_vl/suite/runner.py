@@ -48,7 +48,7 @@ from mcmoe_vl.io import check_output_outside, read_json, write_json_atomic
 
 from . import stages
 from .cache import StageCache, checkpoint_fingerprint, stage_key
-from .load import LoadedSuite, include_dirs, is_image_source, preflight
+from .load import LoadedSuite, SuiteError, include_dirs, is_image_source, preflight
 from .schema import Harness, ModelSpec, RecipeSpec, Suite, TaskSpec, slug
 
 log = logging.getLogger(__name__)
@@ -506,15 +506,24 @@ class SuiteRunner:
         return self.run_dir / "results" / slug(model.name) / f"{slug(recipe.name)}-seed{seed}.json"
 
     def _prune_published(self) -> None:
-        """Remove published results of (model, recipe, seed) no longer in the suite (the cache keeps them)."""
+        """Move aside published results of (model, recipe, seed) no longer in the suite, or whose recipe was changed
+        under the same name (the cache keeps them)."""
         root = self.run_dir / "results"
         if not root.exists():
             return
-        keep = {self.published_path(m, r, s).resolve() for m in self.suite.models for r in self.suite.recipes_for(m)
+        keep = {self.published_path(m, r, s).resolve(): r for m in self.suite.models for r in self.suite.recipes_for(m)
                 for s in self.suite.seeds}
         for f in sorted(root.rglob("*.json")):
-            if f.resolve() not in keep:
+            recipe = keep.get(f.resolve())
+            if recipe is None:
                 self._set_aside(f, "not part of the suite any more")
+                continue
+            try:
+                recorded = (read_json(f, what="results file").get("config") or {}).get("recipe")
+            except (ValueError, AttributeError):
+                recorded = None
+            if recorded != recipe.model_dump(mode="json"):
+                self._set_aside(f, f"recipe {recipe.name!r} is defined differently now (or the file is unreadable)")
 
     def _set_aside(self, published: Path, reason: str) -> None:
         """Move a published results file out of ``results/`` (which reports read) into ``results.stale/``."""
@@ -540,7 +549,13 @@ class SuiteRunner:
     # -- the whole suite --------------------------------------------------------------------------------------------
     def run(self, *, models: list[str] | None = None, recipes: list[str] | None = None,
             write_report: bool = True) -> RunSummary:
-        locations = preflight(self.loaded)
+        try:
+            locations = preflight(self.loaded)
+        except SuiteError:
+            # refused before any work: results of recipes that changed or left the suite still must not be reported
+            if int(os.environ.get("RANK", "0")) == 0:
+                self._prune_published()
+            raise
         models_dirs = {f"checkpoint directory of model {n!r}": loc for n, (loc, local) in locations.items() if local}
         check_output_outside(self.run_dir, models_dirs, what="run directory")
         check_output_outside(self.report_dir, models_dirs, what="report directory")

@@ -42,11 +42,11 @@ def fresh_copy(first, tmp_path):
     """A private copy of the first run (the cases damage it)."""
     root, suite, published, stats, original = first
     shutil.copytree(root / "runs", tmp_path / "runs")
+    shutil.copytree(root / "tasks", tmp_path / "tasks")  # its YAML points at the first run's data: the same tasks
     shutil.copy(root / "calib.txt", tmp_path / "calib.txt")
     # the same checkpoint path (it is part of the stage keys), run and report directories in the copy
     text = suite.read_text().replace(str(root), str(tmp_path)).replace('checkpoint = "ckpt"',
                                                                        f'checkpoint = "{root / "ckpt"}"')
-    text = text.replace('"tasks"', f'"{root / "tasks"}"')
     (tmp_path / "suite.toml").write_text(text)
     return tmp_path, tmp_path / published.relative_to(root), tmp_path / stats.relative_to(root), original
 
@@ -109,3 +109,24 @@ def test_recipe_removed_from_the_suite_moves_its_results_aside(fresh_copy):
     assert summary.failed == []
     assert not published.exists()
     assert (root / "runs" / "results.stale" / published.relative_to(root / "runs" / "results")).is_file()
+
+
+def test_recipe_changed_to_an_infeasible_one_is_refused_and_its_results_moved_aside(fresh_copy):
+    """Item 4 as reported: same name, bits changed to an infeasible value; `run` refuses before any work (item 6)
+    and the results of the old definition no longer sit in results/ for `mcmoe-vl report` to show."""
+    from mcmoe_vl.suite.load import SuiteError
+
+    root, published, _, _ = fresh_copy
+    suite = root / "suite.toml"
+    suite.write_text(suite.read_text().replace("bits = 2.0", "bits = 0.5"))
+    with pytest.raises(SuiteError, match="recipe 'Q'.*outside the reachable range"):
+        _run(suite)
+    assert not published.exists()
+    assert (root / "runs" / "results.stale" / published.relative_to(root / "runs" / "results")).is_file()
+
+
+def test_unchanged_recipe_keeps_its_results(fresh_copy):
+    root, published, _, _ = fresh_copy
+    summary = _run(root / "suite.toml")
+    assert summary.failed == [] and "calibrate" not in summary.computed
+    assert published.is_file() and not (root / "runs" / "results.stale").exists()
