@@ -114,13 +114,16 @@ def is_within(path: str | os.PathLike[str], directory: str | os.PathLike[str]) -
 
 def check_output_outside(output: str | os.PathLike[str], inputs: Mapping[str, str | os.PathLike[str]], *,
                          what: str = "output") -> None:
-    """Refuse an output that is an input directory or lies inside one (``inputs``: label -> directory), before any
-    work: writing there would replace or alter what a later run reads (quantizing into the model's own directory
-    overwrites its weights). The error names both paths."""
+    """Refuse an output that is an input file, an input directory or lies inside one (``inputs``: label -> path),
+    before any work: writing there would replace or alter what a later run reads (quantizing into the model's own
+    directory overwrites its weights; ``--output`` naming the data file overwrites the data). The error names both
+    paths."""
     for label, d in inputs.items():
         if Path(d).is_dir() and is_within(output, d):
             raise ValueError(f"{what} {output} is inside the {label} {d} (an input of this run); choose an {what} "
                              f"outside it")
+        if Path(d).is_file() and Path(output).resolve() == Path(d).resolve():
+            raise ValueError(f"{what} {output} is the {label} (an input of this run); choose another {what}")
 
 
 def _json_default(o: Any) -> Any:

@@ -189,7 +189,7 @@ def calibrate_files(run: CalibrationRun) -> CalibrationStats:
     """Load the model and data, run :func:`calibrate` (resumable) and save the statistics (and heatmaps)."""
     for out in (run.output, run.significance_plot):
         if out:
-            check_output_outside(out, {"model directory": run.model})
+            check_output_outside(out, {"model directory": run.model, "calibration data": run.data})
     dtype = parse_dtype(run.dtype)
     ids = calibration_ids(run)  # before loading the model: bad data fails fast
     fingerprint = checkpoint_fingerprint(run.model)["files"]  # the weights' identity, recorded in the statistics

@@ -73,7 +73,7 @@ def prune_files(run: PruneRun) -> PruningArtifact:
 
     from mcmoe_vl.io import check_output_outside
 
-    check_output_outside(run.output, {"model directory": run.model})
+    check_output_outside(run.output, {"model directory": run.model, "calibration data": run.data})
     dtype = parse_dtype(run.dtype)
     if not run.output.endswith(".json"):
         raise ValueError(f"--output must be a .json path, got {run.output}")

@@ -72,7 +72,8 @@ def quantize_files(run: QuantizeRun) -> Accounting:
 
     from mcmoe_vl.io import check_output_outside
 
-    check_output_outside(run.output, {"model directory": run.model}, what="output directory")
+    check_output_outside(run.output, {"model directory": run.model, "plan": run.plan, "calibration data": run.data},
+                         what="output directory")
     dtype = parse_dtype(run.dtype)
     plan = load_plan(run.plan)  # bad plans fail before the model is loaded
     check_plan_source(plan, run.model)

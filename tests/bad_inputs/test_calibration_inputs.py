@@ -271,3 +271,21 @@ def test_plan_from_other_weights_is_refused_by_quantize(calibrated, tmp_path):
         quantize_files(QuantizeRun(model=str(other), plan=str(plan), data=str(text), output=str(tmp_path / "q"),
                                    num_sequences=2, seq_len=16))
     assert not (tmp_path / "q").exists()
+
+
+def test_output_naming_an_input_file_is_refused(calibrated, tmp_path):
+    """`--output` equal to the data file (calibrate) or to the statistics file (allocate) would overwrite it."""
+    from mcmoe_vl.allocation.config import AllocationConfig
+    from mcmoe_vl.allocation.workflow import allocate_files
+
+    ckpt, text, stats = calibrated
+    data = tmp_path / "calib.txt"
+    data.write_bytes(text.read_bytes())
+    with pytest.raises(ValueError, match=rf"output {data} is the calibration data"):
+        calibrate_files(_run(ckpt, data, data))
+    assert data.read_bytes() == text.read_bytes()
+    copy = tmp_path / "stats.json"
+    copy.write_bytes(stats.read_bytes())
+    with pytest.raises(ValueError, match=rf"output {copy} is the statistics file"):
+        allocate_files(copy, copy, AllocationConfig(target_bits=2.0))
+    assert copy.read_bytes() == stats.read_bytes()
