@@ -64,7 +64,7 @@ def check_model_dir(path: str | os.PathLike[str]) -> str:
         raise FileNotFoundError(f"model directory {p} does not exist (a local directory with config.json and "
                                 f"*.safetensors is expected)")
     if not p.is_dir():
-        raise NotADirectoryError(f"model {p} is a file; give the model's directory (config.json, *.safetensors)")
+        raise ValueError(f"model {p} is a file; give the model's directory (config.json, *.safetensors)")
     cfg_file = p / "config.json"
     if not cfg_file.is_file():
         raise FileNotFoundError(f"model directory {p} has no config.json")
