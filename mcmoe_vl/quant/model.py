@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from mcmoe_vl.moe.checks import check_finite_weights
 from mcmoe_vl.moe.interface import ExpertWeights, FusedExpertStorage, ModuleListExpertStorage, MoELayer
-from mcmoe_vl.moe.layerwise import LayerStep, run_layer
+from mcmoe_vl.moe.layerwise import LayerStep, run_layer, with_valid_masks
 
 from .gptq import HessianAccumulator, QuantResult, gptq_quantize, prepare_inverse, rtn_quantize
 from .packed import PackedTensor
@@ -158,19 +158,7 @@ class _ValidTokens:
         return x[keep]
 
 
-def _with_valid(batches: Iterable[Mapping[str, Any]], extras_key: str | None) -> list[dict[str, Any]]:
-    """Each batch with its padding mask (and the caller's own side data) moved into the side-channel key."""
-    out = []
-    for b in batches:
-        b = dict(b)
-        am = b.get("attention_mask")
-        extra = b.pop(extras_key, None) if extras_key else None
-        b[_SIDE_KEY] = {"valid": None if am is None else torch.as_tensor(am).bool(), "extra": extra}
-        out.append(b)
-    return out
-
-
-_SIDE_KEY = "_mcmoe_vl_quant_side"
+_VALID_KEY = "_mcmoe_vl_quant_valid"  # side-channel batch key carrying the padding mask through layer caching
 
 
 def _collect(step: LayerStep, valid: _ValidTokens) -> None:
@@ -178,7 +166,7 @@ def _collect(step: LayerStep, valid: _ValidTokens) -> None:
     try:
         with torch.no_grad():
             for inp in step.inputs:
-                valid.mask = (inp.extras.get(_SIDE_KEY) or {}).get("valid")
+                valid.mask = inp.extras.get(_VALID_KEY)
                 run_layer(step.layer, inp)
     finally:
         valid.mask = None
@@ -277,8 +265,8 @@ def quantize_model(
     done: set[str] = set()
 
     valid = _ValidTokens()
-    prepared = _with_valid(batches, extras_key)
-    for step in iterate_layers(model, prepared, adapter=adapter, extras_key=_SIDE_KEY, progress=cfg.progress):
+    prepared = with_valid_masks(batches, _VALID_KEY, drop=extras_key)
+    for step in iterate_layers(model, prepared, adapter=adapter, extras_key=_VALID_KEY, progress=cfg.progress):
         moe = moe_layers.get(step.index)
         experts_mod = moe.storage.module if moe is not None else None
         expert_linears = {id(m) for m in experts_mod.modules()} if experts_mod is not None else set()
