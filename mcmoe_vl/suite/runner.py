@@ -14,6 +14,7 @@ Layout of a run directory (``runs/<suite>/`` unless the suite or the caller name
     prune/<key>/pruning.json            ODP thresholds or OTP predictors
     evaluate/<key>/results.json         one (model, recipe, seed) in the results schema
     results/<model>/<recipe>-seed<k>.json   the results files the report reads
+    results.stale/...                   results of recipes that failed or left the suite (moved aside, not read)
 
 ``<key>`` hashes the stage's inputs, including the keys of the stages before it (:mod:`.cache`), so a re-run does
 only what changed and an interrupted run resumes; a stage directory without its completion record is redone.
@@ -47,11 +48,11 @@ from mcmoe_vl.evaluation.results import (
 from mcmoe_vl.evaluation.memory import PeakMemory
 from mcmoe_vl.evaluation.provenance import provenance
 from mcmoe_vl.evaluation.samples import samples_path_for, write_samples
-from mcmoe_vl.io import read_json, write_bytes_atomic, write_json_atomic
+from mcmoe_vl.io import check_output_outside, read_json, write_bytes_atomic, write_json_atomic
 
 from . import stages
 from .cache import StageCache, checkpoint_fingerprint, stage_key
-from .load import LoadedSuite, include_dirs, is_image_source, preflight
+from .load import LoadedSuite, SuiteError, include_dirs, is_image_source, preflight
 from .schema import Harness, ModelSpec, RecipeSpec, Suite, TaskSpec, slug
 
 log = logging.getLogger(__name__)
@@ -275,11 +276,15 @@ class SuiteRunner:
             self._hit("calibrate")
             return load_stats(d / "stats.json"), d
         self._status("calibrate", ctx, recipe)
-        d.mkdir(parents=True, exist_ok=True)  # not cleared: calibration resumes from its own partial file
-        (d / "stage.json").unlink(missing_ok=True)
+        if (d / "stage.json").exists():  # finished once, changed since: redone from scratch, nothing kept
+            d = self.cache.begin("calibrate", key)
+        # else not cleared: an interrupted pass resumes from its own partial file once the file proves intact
+        d.mkdir(parents=True, exist_ok=True)
         group = recipe.quant.group_size if recipe.quant else 128
         stats = stages.calibrate(ctx.model, ctx.calibration_batches(), self.suite.calibration, group_size=group,
-                                 output=d / "stats.json", model_name=ctx.spec.name, progress=self.progress)
+                                 output=d / "stats.json", model_name=ctx.spec.name,
+                                 model_fingerprint=ctx.fingerprint.get("files", ctx.fingerprint),
+                                 progress=self.progress)
         files = ["stats.json"]
         if self.suite.report.heatmaps:
             stages.significance_plot(stats, d / "significance.png")
@@ -519,17 +524,37 @@ class SuiteRunner:
         return self.run_dir / "results" / slug(model.name) / f"{slug(recipe.name)}-seed{seed}.json"
 
     def _prune_published(self) -> None:
-        """Remove published results of (model, recipe, seed) no longer in the suite (the cache keeps them)."""
+        """Move aside published results of (model, recipe, seed) no longer in the suite, or whose recipe was changed
+        under the same name (the cache keeps them)."""
         root = self.run_dir / "results"
         if not root.exists():
             return
-        keep = {self.published_path(m, r, s).resolve() for m in self.suite.models for r in self.suite.recipes_for(m)
+        keep = {self.published_path(m, r, s).resolve(): r for m in self.suite.models for r in self.suite.recipes_for(m)
                 for s in self.suite.seeds_for(r)}
         for f in sorted(root.rglob("*.json")):
-            if f.resolve() not in keep:
-                samples_path_for(f).unlink(missing_ok=True)
-                log.info("removing %s: not part of the suite any more", f)
-                f.unlink()
+            recipe = keep.get(f.resolve())
+            if recipe is None:
+                self._set_aside(f, "not part of the suite any more")
+                continue
+            try:
+                recorded = (read_json(f, what="results file").get("config") or {}).get("recipe")
+            except (ValueError, AttributeError):
+                recorded = None
+            if recorded != recipe.model_dump(mode="json"):
+                self._set_aside(f, f"recipe {recipe.name!r} is defined differently now (or the file is unreadable)")
+
+    def _set_aside(self, published: Path, reason: str) -> None:
+        """Move a published results file out of ``results/`` (which reports read) into ``results.stale/``."""
+        if not published.is_file():
+            return
+        dst = self.run_dir / "results.stale" / published.relative_to(self.run_dir / "results")
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        samples = samples_path_for(published)
+        if samples.is_file():
+            os.replace(samples, samples_path_for(dst))
+        os.replace(published, dst)
+        log.warning("moved %s to %s: %s", published, dst, reason)
+
     def publish(self, ctx: _ModelContext, recipe: RecipeSpec, src: Path) -> Path:
         """Copy a cached results file to ``results/<model>/<recipe>-seed<k>.json`` with artifact paths rebased."""
         res = load_results(src)
@@ -548,7 +573,16 @@ class SuiteRunner:
     # -- the whole suite --------------------------------------------------------------------------------------------
     def run(self, *, models: list[str] | None = None, recipes: list[str] | None = None,
             write_report: bool = True) -> RunSummary:
-        locations = preflight(self.loaded)
+        try:
+            locations = preflight(self.loaded)
+        except SuiteError:
+            # refused before any work: results of recipes that changed or left the suite still must not be reported
+            if int(os.environ.get("RANK", "0")) == 0:
+                self._prune_published()
+            raise
+        models_dirs = {f"checkpoint directory of model {n!r}": loc for n, (loc, local) in locations.items() if local}
+        check_output_outside(self.run_dir, models_dirs, what="run directory")
+        check_output_outside(self.report_dir, models_dirs, what="report directory")
         unknown = sorted(set(models or []) - {m.name for m in self.suite.models}) + \
             sorted(set(recipes or []) - {r.name for r in self.suite.recipes})
         if unknown:
@@ -585,12 +619,15 @@ class SuiteRunner:
                     log.warning("%s: not run: %s", label, exc)
                     self.summary.not_run.append(label)
                     self.summary.notes.append(f"{label}: not run: {exc}")
+                    self._set_aside(self.published_path(m, r, seed), f"{label} was not run")
                 except (KeyboardInterrupt, SystemExit):
                     raise
                 except Exception as exc:  # one broken recipe must not stop the others; it is reported
                     log.exception("%s failed", label)
                     self.summary.failed.append(label)
                     self.summary.notes.append(f"{label}: FAILED: {type(exc).__name__}: {exc}")
+                    # an earlier result under the same name describes another recipe: never report it as current
+                    self._set_aside(self.published_path(m, r, seed), f"{label} failed")
         finally:
             self._bar.close()
             self._bar = None
