@@ -54,8 +54,10 @@ def run(args: argparse.Namespace) -> int:
     loaded = load_suite(path)
     if args.check:
         preflight(loaded)
-        print(f"{path}: OK ({len(loaded.suite.models)} models, {len(loaded.suite.recipes)} recipes, "
-              f"{len(loaded.suite.tasks)} tasks, seeds {loaded.suite.seeds})")
+        st = loaded.suite
+        n_eval = sum(len(st.seeds_for(r)) for m in st.models for r in st.recipes_for(m))
+        print(f"{path}: OK ({len(st.models)} models, {len(st.recipes)} recipes, {len(st.tasks)} tasks, "
+              f"seeds {st.all_seeds}; {n_eval} (model, recipe, seed) evaluations)")
         return 0
     command = "mcmoe-vl run" + (f" {shlex.quote(args.suite)}" if args.suite else "")
     for flag, values in (("--run-dir", [args.run_dir]), ("--report-dir", [args.report_dir]),

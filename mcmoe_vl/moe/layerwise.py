@@ -92,6 +92,22 @@ def capture_layer_inputs(
     return captured
 
 
+def with_valid_masks(batches: Iterable[Mapping[str, Any]], key: str, *, drop: str | None = None
+                     ) -> list[dict[str, Any]]:
+    """Each batch with its padding mask (``attention_mask`` as bool; None when absent: every token is real) under
+    ``key``, for ``iterate_layers(..., extras_key=key)``: the mask then rides along with every cached layer input
+    (``LayerInput.extras[key]``), so collectors leave padding out. ``drop``: a batch key to remove as well."""
+    out = []
+    for b in batches:
+        b = {k: v for k, v in b.items() if k != drop}
+        am = b.get("attention_mask")
+        b[key] = None if am is None else torch.as_tensor(am).bool()
+        out.append(b)
+    if not out:
+        raise ValueError("no calibration batches were given")
+    return out
+
+
 def run_layer(layer: nn.Module, inp: LayerInput) -> torch.Tensor:
     """Forward of one decoder layer on a cached input; returns the hidden states (B, S, H)."""
     out = layer(inp.hidden, **inp.kwargs)
