@@ -12,12 +12,12 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 from mcmoe_vl.dtypes import parse_dtype
 
 from .accounting import Accounting
-from .checkpoint import check_output_dir, save_quantized
+from .checkpoint import save_quantized
 from .model import QuantizeConfig, quantize_model
 from .plan import QuantPlan, load_plan
 
@@ -41,11 +41,6 @@ class QuantizeRun(BaseModel):
     seed: int = 0
     dtype: str = "bfloat16"
     device: str = "cpu"
-
-    @model_validator(mode="after")
-    def _output_is_not_the_model(self) -> QuantizeRun:
-        check_output_dir(self.output, self.model)  # refused before any work, naming both paths
-        return self
 
 
 def _weights_part(files: dict[str, Any]) -> dict[str, Any]:
