@@ -8,12 +8,9 @@ __version__ = "0.1.0"
 
 
 def _register_with_transformers() -> None:
-    try:
-        from mcmoe_vl.hf import register
+    from mcmoe_vl.hf.hook import install
 
-        register()
-    except ImportError:  # transformers missing, or one without quantizer registration: nothing to register with
-        return
+    install()
 
 
 _register_with_transformers()

@@ -1,7 +1,7 @@
 """Hugging Face integration: compressed checkpoint directories load with transformers' ``from_pretrained``.
 
 ``import mcmoe_vl`` registers the ``mcmoe_vl`` quantization method with transformers (5.x:
-``register_quantization_config`` / ``register_quantizer``), so that::
+``register_quantization_config`` / ``register_quantizer``; see :mod:`.hook` for when), so that::
 
     import mcmoe_vl
     from transformers import AutoModelForCausalLM
@@ -15,6 +15,14 @@ directory (``pruning.json``: ODP thresholds or OTP predictors) are applied on lo
 
 from __future__ import annotations
 
-from .quantizer import loading_options, register
+from typing import Any
 
 __all__ = ["loading_options", "register"]
+
+
+def __getattr__(name: str) -> Any:  # the quantizer module imports torch and transformers: only on use
+    if name in __all__:
+        from . import quantizer
+
+        return getattr(quantizer, name)
+    raise AttributeError(f"module 'mcmoe_vl.hf' has no attribute {name!r}")

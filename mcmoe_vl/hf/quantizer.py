@@ -21,10 +21,7 @@ from typing import Any
 
 import torch
 
-from mcmoe_vl.quant.checkpoint import (
-    FORMAT, FORMAT_VERSION, MANIFEST_FILE, PRUNING_FILE, QUANT_METHOD, CheckpointError, check_tensor_file, load_into,
-    mark_compressed, read_manifest,
-)
+from mcmoe_vl.quant.format import FORMAT, FORMAT_VERSION, MANIFEST_FILE, PRUNING_FILE, QUANT_METHOD, CheckpointError
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +112,8 @@ def _classes() -> tuple[type, type]:
 
         def _process_model_before_weight_loading(self, model: Any, checkpoint_files: list[str] | None = None,
                                                  **kwargs: Any) -> Any:
+            from mcmoe_vl.quant.checkpoint import check_tensor_file, load_into, read_manifest
+
             if not checkpoint_files:
                 raise CheckpointError("an mcmoe_vl checkpoint must be loaded from a local directory")
             d = Path(checkpoint_files[0]).parent
@@ -135,6 +134,7 @@ def _classes() -> tuple[type, type]:
             if left:
                 raise CheckpointError(f"parameters left uninitialised after loading: {left[:5]}")
             assert self.ckpt_dir is not None and self.manifest is not None
+            from mcmoe_vl.quant.checkpoint import mark_compressed
             from mcmoe_vl.quant.qlinear import Runtime, set_runtime
 
             if _OPTIONS.get().get("runtime") is Runtime.FAKE:

@@ -45,6 +45,8 @@ from torch import nn
 from mcmoe_vl.io import _json_default, read_json, save_safetensors_atomic, write_bytes_atomic, write_json_atomic
 
 from .accounting import Accounting, CategoryBits, build_accounting, resident_bytes
+from .format import (FORMAT, FORMAT_VERSION, MANIFEST_FILE, PRUNING_FILE, QUANT_METHOD, TENSOR_FILE,  # noqa: F401
+                     CheckpointError)
 from .model import QuantizeConfig, QuantReport
 from .packed import PackedMeta, PackedTensor
 from .plan import QuantPlan, as_quant_plan
@@ -52,22 +54,12 @@ from .qlinear import DenseExpert, Kernel, QuantExpert, QuantExperts, QuantLinear
 
 log = logging.getLogger(__name__)
 
-FORMAT = "mcmoe_vl.quantized"
-FORMAT_VERSION = 2
-QUANT_METHOD = "mcmoe_vl"  # ``quantization_config.quant_method`` in config.json
-PRUNING_FILE = "pruning.json"  # pruning settings saved in a checkpoint directory are applied on load
 # Files copied from the source model's directory so that the checkpoint is a complete Hugging Face model directory.
 SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "vocab.json",
               "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
               "preprocessor_config.json", "processor_config.json", "generation_config.json")
 REQUIRED_KEYS = ("format", "format_version", "model_type", "architecture", "config", "dtype", "plan", "quantized",
                  "experts", "tensors", "aliases", "file", "accounting", "integrity")
-TENSOR_FILE = "model.safetensors"
-MANIFEST_FILE = "quant_manifest.json"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that does not match its manifest or the model; the message names the tensor or file."""
 
 
 def _sha256(path: Path) -> str:

@@ -146,3 +146,25 @@ def test_pruning_settings_travel_in_the_directory(ckpt, tmp_path):
     assert off.mcmoe_pruning is None and torch.equal(_logits(off, ids), dense)
     model.save_pretrained(tmp_path / "again")  # the settings are saved with it
     assert (tmp_path / "again" / "pruning.json").is_file()
+
+
+@pytest.mark.parametrize("first", ["", "import mcmoe_vl.quant.checkpoint\n", "import transformers.modeling_utils\n"])
+def test_import_mcmoe_vl_is_enough_in_a_fresh_process_and_stays_light(ckpt, first):
+    """The registration waits for transformers' quantizer package (seconds to import) instead of importing it, and
+    happens whichever is imported first: the package, or this project's modules that import transformers."""
+    import subprocess
+    import sys
+
+    light = "assert 'transformers.quantizers' not in sys.modules and 'torch' not in sys.modules\n"
+    code = (
+        ("import sys\n" + first + "import mcmoe_vl\n" if first.startswith("import transformers")
+         else "import sys, mcmoe_vl\n" + (light if not first else "") + first)
+        + "from transformers import AutoModelForCausalLM\n"
+        + f"m = AutoModelForCausalLM.from_pretrained({str(ckpt)!r})\n"
+        + "print(sum(type(x).__name__ == 'QuantLinear' for x in m.modules()))\n"
+    )
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONPATH": str(root)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert int(proc.stdout.strip().splitlines()[-1]) > 0
