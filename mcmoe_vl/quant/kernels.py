@@ -1,124 +1,129 @@
-"""Optional native CPU kernels for packed weights, compiled on first use with the system C compiler.
+"""Native CPU kernels for packed weights (C sources in ``csrc/``, built by ``python -m mcmoe_vl.quant.native build``).
 
-Two functions (source: ``kernels_src.c``), both reading the packed codes directly:
+- :func:`packed_matmul`: ``y = x W^T`` for any number of tokens straight from the packed codes (decode and small
+  batches, 1-32 tokens, are what it is for). Per (row, group) ``s * sum_k q_k x_k - s z sum_k x_k`` in float32;
+  the codes are decoded into SIMD lanes (AVX-512 or AVX2, chosen at run time, or a portable scalar loop) and
+  multiplied with the token, which is arranged once per call into the lanes' column order. It reads 1-4 bits per
+  weight and agrees with the dequantise-then-matmul product to float32 round-off (not bitwise: summation order).
+- :func:`dequantize_native`: the packed weight to float32, element for element the values of
+  :meth:`PackedTensor.dequantize` (``scale * (q - zero)`` in float32).
+- :func:`lut_matmul`: the earlier scalar table-lookup product (256-entry tables of partial sums per byte).
 
-- :func:`dequantize_native`: the packed weight to float32, element for element the same values as
-  :meth:`PackedTensor.dequantize` (``scale * (q - zero)`` in float32), one pass, multithreaded.
-- :func:`lut_matmul`: ``y = x W^T`` for a few tokens without materialising ``W``: for each group of 128 columns a
-  table ``tab[j][b]`` of the partial sums ``sum_bits x_k 2^bit`` for every value ``b`` of byte position ``j`` is
-  built from the token, then every row needs one table lookup per *byte* of codes (32 lookups per group at 2 bits,
-  48 at 3) and ``y_r = sum_g s_rg (sum_j tab[j][q_rj] - z_rg sum_{k in g} x_k)``. This reads 2-3 bits per weight
-  instead of the 16 of a dense bf16 matrix-vector product; the result is float32 and differs from the dequantise-
-  then-matmul path only by summation order.
-
-The shared library is built with ``cc -O3 -march=native -fopenmp`` into ``$MCMOE_VL_CACHE`` (default
-``~/.cache/mcmoe_vl/kernels``). If no compiler is available :func:`available` is False and the runtimes use the
-torch implementation.
+:func:`available` is False when the library is not built (logged once by :mod:`mcmoe_vl.quant.native`); the
+runtimes then use the torch path.
 """
 
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import logging
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
-from pathlib import Path
 
 import torch
 
+from . import native
+from .native import Isa
 from .packed import PackedTensor
 
-log = logging.getLogger(__name__)
 
-_SRC = Path(__file__).with_name("kernels_src.c")
-_LIB: ctypes.CDLL | None = None
-_FAILED = False
+class MqMat(ctypes.Structure):
+    """``mq_mat`` of ``csrc/mq.h``: one packed matrix as the kernels read it."""
 
-
-def _cache_dir() -> Path:
-    return Path(os.environ.get("MCMOE_VL_CACHE", Path.home() / ".cache" / "mcmoe_vl")) / "kernels"
-
-
-def _cpu_flags() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                return line
-    except OSError:
-        pass
-    return platform.processor()
-
-
-def _build() -> ctypes.CDLL | None:
-    src = _SRC.read_bytes()
-    # -march=native: the binary is only valid for this CPU; key the cache by the source and the CPU's features
-    tag = hashlib.sha256(src + platform.machine().encode() + _cpu_flags().encode()).hexdigest()[:16]
-    out = _cache_dir() / f"mq_{tag}.so"
-    if not out.is_file():
-        cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-        if cc is None:
-            log.info("no C compiler: native packed kernels disabled")
-            return None
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
-        os.close(fd)
-        cmd = [cc, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", str(_SRC), "-o", tmp, "-lm"]
-        res = subprocess.run(cmd, capture_output=True, text=True)
-        if res.returncode != 0:
-            os.unlink(tmp)
-            log.warning("building native packed kernels failed (%s); using torch", res.stderr.strip()[:500])
-            return None
-        os.replace(tmp, out)
-    lib = ctypes.CDLL(str(out))
-    p, i = ctypes.c_void_p, ctypes.c_int
-    lib.mq_dequant.argtypes = [p, p, p, p] + [i] * 8
-    lib.mq_lut_gemv.argtypes = [p, p, p, p, p] + [i] * 9
-    return lib
+    _fields_ = [("q", ctypes.c_void_p), ("sc", ctypes.c_void_p), ("zr", ctypes.c_void_p), ("perm", ctypes.c_void_p),
+                ("R", ctypes.c_int32), ("C", ctypes.c_int32), ("gs", ctypes.c_int32), ("bits", ctypes.c_int32),
+                ("row_bytes", ctypes.c_int32)]
 
 
 def _lib() -> ctypes.CDLL | None:
-    global _LIB, _FAILED
-    if _LIB is None and not _FAILED:
-        try:
-            _LIB = _build()
-        except OSError as exc:
-            log.warning("loading native packed kernels failed (%s); using torch", exc)
-        _FAILED = _LIB is None
-    return _LIB
+    return native.load()
 
 
 def available() -> bool:
-    """True when the native kernels are compiled and loadable."""
+    """True when the native kernels are built and loadable."""
     return _lib() is not None
 
 
+def supports(p: PackedTensor) -> bool:
+    """Whether the native kernels read ``p`` (one 2-D matrix with float16 scales and zeros)."""
+    return (len(p.meta.shape) == 2 and p.scale.dtype == torch.float16
+            and (p.zero is None or p.zero.dtype == torch.float16))
+
+
 def _check(p: PackedTensor) -> None:
+    if len(p.meta.shape) != 2:
+        raise ValueError(f"native kernels take one 2-D packed matrix, got shape {p.meta.shape}")
+    if not supports(p):
+        raise ValueError(f"native kernels read float16 scales and zeros, got {p.scale.dtype}")
+
+
+def mat(p: PackedTensor) -> tuple[MqMat, tuple[torch.Tensor, ...]]:
+    """The ``mq_mat`` of ``p`` and the tensors it points into (keep them alive while the struct is used)."""
+    _check(p)
     m = p.meta
-    if len(m.shape) != 2:
-        raise ValueError("native kernels take one 2-D packed matrix")
-    if m.group_size % 8:
-        raise ValueError(f"native kernels need a group size divisible by 8, got {m.group_size}")
-    if p.scale.dtype != torch.float16 or (p.zero is not None and p.zero.dtype != torch.float16):
-        raise ValueError("native kernels read float16 scales and zeros")
+    keep = tuple(t.contiguous() for t in (p.qdata, p.scale, p.zero, p.perm) if t is not None)
+    q, s = keep[0], keep[1]
+    z = keep[2] if p.zero is not None else None
+    perm = keep[-1] if p.perm is not None else None
+    st = MqMat(q.data_ptr(), s.data_ptr(), None if z is None else z.data_ptr(),
+               None if perm is None else perm.data_ptr(), m.rows, m.cols, m.group_size, m.bits, q.shape[-1])
+    return st, keep
 
 
-def _args(p: PackedTensor) -> tuple:
-    zero = p.zero if p.zero is not None else p.scale  # unused at 1 bit
-    return (p.qdata.contiguous(), p.scale.contiguous(), zero.contiguous())
+def resolve_isa(isa: Isa | str | None) -> int:
+    """``isa`` (or ``MCMOE_VL_ISA``) as the library's code; -1 = the best this CPU runs."""
+    if isa is None:
+        isa = native.forced_isa()
+    if isa is None:
+        return -1
+    if isinstance(isa, str):
+        try:
+            isa = Isa[isa.upper()]
+        except KeyError:
+            raise ValueError(f"unknown SIMD path {isa!r}; valid: {[i.name.lower() for i in Isa]}") from None
+    return int(isa)
+
+
+def _need_lib() -> ctypes.CDLL:
+    lib = _lib()
+    if lib is None:
+        raise RuntimeError("the native kernels are not built: run `python -m mcmoe_vl.quant.native build`")
+    return lib
+
+
+def packed_matmul(x: torch.Tensor, p: PackedTensor, *, isa: Isa | str | None = None,
+                  return_isa: bool = False) -> torch.Tensor | tuple[torch.Tensor, Isa]:
+    """``x W^T`` (..., R) float32 for ``x`` (..., C) in natural column order, from the packed codes.
+
+    ``isa`` forces a SIMD path (``scalar``, ``avx2``, ``avx512``; default: ``MCMOE_VL_ISA`` or the best the CPU
+    has). A path whose block does not divide the group size runs the next narrower one; ``return_isa=True`` also
+    returns the path that ran.
+    """
+    lib = _need_lib()
+    st, keep = mat(p)
+    m = p.meta
+    if x.shape[-1] != m.cols:
+        raise ValueError(f"input has {x.shape[-1]} features, the packed weight {m.cols} columns")
+    lead = x.shape[:-1]
+    xf = x.reshape(-1, m.cols).to(torch.float32).contiguous()
+    y = torch.empty(xf.shape[0], m.rows, dtype=torch.float32)
+    code = resolve_isa(isa)
+    used = lib.mq_gemm(ctypes.byref(st), xf.data_ptr(), xf.shape[0], y.data_ptr(), m.rows, code,
+                       torch.get_num_threads())
+    if used == -1:
+        raise RuntimeError(f"SIMD path {Isa(code).name.lower()} is not supported by this CPU "
+                           f"(it runs {Isa(lib.mq_cpu_isa()).name.lower()})")
+    if used < 0:
+        raise MemoryError("native packed product: out of memory")
+    del keep
+    y = y.reshape(*lead, m.rows)
+    return (y, Isa(used)) if return_isa else y
 
 
 def dequantize_native(p: PackedTensor) -> torch.Tensor:
     """(R, C) float32 weight in storage column order (apply ``p.perm`` yourself)."""
-    lib = _lib()
-    if lib is None:
-        raise RuntimeError("native kernels are not available")
+    lib = _need_lib()
     _check(p)
     m = p.meta
-    q, s, z = _args(p)
+    zero = p.zero if p.zero is not None else p.scale  # unused at 1 bit
+    q, s, z = p.qdata.contiguous(), p.scale.contiguous(), zero.contiguous()
     out = torch.empty(m.rows, m.cols, dtype=torch.float32)
     lib.mq_dequant(q.data_ptr(), s.data_ptr(), z.data_ptr(), out.data_ptr(), m.rows, m.cols, m.groups,
                    m.group_size, m.bits, q.shape[-1], int(m.bits == 1), torch.get_num_threads())
@@ -126,18 +131,19 @@ def dequantize_native(p: PackedTensor) -> torch.Tensor:
 
 
 def lut_matmul(x: torch.Tensor, p: PackedTensor) -> torch.Tensor:
-    """``x W^T`` (..., R) float32 for ``x`` (..., C) in natural column order."""
-    lib = _lib()
-    if lib is None:
-        raise RuntimeError("native kernels are not available")
+    """``x W^T`` (..., R) float32 by scalar table lookup (group size divisible by 8)."""
+    lib = _need_lib()
     _check(p)
     m = p.meta
+    if m.group_size % 8:
+        raise ValueError(f"the table-lookup kernel needs a group size divisible by 8, got {m.group_size}")
     lead = x.shape[:-1]
     xf = x.reshape(-1, m.cols).float()
     if p.perm is not None:
         xf = xf[:, p.perm.long()]  # stored column k is natural column perm[k]
     xf = xf.contiguous()
-    q, s, z = _args(p)
+    zero = p.zero if p.zero is not None else p.scale
+    q, s, z = p.qdata.contiguous(), p.scale.contiguous(), zero.contiguous()
     y = torch.empty(xf.shape[0], m.rows, dtype=torch.float32)
     lib.mq_lut_gemv(q.data_ptr(), s.data_ptr(), z.data_ptr(), xf.data_ptr(), y.data_ptr(), xf.shape[0], m.rows,
                     m.cols, m.groups, m.group_size, m.bits, q.shape[-1], int(m.bits == 1), torch.get_num_threads())

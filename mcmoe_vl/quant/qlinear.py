@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import kernels
+from . import kernel_registry, kernels
 from .packed import PackedMeta, PackedTensor
 
 
@@ -37,18 +37,24 @@ class Kernel(str, enum.Enum):
     """How the packed runtime computes ``x W^T``.
 
     ``AUTO`` / ``NATIVE`` / ``TORCH`` dequantise the whole weight (native C loop when compiled, else torch) to the
-    same values and call ``F.linear``: bit-identical to the fake-quant runtime. ``LUT`` computes products of up to
-    ``LUT_MAX_TOKENS`` tokens from the packed codes by table lookup (:func:`mcmoe_vl.quant.kernels.lut_matmul`,
-    float32 accumulation: equal up to summation order, not bitwise), and dequantises for more tokens.
+    same values and call ``F.linear``: bit-identical to the fake-quant runtime. ``SIMD`` computes products of up
+    to ``SIMD_MAX_TOKENS`` tokens straight from the packed codes with the kernel registered for the input's device
+    and the width (:mod:`mcmoe_vl.quant.kernel_registry`; on the CPU the native AVX-512 / AVX2 / scalar kernels),
+    float32 accumulation: equal to the dequantised product to float32 round-off, not bitwise. With more tokens, or
+    no kernel for the device, it dequantises like ``AUTO``. A MoE layer whose experts all use ``SIMD`` runs them in
+    one native call (:mod:`mcmoe_vl.moe.fused`). ``LUT`` is the earlier scalar table-lookup kernel (up to
+    ``LUT_MAX_TOKENS`` tokens).
     """
 
     AUTO = "auto"
     NATIVE = "native"
     TORCH = "torch"
     LUT = "lut"
+    SIMD = "simd"
 
 
 LUT_MAX_TOKENS = 4
+SIMD_MAX_TOKENS = 32
 
 
 def dequantize(p: PackedTensor, dtype: torch.dtype, kernel: Kernel = Kernel.AUTO) -> torch.Tensor:
@@ -105,6 +111,12 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in) -> (..., out)
         bias = None if self.bias is None else self.bias.to(x.dtype)
+        if (self.kernel is Kernel.SIMD and self.weight_cache is None
+                and x.numel() // self.in_features <= SIMD_MAX_TOKENS):
+            k = kernel_registry.find_packed_matmul(x.device.type, self.packed)
+            if k is not None:
+                y = k.fn(x, self.packed).to(x.dtype)
+                return y if bias is None else y + bias
         if (self.kernel is Kernel.LUT and self.weight_cache is None and x.numel() // self.in_features <= LUT_MAX_TOKENS
                 and kernels.available() and self.meta.group_size % 8 == 0):
             y = kernels.lut_matmul(x, self.packed).to(x.dtype)

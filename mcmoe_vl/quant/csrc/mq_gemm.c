@@ -1,0 +1,93 @@
+/* Run-time dispatch, token preparation and the threaded product y = x W^T for one packed matrix. */
+#include <stdlib.h>
+#include <string.h>
+
+#include "mq.h"
+
+int mq_cpu_isa(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")) return MQ_AVX512;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return MQ_AVX2;
+#endif
+    return MQ_SCALAR;
+}
+
+int mq_block(int isa, int bits) {
+    const int lanes = isa == MQ_AVX512 ? 16 : isa == MQ_AVX2 ? 8 : 0;
+    if (bits < 1 || bits > 4) return 0;
+    return lanes * (bits == 3 ? 8 : 8 / bits);
+}
+
+/* The path that runs matrix m: the requested one (-1: the best the CPU has), lowered while its block does not
+ * divide the group size. Returns -1 when the requested path is not supported by this CPU or build. */
+int mq_resolve_isa(const mq_mat *m, int isa) {
+    const int cpu = mq_cpu_isa();
+    if (isa > cpu) return -1;
+    if (isa < 0) isa = cpu;
+    while (isa > MQ_SCALAR && m->gs % mq_block(isa, m->bits) != 0) isa--;
+    return isa;
+}
+
+static mq_rows_fn rows_fn(int isa) {
+#if defined(__x86_64__) || defined(__i386__)
+    if (isa == MQ_AVX512) return mq_rows_avx512;
+    if (isa == MQ_AVX2) return mq_rows_avx2;
+#endif
+    return mq_rows_scalar;
+}
+
+/* xp (C): x in stored column order (perm), each full block of B columns arranged as [plane j][lane i] =
+ * x[k0 + P i + j] * 2^-(bits j); columns after the group's last full block stay in place. xs (G): group sums. */
+void mq_prepare_token(const mq_mat *m, int isa, const float *x, float *xp, float *xs) {
+    const int C = m->C, G = mq_groups(m), B = mq_block(isa, m->bits);
+    const int P = m->bits == 3 ? 8 : 8 / m->bits, L = B ? B / P : 0;
+    float *xs_nat = xp; /* stored order first, then arranged block by block through a small buffer */
+    if (m->perm)
+        for (int k = 0; k < C; k++) xs_nat[k] = x[m->perm[k]];
+    else
+        memcpy(xs_nat, x, sizeof(float) * C);
+    float buf[128];
+    for (int g = 0; g < G; g++) {
+        int k0 = g * m->gs, k1 = k0 + m->gs < C ? k0 + m->gs : C;
+        float sum = 0.0f;
+        for (int k = k0; k < k1; k++) sum += xs_nat[k];
+        xs[g] = sum;
+        if (isa == MQ_SCALAR) continue;
+        for (int k = k0; k + B <= k1; k += B) {
+            for (int j = 0; j < P; j++) {
+                float sc = 1.0f / (float)(1u << (m->bits * j));
+                for (int i = 0; i < L; i++) buf[j * L + i] = xs_nat[k + P * i + j] * sc;
+            }
+            memcpy(xp + k, buf, sizeof(float) * B);
+        }
+    }
+}
+
+/* y (T, ldy) rows [0, R) = x (T, C) W^T. Returns the path used, or -1 (path unsupported), -2 (out of memory). */
+int mq_gemm(const mq_mat *m, const float *x, int T, float *y, int ldy, int isa, int nthreads) {
+    isa = mq_resolve_isa(m, isa);
+    if (isa < 0) return -1;
+    const int G = mq_groups(m);
+    float *xp = (float *)malloc(sizeof(float) * (size_t)T * m->C), *xs = (float *)malloc(sizeof(float) * (size_t)T * G);
+    if (!xp || !xs) {
+        free(xp);
+        free(xs);
+        return -2;
+    }
+    for (int t = 0; t < T; t++) mq_prepare_token(m, isa, x + (size_t)t * m->C, xp + (size_t)t * m->C, xs + (size_t)t * G);
+    const mq_rows_fn fn = rows_fn(isa);
+    /* threads only where there is work for them: about 64k weights x tokens per thread at least */
+    const double work = (double)m->R * m->C * T;
+    int nt = nthreads < 1 ? 1 : nthreads;
+    if (work < 65536.0 * nt) nt = work < 65536.0 ? 1 : (int)(work / 65536.0);
+    const int RB = 16, nblk = (m->R + RB - 1) / RB;
+#pragma omp parallel for schedule(dynamic, 8) num_threads(nt) if (nt > 1)
+    for (int b = 0; b < nblk; b++) {
+        int r0 = b * RB, r1 = r0 + RB < m->R ? r0 + RB : m->R;
+        fn(m, xp, xs, T, y, ldy, r0, r1);
+    }
+    free(xp);
+    free(xs);
+    return isa;
+}

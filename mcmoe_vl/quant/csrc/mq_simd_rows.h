@@ -1,0 +1,72 @@
+/* The SIMD row loop, shared by mq_avx2.c and mq_avx512.c. The including file defines:
+ *   LANES, NT_MAX (tokens kept in registers: 8 with 32 vector registers, 4 with 16), vf (float vector),
+ *   vi (int vector), VZERO(), VSET1(f), VLOADU(p), VFMA(a, b, c), VMUL(a, b), VI_AND_CVT(v, mask) (float vector
+ *   of (v & mask)), VI_SET1(i), VHSUM(v), DECODE_<bits>(p) -> vi (one int lane per container: a byte for 1/2/4
+ *   bits, a 24-bit word for 3 bits), ROWS_FN (the function's name). */
+
+/* B = LANES * P columns per block; one decode and P planes per block, each plane one FMA per token. */
+#define MQ_PLANES(bits) ((bits) == 3 ? 8 : 8 / (bits))
+
+/* NT tokens (a compile-time constant after inlining: their accumulators live in registers) */
+static inline __attribute__((always_inline)) void rows_nt(const mq_mat *m, const float *x0, const float *xs0,
+                                                          float *y0, int ldy, int r0, int r1, const int bits,
+                                                          const int NT) {
+    const int P = MQ_PLANES(bits), B = LANES * P, G = mq_groups(m), C = m->C;
+    const int mask = (1 << bits) - 1;
+    for (int r = r0; r < r1; r++) {
+        const uint8_t *qr = m->q + (size_t)r * m->row_bytes;
+        vf acc[NT_MAX];
+        float sacc[NT_MAX];
+        for (int t = 0; t < NT; t++) {
+            acc[t] = VZERO();
+            sacc[t] = 0.0f;
+        }
+        for (int g = 0; g < G; g++) {
+            float s, z;
+            mq_sz(m, r, g, &s, &z);
+            const int k0 = g * m->gs, k1 = k0 + m->gs < C ? k0 + m->gs : C;
+            const int kb = k0 + ((k1 - k0) / B) * B;
+            vf part[NT_MAX];
+            for (int t = 0; t < NT; t++) part[t] = VZERO();
+            for (int k = k0; k < kb; k += B) {
+                const uint8_t *p = qr + (size_t)k * bits / 8;
+                const vi v = bits == 1 ? DECODE_1(p) : bits == 2 ? DECODE_2(p) : bits == 3 ? DECODE_3(p) : DECODE_4(p);
+#pragma GCC unroll 8
+                for (int j = 0; j < P; j++) {
+                    const vf c = VI_AND_CVT(v, VI_SET1(mask << (bits * j)));
+#pragma GCC unroll 8
+                    for (int t = 0; t < NT; t++) part[t] = VFMA(c, VLOADU(x0 + (size_t)t * C + k + j * LANES), part[t]);
+                }
+            }
+            const vf vs = VSET1(s);
+            for (int t = 0; t < NT; t++) {
+                acc[t] = VFMA(vs, part[t], acc[t]);
+                const float *xt = x0 + (size_t)t * C;
+                float tail = kb < k1 ? mq_tail_dot(qr, kb, k1, bits, m->row_bytes, xt) : 0.0f;
+                sacc[t] += s * (tail - z * xs0[(size_t)t * G + g]);
+            }
+        }
+        for (int t = 0; t < NT; t++) y0[(size_t)t * ldy + r] = VHSUM(acc[t]) + sacc[t];
+    }
+}
+
+static inline __attribute__((always_inline)) void rows_bits(const mq_mat *m, const float *xp, const float *xs,
+                                                            int T, float *y, int ldy, int r0, int r1,
+                                                            const int bits) {
+    const int G = mq_groups(m);
+    int t = 0;
+    for (; t + NT_MAX <= T; t += NT_MAX)
+        rows_nt(m, xp + (size_t)t * m->C, xs + (size_t)t * G, y + (size_t)t * ldy, ldy, r0, r1, bits, NT_MAX);
+    for (; t + 2 <= T; t += 2)
+        rows_nt(m, xp + (size_t)t * m->C, xs + (size_t)t * G, y + (size_t)t * ldy, ldy, r0, r1, bits, 2);
+    if (t < T) rows_nt(m, xp + (size_t)t * m->C, xs + (size_t)t * G, y + (size_t)t * ldy, ldy, r0, r1, bits, 1);
+}
+
+void ROWS_FN(const mq_mat *m, const float *xp, const float *xs, int T, float *y, int ldy, int r0, int r1) {
+    switch (m->bits) {
+        case 1: rows_bits(m, xp, xs, T, y, ldy, r0, r1, 1); break;
+        case 2: rows_bits(m, xp, xs, T, y, ldy, r0, r1, 2); break;
+        case 3: rows_bits(m, xp, xs, T, y, ldy, r0, r1, 3); break;
+        default: rows_bits(m, xp, xs, T, y, ldy, r0, r1, 4); break;
+    }
+}

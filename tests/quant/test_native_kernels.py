@@ -1,0 +1,116 @@
+import logging
+
+import pytest
+import torch
+
+from mcmoe_vl.quant import kernels, native
+from mcmoe_vl.quant.gptq import rtn_quantize
+from mcmoe_vl.quant.kernel_registry import PackedKernel, find_packed_matmul, register_packed_matmul
+from mcmoe_vl.quant.native import Isa
+from mcmoe_vl.quant.packed import PackedTensor
+from mcmoe_vl.quant.qlinear import SIMD_MAX_TOKENS, Kernel, QuantLinear
+from mcmoe_vl.quant.quantizer import get_quantizer
+
+from native_lib import isas
+
+# (rows, cols, group): a partial last group with a tail shorter than any SIMD block, group 64, a group of 32
+# (narrower than the AVX-512 blocks at 1 and 3 bits, so those run the next path), and group 8 (scalar only)
+SHAPES = [(33, 328, 128), (16, 256, 64), (21, 96, 32), (5, 40, 8)]
+
+
+def _packed(bits, r, c, gs, perm=False, seed=0):
+    g = torch.Generator().manual_seed(seed * 100 + bits)
+    w = torch.randn(r, c, generator=g)
+    p = PackedTensor.from_result(rtn_quantize(w, get_quantizer(bits), group_size=gs))
+    if perm:
+        p = PackedTensor(p.qdata, p.scale, p.zero, torch.randperm(c, generator=g).to(torch.int32), p.meta)
+    return p
+
+
+def _check_close(y, x, p):
+    w = p.dequantize(torch.float64)  # natural column order
+    ref = x.double() @ w.t()
+    bound = x.double().abs() @ w.abs().t()  # float32 round-off scales with sum |x w|
+    assert ref.abs().max() > 1 and y.shape == ref.shape
+    assert ((y.double() - ref).abs() <= 2e-6 * bound + 1e-30).all(), (y.double() - ref).abs().max()
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("perm", [False, True], ids=["natural", "act-order"])
+def test_every_path_matches_the_float64_product(native_lib, bits, shape, perm):
+    r, c, gs = shape
+    p = _packed(bits, r, c, gs, perm)
+    for isa in isas(native_lib):
+        block = native_lib.mq_block(int(isa), bits)
+        for t in (1, 2, 3, 8, 17, 32):
+            x = torch.randn(t, c)
+            y, used = kernels.packed_matmul(x, p, isa=isa, return_isa=True)
+            _check_close(y, x, p)
+            # the forced path really ran, unless its block does not divide the group (then the next narrower)
+            assert used == isa if isa == Isa.SCALAR or gs % block == 0 else used < isa
+
+
+def test_threads_do_not_change_the_result(native_lib):
+    p = _packed(2, 300, 512, 128)
+    x = torch.randn(5, 512)
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        y1 = kernels.packed_matmul(x, p)
+        torch.set_num_threads(2)
+        y2 = kernels.packed_matmul(x, p)
+    finally:
+        torch.set_num_threads(old)
+    assert torch.equal(y1, y2)  # rows are split between threads; each row's arithmetic is the same
+
+
+def test_env_var_forces_a_path(native_lib, monkeypatch):
+    p = _packed(2, 8, 256, 128)
+    monkeypatch.setenv("MCMOE_VL_ISA", "scalar")
+    assert kernels.packed_matmul(torch.randn(1, 256), p, return_isa=True)[1] == Isa.SCALAR
+    monkeypatch.setenv("MCMOE_VL_ISA", "avx9")
+    with pytest.raises(ValueError, match="valid values are"):
+        kernels.packed_matmul(torch.randn(1, 256), p)
+
+
+def test_bad_input_is_refused(native_lib):
+    p = _packed(3, 8, 256, 128)
+    with pytest.raises(ValueError, match="256 columns"):
+        kernels.packed_matmul(torch.randn(2, 255), p)
+    with pytest.raises(ValueError, match="unknown SIMD path"):
+        kernels.packed_matmul(torch.randn(2, 256), p, isa="sse9")
+    if native_lib.mq_cpu_isa() < Isa.AVX512:
+        with pytest.raises(RuntimeError, match="not supported by this CPU"):
+            kernels.packed_matmul(torch.randn(2, 256), p, isa="avx512")
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4])
+def test_quant_linear_simd_kernel(native_lib, bits):
+    p = _packed(bits, 40, 384, 128, perm=True)
+    lin = QuantLinear(p, torch.randn(40), dtype=torch.float32, kernel=Kernel.SIMD)
+    exact = QuantLinear(p, lin.bias, dtype=torch.float32, kernel=Kernel.AUTO)
+    x = torch.randn(2, 3, 384)  # leading dims kept
+    y = lin(x)
+    _check_close((y - lin.bias).reshape(6, 40), x.reshape(6, 384), p)
+    big = torch.randn(SIMD_MAX_TOKENS + 1, 384)  # prefill: the dequantising path, bit-identical to AUTO
+    assert torch.equal(lin(big), exact(big))
+
+
+def test_registry_is_keyed_by_device_and_width(native_lib):
+    p = _packed(2, 8, 256, 128)
+    assert find_packed_matmul("cpu", p).name == "native-simd"
+    assert find_packed_matmul("cuda", p) is None  # no GPU kernel: the runtime dequantises
+    with pytest.raises(KeyError, match="already registered"):
+        register_packed_matmul("cpu", 2, PackedKernel("other", kernels.packed_matmul))
+
+
+def test_loader_refuses_a_stale_build_and_logs_a_missing_one(native_lib, tmp_path, caplog):
+    assert native.use(tmp_path) is None  # nothing built there
+    (tmp_path / native.LIB_NAME).write_bytes(b"")
+    (tmp_path / "build.json").write_text('{"fingerprint": "old"}')
+    with caplog.at_level(logging.WARNING, logger="mcmoe_vl.quant.native"):
+        assert native._open(tmp_path) is None
+    assert "built from other sources" in caplog.text
+    native._TRIED = False  # back to the library of the fixture
+    native._LIB = native_lib
