@@ -179,13 +179,28 @@ class QuantExperts(nn.Module):
         self.experts = nn.ModuleList(experts)
         self.num_experts = len(experts)
         self.act_fn = act_fn
+        self._fused = None  # built on first use; False when the experts cannot be fused
 
     def as_expert_storage(self) -> QuantExpertStorage:
         """How the common expert interface sees this module (adapters call this instead of their fused storage)."""
         return QuantExpertStorage(self)
 
+    def fused(self):
+        """The layer's experts as one native call (:class:`mcmoe_vl.moe.fused.FusedMoE`) when every packed linear
+        uses ``Kernel.SIMD`` and the experts are packed SiLU experts; else None (the eager loop below)."""
+        if not all(lin.kernel is Kernel.SIMD for e in self.experts for lin in getattr(e, "linears", dict)().values()):
+            return None
+        if self._fused is None:
+            from mcmoe_vl.moe.fused import FusedMoE
+
+            self._fused = FusedMoE.build(list(self.experts)) or False
+        return self._fused or None
+
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
+        fused = self.fused()
+        if fused is not None and (y := fused(hidden_states, top_k_index, top_k_weights)) is not None:
+            return y
         # The eager loop of transformers 5's fused experts, with each expert a module.
         final = torch.zeros_like(hidden_states)
         with torch.no_grad():
@@ -223,6 +238,8 @@ def set_runtime(model: nn.Module, runtime: Runtime) -> int:
         if isinstance(m, QuantLinear):
             m.set_runtime(runtime)
             n += 1
+        elif isinstance(m, QuantExperts):
+            m._fused = None
     return n
 
 
