@@ -10,8 +10,9 @@ It plugs in behind the common expert interface: :func:`install_fused` sets ``MoE
 experts are all packed (:class:`~mcmoe_vl.quant.qlinear.QuantExpert`, or modules with ``gate_proj`` / ``up_proj``
 / ``down_proj`` :class:`~mcmoe_vl.quant.qlinear.QuantLinear`) with a SiLU activation; the layer's routing, its
 override (ODP, OTP) and its observers run unchanged and only the expert computation is replaced. Layers it cannot
-run (a 16-bit expert, another activation, the fake-quant runtime, more than ``max_tokens`` tokens) keep the
-interface's own dispatch. The result equals that dispatch on the same packed experts to float32 round-off.
+run (a 16-bit expert, another activation, the fake-quant runtime) keep the interface's own dispatch, and so does a
+step in which some expert gets more than ``max_tokens`` tokens (prefill: there each packed linear dequantises once
+and runs a dense GEMM, which is faster than the SIMD product beyond a few tokens). The result equals that dispatch on the same packed experts to float32 round-off.
 
     with ExpertInterface(model) as iface:
         install_fused(iface)            # returns the number of layers that run fused
@@ -34,7 +35,7 @@ from mcmoe_vl.quant.qlinear import QuantExpert, QuantLinear, Runtime
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MAX_TOKENS = 32
+DEFAULT_MAX_TOKENS = kernels.DECODE_MAX_TOKENS  # per expert; beyond it dequantise + GEMM is faster (prefill)
 
 
 class MqExpert(ctypes.Structure):
@@ -85,7 +86,8 @@ class FusedMoE:
     """The routed experts (and shared experts) of one MoE layer as one native call.
 
     ``experts``: the layer's expert modules in index order; ``shared``: shared-expert modules added to every token.
-    Build with :meth:`build`, which returns None when some module is not a packed SiLU expert.
+    Build with :meth:`build`, which returns None when some module is not a packed SiLU expert. ``max_tokens``: the
+    most tokens one expert (a shared expert: every token) may get in a call; more and the call declines.
     """
 
     def __init__(self, structs: list[MqExpert], hold: list, num_routed: int, hidden: int,
@@ -120,10 +122,15 @@ class FusedMoE:
 
     def __call__(self, x: torch.Tensor, topk_idx: torch.Tensor, weights: torch.Tensor,
                  keep: torch.Tensor | None = None, *, isa=None) -> torch.Tensor | None:
-        """``sum_kept w * expert(x) + sum shared(x)`` (T, H) in ``x.dtype``; None when T > ``max_tokens``."""
+        """``sum_kept w * expert(x) + sum shared(x)`` (T, H) in ``x.dtype``; None (declined) when an expert would
+        get more than ``max_tokens`` tokens."""
         T, k = topk_idx.shape
-        if T > self.max_tokens or x.device.type != "cpu":
+        if x.device.type != "cpu" or (self.num_shared and T > self.max_tokens):
             return None
+        if T > self.max_tokens:
+            kept = topk_idx if keep is None else topk_idx[keep.bool()]
+            if torch.bincount(kept.reshape(-1), minlength=self.num_routed).max() > self.max_tokens:
+                return None
         if x.shape != (T, self.hidden):
             raise ValueError(f"fused MoE: hidden states {tuple(x.shape)}, expected ({T}, {self.hidden})")
         idx, w = topk_idx.to(torch.int64), weights.to(torch.float32)

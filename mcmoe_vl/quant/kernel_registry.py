@@ -1,7 +1,8 @@
 """Which kernel multiplies a token batch by a packed weight, keyed by device and width: the seam for GPU kernels.
 
 ``QuantLinear`` with ``Kernel.SIMD`` asks :func:`find_packed_matmul` for ``(x.device.type, bits)``. On the CPU the
-native SIMD kernels are registered for 1-4 bits (:func:`mcmoe_vl.quant.kernels.packed_matmul`). No CUDA kernel is
+native kernels are registered for 1-4 bits (:func:`mcmoe_vl.quant.kernels.cpu_matmul`: the SIMD
+product for decode, dequantise-once + GEMM for prefill). No CUDA kernel is
 registered: on a GPU the packed runtime dequantises the weight with torch (``PackedTensor.dequantize``, which runs
 on any device) and calls ``F.linear``. A CUDA kernel plugs in with::
 
@@ -56,5 +57,5 @@ def find_packed_matmul(device: str, p: PackedTensor) -> PackedKernel | None:
 
 
 for _bits in (1, 2, 3, 4):
-    register_packed_matmul("cpu", _bits, PackedKernel("native-simd", kernels.packed_matmul, kernels.available,
+    register_packed_matmul("cpu", _bits, PackedKernel("native-simd", kernels.cpu_matmul, kernels.available,
                                                       kernels.supports))

@@ -5,6 +5,9 @@
   the codes are decoded into SIMD lanes (AVX-512 or AVX2, chosen at run time, or a portable scalar loop) and
   multiplied with the token, which is arranged once per call into the lanes' column order. It reads 1-4 bits per
   weight and agrees with the dequantise-then-matmul product to float32 round-off (not bitwise: summation order).
+- :func:`cpu_matmul`: what ``Kernel.SIMD`` runs on the CPU: :func:`packed_matmul` up to ``DECODE_MAX_TOKENS``
+  tokens, else (prefill) :func:`prefill_matmul`: the weight dequantised once, by the SIMD path, into a reused
+  buffer in the path's column order (the token is arranged to match), then one dense ``F.linear``.
 - :func:`dequantize_native`: the packed weight to float32, element for element the values of
   :meth:`PackedTensor.dequantize` (``scale * (q - zero)`` in float32).
 - :func:`lut_matmul`: the earlier scalar table-lookup product (256-entry tables of partial sums per byte).
@@ -18,6 +21,7 @@ from __future__ import annotations
 import ctypes
 
 import torch
+import torch.nn.functional as F
 
 from . import native
 from .native import Isa
@@ -115,6 +119,66 @@ def packed_matmul(x: torch.Tensor, p: PackedTensor, *, isa: Isa | str | None = N
     del keep
     y = y.reshape(*lead, m.rows)
     return (y, Isa(used)) if return_isa else y
+
+
+# Up to this many tokens the packed SIMD product beats dequantise + dense GEMM. Measured (benchmarks/
+# bench_kernels.py, 14336 x 4096, one thread, CPU time): 1 token 0.3-0.7x of bf16 F.linear, 2 tokens ~0.8x, 4 tokens
+# 1.5-2x (torch's bf16 GEMM uses AVX512-BF16 dot products here; the packed kernel does one float32 FMA per weight).
+DECODE_MAX_TOKENS = 2
+
+_SCRATCH: dict[torch.dtype, torch.Tensor] = {}
+
+
+def _scratch(n: int, dtype: torch.dtype) -> torch.Tensor:
+    """A reused buffer of at least ``n`` elements (one per dtype: prefill dequantises one matrix at a time)."""
+    buf = _SCRATCH.get(dtype)
+    if buf is None or buf.numel() < n:
+        buf = _SCRATCH[dtype] = torch.empty(n, dtype=dtype)
+    return buf[:n]
+
+
+def dequantize_arranged(p: PackedTensor, dtype: torch.dtype = torch.bfloat16, *, isa: Isa | str | None = None,
+                        out: torch.Tensor | None = None) -> tuple[torch.Tensor, Isa]:
+    """(R, C) weight (float32 or bfloat16, the values of :meth:`PackedTensor.dequantize`) with its columns in the
+    SIMD path's arranged order, into ``out`` (default: the reused buffer, valid until the next call)."""
+    lib = _need_lib()
+    st, keep = mat(p)
+    if dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"dequantize_arranged writes float32 or bfloat16, not {dtype}")
+    m = p.meta
+    w = (out if out is not None else _scratch(m.rows * m.cols, dtype)).view(m.rows, m.cols)
+    used = lib.mq_dequant_arranged(ctypes.byref(st), w.data_ptr(), int(dtype == torch.bfloat16), resolve_isa(isa),
+                                   torch.get_num_threads())
+    if used < 0:
+        raise RuntimeError(f"SIMD path {isa} is not supported by this CPU")
+    del keep
+    return w, Isa(used)
+
+
+def arrange(x: torch.Tensor, p: PackedTensor, isa: Isa) -> torch.Tensor:
+    """(T, C) float32 token rows in the column order of :func:`dequantize_arranged` for ``isa``."""
+    lib = _need_lib()
+    st, keep = mat(p)
+    xf = x.reshape(-1, p.meta.cols).to(torch.float32).contiguous()
+    out = torch.empty_like(xf)
+    lib.mq_arrange(ctypes.byref(st), int(isa), xf.data_ptr(), xf.shape[0], out.data_ptr())
+    del keep
+    return out
+
+
+def prefill_matmul(x: torch.Tensor, p: PackedTensor) -> torch.Tensor:
+    """``x W^T`` (..., R) in ``x.dtype`` (bfloat16 / float32): dequantise once into the reused buffer, one GEMM."""
+    dtype = x.dtype if x.dtype in (torch.float32, torch.bfloat16) else torch.float32
+    w, isa = dequantize_arranged(p, dtype)
+    y = F.linear(arrange(x, p, isa).to(dtype), w)
+    return y.reshape(*x.shape[:-1], p.meta.rows)
+
+
+def cpu_matmul(x: torch.Tensor, p: PackedTensor) -> torch.Tensor:
+    """``x W^T`` from packed storage: the SIMD product for decode-sized batches, dequantise + GEMM for prefill."""
+    if x.numel() // p.meta.cols <= DECODE_MAX_TOKENS:
+        return packed_matmul(x, p)
+    return prefill_matmul(x, p)
 
 
 def dequantize_native(p: PackedTensor) -> torch.Tensor:

@@ -151,6 +151,11 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.mq_gemm.argtypes = [p, p, i, p, i, i, i]
     lib.mq_moe.restype = i
     lib.mq_moe.argtypes = [p, i, p, i, i, p, p, p, p, i, i]
+    lib.mq_dequant_arranged.restype = i
+    lib.mq_dequant_arranged.argtypes = [p, p, i, i, i]
+    lib.mq_arrange.argtypes = [p, i, p, i, p]
+    lib.mq_block.restype = i
+    lib.mq_block.argtypes = [i, i]
     lib.mq_dequant.argtypes = [p, p, p, p] + [i] * 8
     lib.mq_lut_gemv.argtypes = [p, p, p, p, p] + [i] * 9
 

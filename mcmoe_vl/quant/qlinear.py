@@ -37,11 +37,12 @@ class Kernel(str, enum.Enum):
     """How the packed runtime computes ``x W^T``.
 
     ``AUTO`` / ``NATIVE`` / ``TORCH`` dequantise the whole weight (native C loop when compiled, else torch) to the
-    same values and call ``F.linear``: bit-identical to the fake-quant runtime. ``SIMD`` computes products of up
-    to ``SIMD_MAX_TOKENS`` tokens straight from the packed codes with the kernel registered for the input's device
-    and the width (:mod:`mcmoe_vl.quant.kernel_registry`; on the CPU the native AVX-512 / AVX2 / scalar kernels),
-    float32 accumulation: equal to the dequantised product to float32 round-off, not bitwise. With more tokens, or
-    no kernel for the device, it dequantises like ``AUTO``. A MoE layer whose experts all use ``SIMD`` runs them in
+    same values and call ``F.linear``: bit-identical to the fake-quant runtime. ``SIMD`` runs the kernel
+    registered for the input's device and the width (:mod:`mcmoe_vl.quant.kernel_registry`; on the CPU
+    :func:`mcmoe_vl.quant.kernels.cpu_matmul`: decode-sized batches straight from the packed codes with the native
+    AVX-512 / AVX2 / scalar kernels in float32, prefill by one SIMD dequantisation into a reused buffer and a
+    dense GEMM): equal to the dequantised product to float32 round-off, not bitwise. Without a kernel for the
+    device it dequantises like ``AUTO``. A MoE layer whose experts all use ``SIMD`` runs them in
     one native call (:mod:`mcmoe_vl.moe.fused`). ``LUT`` is the earlier scalar table-lookup kernel (up to
     ``LUT_MAX_TOKENS`` tokens).
     """
@@ -54,7 +55,6 @@ class Kernel(str, enum.Enum):
 
 
 LUT_MAX_TOKENS = 4
-SIMD_MAX_TOKENS = 32
 
 
 def dequantize(p: PackedTensor, dtype: torch.dtype, kernel: Kernel = Kernel.AUTO) -> torch.Tensor:
@@ -111,8 +111,7 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in) -> (..., out)
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        if (self.kernel is Kernel.SIMD and self.weight_cache is None
-                and x.numel() // self.in_features <= SIMD_MAX_TOKENS):
+        if self.kernel is Kernel.SIMD and self.weight_cache is None:
             k = kernel_registry.find_packed_matmul(x.device.type, self.packed)
             if k is not None:
                 y = k.fn(x, self.packed).to(x.dtype)

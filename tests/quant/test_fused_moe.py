@@ -51,7 +51,7 @@ def test_fused_layer_equals_the_expert_loop(native_lib):
     widths = [1, 2, 3, 4, 2, 3]  # per-expert widths
     experts = [_expert(b, 10 * i) for i, b in enumerate(widths)]
     shared = [_MLP(4, 100), _MLP(2, 200)]
-    fused = FusedMoE.build(experts, shared)
+    fused = FusedMoE.build(experts, shared, max_tokens=32)
     assert fused is not None and fused.num_shared == 2
     g = torch.Generator().manual_seed(0)
     for T in (1, 5, 32):
@@ -72,6 +72,10 @@ def test_fused_layer_equals_the_expert_loop(native_lib):
             torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
             assert fused.last_pairs == int(keep.sum()) + 2 * T  # pruned pairs are never computed
     assert fused(torch.randn(33, H), idx[:1].expand(33, 3), w[:1].expand(33, 3)) is None  # prefill: declined
+    routed = FusedMoE.build(experts, max_tokens=2)  # no shared experts: declines only when an expert gets > 2
+    spread = torch.tensor([[0, 1], [2, 3], [4, 5], [0, 2]])
+    assert routed(torch.randn(4, H), spread, torch.ones(4, 2)) is not None
+    assert routed(torch.randn(4, H), spread.fill_(1), torch.ones(4, 2)) is None
     assert copy.deepcopy(fused) is None  # copies rebuild their pointers
 
 

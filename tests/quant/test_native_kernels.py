@@ -8,7 +8,7 @@ from mcmoe_vl.quant.gptq import rtn_quantize
 from mcmoe_vl.quant.kernel_registry import PackedKernel, find_packed_matmul, register_packed_matmul
 from mcmoe_vl.quant.native import Isa
 from mcmoe_vl.quant.packed import PackedTensor
-from mcmoe_vl.quant.qlinear import SIMD_MAX_TOKENS, Kernel, QuantLinear
+from mcmoe_vl.quant.qlinear import Kernel, QuantLinear
 from mcmoe_vl.quant.quantizer import get_quantizer
 
 from native_lib import isas
@@ -93,8 +93,26 @@ def test_quant_linear_simd_kernel(native_lib, bits):
     x = torch.randn(2, 3, 384)  # leading dims kept
     y = lin(x)
     _check_close((y - lin.bias).reshape(6, 40), x.reshape(6, 384), p)
-    big = torch.randn(SIMD_MAX_TOKENS + 1, 384)  # prefill: the dequantising path, bit-identical to AUTO
-    assert torch.equal(lin(big), exact(big))
+    big = torch.randn(kernels.DECODE_MAX_TOKENS + 7, 384)  # prefill: dequantise once + GEMM
+    _check_close(lin(big) - lin.bias, big, p)
+    torch.testing.assert_close(lin(big), exact(big), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4])
+@pytest.mark.parametrize("shape", SHAPES[:3], ids=lambda s: "x".join(map(str, s)))
+def test_arranged_dequantisation_is_the_weight_reordered(native_lib, bits, shape):
+    r, c, gs = shape
+    p = _packed(bits, r, c, gs, perm=True)
+    ref32 = p.dequantize(torch.float32)  # natural order
+    for isa in isas(native_lib):
+        for dtype in (torch.float32, torch.bfloat16):
+            w, used = kernels.dequantize_arranged(p, dtype, isa=isa)
+            # the arranged token of the identity matrix is the column order: w[:, j] = W[:, order[j]]
+            order = kernels.arrange(torch.arange(c, dtype=torch.float32)[None], p, used)[0].long()
+            assert sorted(order.tolist()) == list(range(c))
+            assert torch.equal(w, ref32[:, order].to(dtype))  # the very values (and torch's bf16 rounding)
+            x = torch.randn(3, c)
+            _check_close(kernels.prefill_matmul(x, p), x, p)
 
 
 def test_registry_is_keyed_by_device_and_width(native_lib):

@@ -65,4 +65,11 @@ void mq_rows_scalar(const mq_mat *m, const float *xp, const float *xs, int T, fl
 void mq_rows_avx2(const mq_mat *m, const float *xp, const float *xs, int T, float *y, int ldy, int r0, int r1);
 void mq_rows_avx512(const mq_mat *m, const float *xp, const float *xs, int T, float *y, int ldy, int r0, int r1);
 
+/* W rows r0..r1-1 dequantised into out (R, C), float32 (bf16 = 0) or bfloat16 bits (bf16 = 1), in the arranged
+ * column order of the path (natural order on the scalar path) */
+typedef void (*mq_deq_fn)(const mq_mat *m, void *out, int bf16, int r0, int r1);
+void mq_deq_scalar(const mq_mat *m, void *out, int bf16, int r0, int r1);
+void mq_deq_avx2(const mq_mat *m, void *out, int bf16, int r0, int r1);
+void mq_deq_avx512(const mq_mat *m, void *out, int bf16, int r0, int r1);
+
 #endif

@@ -1,5 +1,6 @@
 /* AVX2 path (AVX2 + FMA), compiled with -mavx2 -mfma; called only when the CPU reports both. */
 #include <immintrin.h>
+#include <string.h>
 
 #include "mq.h"
 
@@ -31,5 +32,16 @@ static inline vi DECODE_3(const uint8_t *p) {
     hi = _mm_shuffle_epi8(hi, _mm_setr_epi8(4, 5, 6, -1, 7, 8, 9, -1, 10, 11, 12, -1, 13, 14, 15, -1));
     return _mm256_set_m128i(hi, lo);
 }
+#define VSTOREU(p, v) _mm256_storeu_ps(p, v)
+#define VCASTI(v) _mm256_castps_si256(v)
+#define VADDI(a, b) _mm256_add_epi32(a, b)
+#define VANDI(a, b) _mm256_and_si256(a, b)
+#define VSRLI(a, n) _mm256_srli_epi32(a, n)
+#define VCVT(v) _mm256_cvtepi32_ps(v)
+#define VSUB(a, b) _mm256_sub_ps(a, b)
+/* 8 x 32-bit (values < 2^16) -> 8 x 16-bit: pack within 128-bit lanes, then gather the two low quadwords */
+#define STORE_BF16(p, u) _mm_storeu_si128((__m128i *)(p), _mm256_castsi256_si128(_mm256_permute4x64_epi64( \
+    _mm256_packus_epi32(u, u), 0x08)))
 #define ROWS_FN mq_rows_avx2
+#define DEQ_FN mq_deq_avx2
 #include "mq_simd_rows.h"

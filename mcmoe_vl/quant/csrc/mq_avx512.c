@@ -1,5 +1,6 @@
 /* AVX-512 path (F + BW), compiled with -mavx512f -mavx512bw; called only when the CPU reports both. */
 #include <immintrin.h>
+#include <string.h>
 
 #include "mq.h"
 
@@ -32,5 +33,14 @@ static inline vi DECODE_3(const uint8_t *p) {
                                          0xff060504, 0xff090807, 0xff0c0b0a, 0xff0f0e0d);
     return _mm512_shuffle_epi8(v, sh);
 }
+#define VSTOREU(p, v) _mm512_storeu_ps(p, v)
+#define VCASTI(v) _mm512_castps_si512(v)
+#define VADDI(a, b) _mm512_add_epi32(a, b)
+#define VANDI(a, b) _mm512_and_si512(a, b)
+#define VSRLI(a, n) _mm512_srli_epi32(a, n)
+#define VCVT(v) _mm512_cvtepi32_ps(v)
+#define VSUB(a, b) _mm512_sub_ps(a, b)
+#define STORE_BF16(p, u) _mm256_storeu_si256((__m256i *)(p), _mm512_cvtepi32_epi16(u))
 #define ROWS_FN mq_rows_avx512
+#define DEQ_FN mq_deq_avx512
 #include "mq_simd_rows.h"

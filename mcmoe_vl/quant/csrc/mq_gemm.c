@@ -91,3 +91,47 @@ int mq_gemm(const mq_mat *m, const float *x, int T, float *y, int ldy, int isa, 
     free(xs);
     return isa;
 }
+
+/* Prefill: W dequantised once into out (R, C) (float32, or bfloat16 when bf16) in the arranged column order of the
+ * path that runs (returned); pair it with mq_arrange (the token in the same order). */
+int mq_dequant_arranged(const mq_mat *m, void *out, int bf16, int isa, int nthreads) {
+    isa = mq_resolve_isa(m, isa);
+    if (isa < 0) return -1;
+    mq_deq_fn fn = mq_deq_scalar;
+#if defined(__x86_64__) || defined(__i386__)
+    if (isa == MQ_AVX512) fn = mq_deq_avx512;
+    if (isa == MQ_AVX2) fn = mq_deq_avx2;
+#endif
+    const int RB = 16, nblk = (m->R + RB - 1) / RB;
+    int nt = nthreads < 1 ? 1 : nthreads;
+#pragma omp parallel for schedule(dynamic, 8) num_threads(nt) if (nt > 1)
+    for (int b = 0; b < nblk; b++) {
+        int r0 = b * RB, r1 = r0 + RB < m->R ? r0 + RB : m->R;
+        fn(m, out, bf16, r0, r1);
+    }
+    return isa;
+}
+
+/* x (T, C) natural order -> out (T, C) in the column order of mq_dequant_arranged for path isa (perm applied) */
+void mq_arrange(const mq_mat *m, int isa, const float *x, int T, float *out) {
+    const int C = m->C, G = mq_groups(m), B = mq_block(isa, m->bits);
+    const int P = m->bits == 3 ? 8 : 8 / m->bits, L = B ? B / P : 0;
+    float buf[128];
+    for (int t = 0; t < T; t++) {
+        const float *xt = x + (size_t)t * C;
+        float *o = out + (size_t)t * C;
+        if (m->perm)
+            for (int k = 0; k < C; k++) o[k] = xt[m->perm[k]];
+        else
+            memcpy(o, xt, sizeof(float) * C);
+        if (isa == MQ_SCALAR) continue;
+        for (int g = 0; g < G; g++) {
+            int k0 = g * m->gs, k1 = k0 + m->gs < C ? k0 + m->gs : C;
+            for (int k = k0; k + B <= k1; k += B) {
+                for (int j = 0; j < P; j++)
+                    for (int i = 0; i < L; i++) buf[j * L + i] = o[k + P * i + j];
+                memcpy(o + k, buf, sizeof(float) * B);
+            }
+        }
+    }
+}

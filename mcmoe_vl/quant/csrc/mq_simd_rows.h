@@ -70,3 +70,65 @@ void ROWS_FN(const mq_mat *m, const float *xp, const float *xs, int T, float *y,
         default: rows_bits(m, xp, xs, T, y, ldy, r0, r1, 4); break;
     }
 }
+
+/* Dequantisation for prefill: rows r0..r1-1 of W (exactly the values s (q - z), or s (2q - 1) at 1 bit, in float32)
+ * written as float32 or bfloat16 (round to nearest even, as torch rounds) in the arranged column order (each full
+ * block as [plane j][lane i] = column k0 + P i + j; tails in place): out (R, C) times the arranged token equals
+ * x W^T. */
+static inline __attribute__((always_inline)) void store_w(vf w, void *out, size_t at, int bf16) {
+    if (!bf16) {
+        VSTOREU((float *)out + at, w);
+        return;
+    }
+    vi u = VCASTI(w);
+    u = VADDI(u, VADDI(VI_SET1(0x7FFF), VANDI(VSRLI(u, 16), VI_SET1(1))));
+    STORE_BF16((uint16_t *)out + at, VSRLI(u, 16));
+}
+
+static inline __attribute__((always_inline)) void deq_bits(const mq_mat *m, void *out, int bf16, int r0, int r1,
+                                                           const int bits) {
+    const int P = MQ_PLANES(bits), B = LANES * P, G = mq_groups(m), C = m->C;
+    const int mask = (1 << bits) - 1;
+    for (int r = r0; r < r1; r++) {
+        const uint8_t *qr = m->q + (size_t)r * m->row_bytes;
+        const size_t o = (size_t)r * C;
+        for (int g = 0; g < G; g++) {
+            const size_t gi = (size_t)r * G + g;
+            const float s = mq_h2f(m->sc[gi]), z = m->zr ? mq_h2f(m->zr[gi]) : 0.0f;
+            const vf vs = VSET1(s), vz = VSET1(z), two = VSET1(2.0f), one = VSET1(1.0f);
+            const int k0 = g * m->gs, k1 = k0 + m->gs < C ? k0 + m->gs : C;
+            const int kb = k0 + ((k1 - k0) / B) * B;
+            for (int k = k0; k < kb; k += B) {
+                const uint8_t *p = qr + (size_t)k * bits / 8;
+                const vi v = bits == 1 ? DECODE_1(p) : bits == 2 ? DECODE_2(p) : bits == 3 ? DECODE_3(p) : DECODE_4(p);
+#pragma GCC unroll 8
+                for (int j = 0; j < P; j++) {
+                    const vf q = VCVT(VANDI(VSRLI(v, bits * j), VI_SET1(mask)));
+                    const vf w = m->zr ? VMUL(vs, VSUB(q, vz)) : VMUL(vs, VSUB(VMUL(two, q), one));
+                    store_w(w, out, o + k + j * LANES, bf16);
+                }
+            }
+            for (int k = kb; k < k1; k++) {
+                float q = (float)mq_code_at(qr, k, bits, m->row_bytes);
+                float w = m->zr ? s * (q - z) : s * (2.0f * q - 1.0f);
+                if (bf16) {
+                    uint32_t u;
+                    memcpy(&u, &w, 4);
+                    u += 0x7FFFu + ((u >> 16) & 1u);
+                    ((uint16_t *)out)[o + k] = (uint16_t)(u >> 16);
+                } else {
+                    ((float *)out)[o + k] = w;
+                }
+            }
+        }
+    }
+}
+
+void DEQ_FN(const mq_mat *m, void *out, int bf16, int r0, int r1) {
+    switch (m->bits) {
+        case 1: deq_bits(m, out, bf16, r0, r1, 1); break;
+        case 2: deq_bits(m, out, bf16, r0, r1, 2); break;
+        case 3: deq_bits(m, out, bf16, r0, r1, 3); break;
+        default: deq_bits(m, out, bf16, r0, r1, 4); break;
+    }
+}
