@@ -46,7 +46,7 @@ SOURCES: dict[str, list[str]] = {
     "mq_gemm.c": [],
     "mq_moe.c": [],
     "mq_dequant_lut.c": [],
-    **({"mq_avx2.c": ["-mavx2", "-mfma"], "mq_avx512.c": ["-mavx512f", "-mavx512bw"]} if _X86 else {}),
+    **({"mq_avx2.c": ["-mavx2", "-mfma", "-mf16c"], "mq_avx512.c": ["-mavx512f", "-mavx512bw", "-mf16c"]} if _X86 else {}),
 }
 
 

@@ -7,6 +7,19 @@
 /* B = LANES * P columns per block; one decode and P planes per block, each plane one FMA per token. */
 #define MQ_PLANES(bits) ((bits) == 3 ? 8 : 8 / (bits))
 
+/* mq_sz with the hardware half -> float conversion (F16C; the scalar mq_h2f costs more than a group of codes) */
+static inline void sz_fast(const mq_mat *m, int r, int g, float *s, float *z) {
+    size_t i = (size_t)r * mq_groups(m) + g;
+    float s1 = _cvtsh_ss(m->sc[i]);
+    if (m->zr == NULL) {
+        *s = 2.0f * s1;
+        *z = 0.5f;
+    } else {
+        *s = s1;
+        *z = _cvtsh_ss(m->zr[i]);
+    }
+}
+
 /* NT tokens (a compile-time constant after inlining: their accumulators live in registers) */
 static inline __attribute__((always_inline)) void rows_nt(const mq_mat *m, const float *x0, const float *xs0,
                                                           float *y0, int ldy, int r0, int r1, const int bits,
@@ -23,11 +36,15 @@ static inline __attribute__((always_inline)) void rows_nt(const mq_mat *m, const
         }
         for (int g = 0; g < G; g++) {
             float s, z;
-            mq_sz(m, r, g, &s, &z);
+            sz_fast(m, r, g, &s, &z);
             const int k0 = g * m->gs, k1 = k0 + m->gs < C ? k0 + m->gs : C;
             const int kb = k0 + ((k1 - k0) / B) * B;
-            vf part[NT_MAX];
-            for (int t = 0; t < NT; t++) part[t] = VZERO();
+            /* A independent accumulators per token (plane j into j % A): with few tokens a single chain of FMAs
+             * would wait on the FMA latency instead of its throughput */
+            const int A = NT >= 4 ? 1 : 4 / NT;
+            vf part[NT_MAX][4];
+            for (int t = 0; t < NT; t++)
+                for (int a = 0; a < A; a++) part[t][a] = VZERO();
             for (int k = k0; k < kb; k += B) {
                 const uint8_t *p = qr + (size_t)k * bits / 8;
                 const vi v = bits == 1 ? DECODE_1(p) : bits == 2 ? DECODE_2(p) : bits == 3 ? DECODE_3(p) : DECODE_4(p);
@@ -35,12 +52,15 @@ static inline __attribute__((always_inline)) void rows_nt(const mq_mat *m, const
                 for (int j = 0; j < P; j++) {
                     const vf c = VI_AND_CVT(v, VI_SET1(mask << (bits * j)));
 #pragma GCC unroll 8
-                    for (int t = 0; t < NT; t++) part[t] = VFMA(c, VLOADU(x0 + (size_t)t * C + k + j * LANES), part[t]);
+                    for (int t = 0; t < NT; t++)
+                        part[t][j % A] = VFMA(c, VLOADU(x0 + (size_t)t * C + k + j * LANES), part[t][j % A]);
                 }
             }
             const vf vs = VSET1(s);
             for (int t = 0; t < NT; t++) {
-                acc[t] = VFMA(vs, part[t], acc[t]);
+                vf sum = part[t][0];
+                for (int a = 1; a < A; a++) sum = sum + part[t][a];
+                acc[t] = VFMA(vs, sum, acc[t]);
                 const float *xt = x0 + (size_t)t * C;
                 float tail = kb < k1 ? mq_tail_dot(qr, kb, k1, bits, m->row_bytes, xt) : 0.0f;
                 sacc[t] += s * (tail - z * xs0[(size_t)t * G + g]);
@@ -94,7 +114,7 @@ static inline __attribute__((always_inline)) void deq_bits(const mq_mat *m, void
         const size_t o = (size_t)r * C;
         for (int g = 0; g < G; g++) {
             const size_t gi = (size_t)r * G + g;
-            const float s = mq_h2f(m->sc[gi]), z = m->zr ? mq_h2f(m->zr[gi]) : 0.0f;
+            const float s = _cvtsh_ss(m->sc[gi]), z = m->zr ? _cvtsh_ss(m->zr[gi]) : 0.0f;
             const vf vs = VSET1(s), vz = VSET1(z), two = VSET1(2.0f), one = VSET1(1.0f);
             const int k0 = g * m->gs, k1 = k0 + m->gs < C ? k0 + m->gs : C;
             const int kb = k0 + ((k1 - k0) / B) * B;
