@@ -7,7 +7,8 @@
  * y (T, R) = x (T, C) W^T is computed per row and group as  s * (sum_k q_k x_k) - s z (sum_k x_k)  in float32.
  * SIMD paths decode a block of B columns into float lanes: lane i of plane j holds column k0 + P i + j, masked
  * but not shifted, i.e. the value q * 2^(bits j); the token is pre-arranged into the same order and pre-scaled by
- * 2^-(bits j) (exact: a power of two), so each plane costs one AND, one int-to-float conversion, one FMA. */
+ * 2^-(bits j) (exact: a power of two), so each plane costs one AND, one int-to-float conversion and one FMA per
+ * token. */
 #ifndef MQ_H
 #define MQ_H
 #include <stddef.h>

@@ -8,8 +8,8 @@
 #define MQ_PLANES(bits) ((bits) == 3 ? 8 : 8 / (bits))
 
 /* mq_sz with the hardware half -> float conversion (F16C; the scalar mq_h2f costs more than a group of codes) */
-static inline void sz_fast(const mq_mat *m, int r, int g, float *s, float *z) {
-    size_t i = (size_t)r * mq_groups(m) + g;
+static inline void sz_fast(const mq_mat *m, int G, int r, int g, float *s, float *z) {
+    size_t i = (size_t)r * G + g;
     float s1 = _cvtsh_ss(m->sc[i]);
     if (m->zr == NULL) {
         *s = 2.0f * s1;
@@ -20,53 +20,62 @@ static inline void sz_fast(const mq_mat *m, int r, int g, float *s, float *z) {
     }
 }
 
-/* NT tokens (a compile-time constant after inlining: their accumulators live in registers) */
+/* NT tokens (a compile-time constant after inlining: their accumulators live in registers). With few tokens the
+ * scale is applied to the decoded codes (one multiply per plane, shared by the tokens) so that the accumulators run
+ * through the whole row: a per-group reduction would cost more than the group's 8 FMAs. With many tokens the scale
+ * is applied once per group to each token's partial sum instead. A independent accumulators per token (plane j into
+ * j % A) keep a single chain of FMAs from waiting on the FMA latency. */
 static inline __attribute__((always_inline)) void rows_nt(const mq_mat *m, const float *x0, const float *xs0,
                                                           float *y0, int ldy, int r0, int r1, const int bits,
                                                           const int NT) {
     const int P = MQ_PLANES(bits), B = LANES * P, G = mq_groups(m), C = m->C;
     const int mask = (1 << bits) - 1;
+    const int A = NT >= 4 ? 1 : 4 / NT, SCALE_CODES = NT <= 2;
     for (int r = r0; r < r1; r++) {
         const uint8_t *qr = m->q + (size_t)r * m->row_bytes;
-        vf acc[NT_MAX];
+        vf acc[NT_MAX][4];
         float sacc[NT_MAX];
         for (int t = 0; t < NT; t++) {
-            acc[t] = VZERO();
+            for (int a = 0; a < A; a++) acc[t][a] = VZERO();
             sacc[t] = 0.0f;
         }
         for (int g = 0; g < G; g++) {
             float s, z;
-            sz_fast(m, r, g, &s, &z);
+            sz_fast(m, G, r, g, &s, &z);
+            const vf vs = VSET1(s);
             const int k0 = g * m->gs, k1 = k0 + m->gs < C ? k0 + m->gs : C;
             const int kb = k0 + ((k1 - k0) / B) * B;
-            /* A independent accumulators per token (plane j into j % A): with few tokens a single chain of FMAs
-             * would wait on the FMA latency instead of its throughput */
-            const int A = NT >= 4 ? 1 : 4 / NT;
-            vf part[NT_MAX][4];
-            for (int t = 0; t < NT; t++)
-                for (int a = 0; a < A; a++) part[t][a] = VZERO();
+            vf part[NT_MAX];
+            for (int t = 0; t < NT; t++) part[t] = VZERO();
             for (int k = k0; k < kb; k += B) {
                 const uint8_t *p = qr + (size_t)k * bits / 8;
                 const vi v = bits == 1 ? DECODE_1(p) : bits == 2 ? DECODE_2(p) : bits == 3 ? DECODE_3(p) : DECODE_4(p);
 #pragma GCC unroll 8
                 for (int j = 0; j < P; j++) {
-                    const vf c = VI_AND_CVT(v, VI_SET1(mask << (bits * j)));
+                    vf c = VI_AND_CVT(v, VI_SET1(mask << (bits * j)));
+                    if (SCALE_CODES) c = VMUL(c, vs);
 #pragma GCC unroll 8
-                    for (int t = 0; t < NT; t++)
-                        part[t][j % A] = VFMA(c, VLOADU(x0 + (size_t)t * C + k + j * LANES), part[t][j % A]);
+                    for (int t = 0; t < NT; t++) {
+                        const vf xv = VLOADU(x0 + (size_t)t * C + k + j * LANES);
+                        if (SCALE_CODES)
+                            acc[t][j % A] = VFMA(c, xv, acc[t][j % A]);
+                        else
+                            part[t] = VFMA(c, xv, part[t]);
+                    }
                 }
             }
-            const vf vs = VSET1(s);
             for (int t = 0; t < NT; t++) {
-                vf sum = part[t][0];
-                for (int a = 1; a < A; a++) sum = sum + part[t][a];
-                acc[t] = VFMA(vs, sum, acc[t]);
+                if (!SCALE_CODES) acc[t][0] = VFMA(vs, part[t], acc[t][0]);
                 const float *xt = x0 + (size_t)t * C;
                 float tail = kb < k1 ? mq_tail_dot(qr, kb, k1, bits, m->row_bytes, xt) : 0.0f;
                 sacc[t] += s * (tail - z * xs0[(size_t)t * G + g]);
             }
         }
-        for (int t = 0; t < NT; t++) y0[(size_t)t * ldy + r] = VHSUM(acc[t]) + sacc[t];
+        for (int t = 0; t < NT; t++) {
+            vf sum = acc[t][0];
+            for (int a = 1; a < A; a++) sum = sum + acc[t][a];
+            y0[(size_t)t * ldy + r] = VHSUM(sum) + sacc[t];
+        }
     }
 }
 
