@@ -138,17 +138,22 @@ def _scratch(n: int, dtype: torch.dtype) -> torch.Tensor:
 
 
 def dequantize_arranged(p: PackedTensor, dtype: torch.dtype = torch.bfloat16, *, isa: Isa | str | None = None,
-                        out: torch.Tensor | None = None) -> tuple[torch.Tensor, Isa]:
-    """(R, C) weight (float32 or bfloat16, the values of :meth:`PackedTensor.dequantize`) with its columns in the
-    SIMD path's arranged order, into ``out`` (default: the reused buffer, valid until the next call)."""
+                        rows: tuple[int, int] | None = None, out: torch.Tensor | None = None,
+                        _st: tuple | None = None) -> tuple[torch.Tensor, Isa]:
+    """Rows ``rows`` (default all) of the weight (float32 or bfloat16, the values of
+    :meth:`PackedTensor.dequantize`) with the columns in the SIMD path's arranged order, into ``out`` (default: the
+    reused buffer, valid until the next call)."""
     lib = _need_lib()
-    st, keep = mat(p)
+    st, keep = _st or mat(p)
     if dtype not in (torch.float32, torch.bfloat16):
         raise ValueError(f"dequantize_arranged writes float32 or bfloat16, not {dtype}")
     m = p.meta
-    w = (out if out is not None else _scratch(m.rows * m.cols, dtype)).view(m.rows, m.cols)
+    r0, r1 = rows or (0, m.rows)
+    w = (out if out is not None else _scratch((r1 - r0) * m.cols, dtype)).view(r1 - r0, m.cols)
     used = lib.mq_dequant_arranged(ctypes.byref(st), w.data_ptr(), int(dtype == torch.bfloat16), resolve_isa(isa),
-                                   torch.get_num_threads())
+                                   r0, r1, torch.get_num_threads())
+    if used == -3:
+        raise ValueError(f"rows {rows} out of range for a weight of {m.rows} rows")
     if used < 0:
         raise RuntimeError(f"SIMD path {isa} is not supported by this CPU")
     del keep
@@ -166,12 +171,35 @@ def arrange(x: torch.Tensor, p: PackedTensor, isa: Isa) -> torch.Tensor:
     return out
 
 
+# Prefill dequantises this many weights at a time (2 MiB of bf16): the block stays in cache between
+# the dequantisation and the GEMM that reads it, instead of a whole matrix going through memory twice.
+PREFILL_BLOCK = 1 << 20
+
+
 def prefill_matmul(x: torch.Tensor, p: PackedTensor) -> torch.Tensor:
-    """``x W^T`` (..., R) in ``x.dtype`` (bfloat16 / float32): dequantise once into the reused buffer, one GEMM."""
+    """``x W^T`` (..., R) in ``x.dtype`` (bfloat16 / float32): the weight dequantised once, block of rows by block
+    into the reused buffer, each block multiplied by the arranged tokens with one GEMM."""
     dtype = x.dtype if x.dtype in (torch.float32, torch.bfloat16) else torch.float32
-    w, isa = dequantize_arranged(p, dtype)
-    y = F.linear(arrange(x, p, isa).to(dtype), w)
-    return y.reshape(*x.shape[:-1], p.meta.rows)
+    m = p.meta
+    st = mat(p)
+    rb = max(16, PREFILL_BLOCK // m.cols // 16 * 16)
+    isa = Isa(lib_resolve(st[0]))
+    xa = arrange(x, p, isa).to(dtype)
+    y = torch.empty(xa.shape[0], m.rows, dtype=dtype)
+    for r0 in range(0, m.rows, rb):
+        r1 = min(r0 + rb, m.rows)
+        w, _ = dequantize_arranged(p, dtype, isa=isa, rows=(r0, r1), _st=st)
+        y[:, r0:r1] = F.linear(xa, w)
+    return y.reshape(*x.shape[:-1], m.rows)
+
+
+def lib_resolve(st: MqMat, isa: Isa | str | None = None) -> int:
+    """The path the kernels run for this matrix (``isa`` or ``MCMOE_VL_ISA`` or the CPU's best, lowered while its
+    block does not divide the group size)."""
+    used = _need_lib().mq_resolve_isa(ctypes.byref(st), resolve_isa(isa))
+    if used < 0:
+        raise RuntimeError(f"SIMD path {isa} is not supported by this CPU")
+    return used
 
 
 def cpu_matmul(x: torch.Tensor, p: PackedTensor) -> torch.Tensor:

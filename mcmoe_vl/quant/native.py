@@ -152,8 +152,10 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.mq_moe.restype = i
     lib.mq_moe.argtypes = [p, i, p, i, i, p, p, p, p, i, i]
     lib.mq_dequant_arranged.restype = i
-    lib.mq_dequant_arranged.argtypes = [p, p, i, i, i]
+    lib.mq_dequant_arranged.argtypes = [p, p, i, i, i, i, i]
     lib.mq_arrange.argtypes = [p, i, p, i, p]
+    lib.mq_resolve_isa.restype = i
+    lib.mq_resolve_isa.argtypes = [p, i]
     lib.mq_block.restype = i
     lib.mq_block.argtypes = [i, i]
     lib.mq_dequant.argtypes = [p, p, p, p] + [i] * 8

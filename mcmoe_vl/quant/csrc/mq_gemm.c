@@ -92,9 +92,9 @@ int mq_gemm(const mq_mat *m, const float *x, int T, float *y, int ldy, int isa, 
     return isa;
 }
 
-/* Prefill: W dequantised once into out (R, C) (float32, or bfloat16 when bf16) in the arranged column order of the
- * path that runs (returned); pair it with mq_arrange (the token in the same order). */
-int mq_dequant_arranged(const mq_mat *m, void *out, int bf16, int isa, int nthreads) {
+/* Prefill: rows [row0, row1) of W dequantised into out (row1 - row0, C) (float32, or bfloat16 when bf16) in the
+ * arranged column order of the path that runs (returned); pair it with mq_arrange (the token in the same order). */
+int mq_dequant_arranged(const mq_mat *m, void *out, int bf16, int isa, int row0, int row1, int nthreads) {
     isa = mq_resolve_isa(m, isa);
     if (isa < 0) return -1;
     mq_deq_fn fn = mq_deq_scalar;
@@ -102,12 +102,15 @@ int mq_dequant_arranged(const mq_mat *m, void *out, int bf16, int isa, int nthre
     if (isa == MQ_AVX512) fn = mq_deq_avx512;
     if (isa == MQ_AVX2) fn = mq_deq_avx2;
 #endif
-    const int RB = 16, nblk = (m->R + RB - 1) / RB;
+    if (row0 < 0 || row1 > m->R || row0 >= row1) return -3;
+    /* fn writes row r at r * C: shift the base so that row0 lands at the start of out */
+    char *base = (char *)out - (size_t)row0 * m->C * (bf16 ? 2 : 4);
+    const int RB = 16, nblk = (row1 - row0 + RB - 1) / RB;
     int nt = nthreads < 1 ? 1 : nthreads;
 #pragma omp parallel for schedule(dynamic, 8) num_threads(nt) if (nt > 1)
     for (int b = 0; b < nblk; b++) {
-        int r0 = b * RB, r1 = r0 + RB < m->R ? r0 + RB : m->R;
-        fn(m, out, bf16, r0, r1);
+        int r0 = row0 + b * RB, r1 = r0 + RB < row1 ? r0 + RB : row1;
+        fn(m, base, bf16, r0, r1);
     }
     return isa;
 }
