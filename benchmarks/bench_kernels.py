@@ -14,8 +14,11 @@
    each also with 15% of the (token, expert) pairs pruned (never a token's top-1).
 
 Weights are random (codes, scales and zeros drawn at random: speed does not depend on their values). Times are the
-median over ``--repeat`` runs with the 10th-90th percentile spread; ratios are median over median of dense bf16
-measured in the same run. The CPU is shared: the header prints the load average before and after.
+median over ``--repeat`` runs with the 10th-90th percentile spread, and the mean; ratios are against dense bf16
+measured in the same run. MoE rows draw a new routing every run (the same sequence for every variant), so their
+time varies with how many experts a step touches: compare pruning by the ratio of means. The CPU is shared: the
+header prints the load average before and after; ``--clock cpu --threads 1`` counts the thread's CPU time, which
+other jobs do not inflate (they still share the caches and memory bandwidth).
 """
 
 from __future__ import annotations
@@ -41,8 +44,8 @@ PMQ_25 = (3, 2, 1, 3, 3, 2, 3, 3)  # 2.5 bits on average
 CLOCK = time.perf_counter  # or time.thread_time (--clock cpu, one thread): immune to being descheduled
 
 
-def stats(fn, repeat: int) -> tuple[float, float, float]:
-    """(median, 10th, 90th percentile) seconds over ``repeat`` calls after one warm-up."""
+def stats(fn, repeat: int) -> tuple[float, float, float, float]:
+    """(median, 10th, 90th percentile, mean) seconds over ``repeat`` calls after one warm-up."""
     fn()
     ts = []
     for _ in range(repeat):
@@ -50,7 +53,7 @@ def stats(fn, repeat: int) -> tuple[float, float, float]:
         fn()
         ts.append(CLOCK() - t)
     q = statistics.quantiles(ts, n=10, method="inclusive")
-    return statistics.median(ts), q[0], q[-1]
+    return statistics.median(ts), q[0], q[-1], statistics.fmean(ts)
 
 
 def random_packed(bits: int, r: int, c: int, g: torch.Generator, gs: int = 128) -> PackedTensor:
@@ -61,10 +64,15 @@ def random_packed(bits: int, r: int, c: int, g: torch.Generator, gs: int = 128) 
     return PackedTensor(q, s, z, None, PackedMeta(bits, (r, c), gs))
 
 
-def fmt(st: tuple[float, float, float], base: float | None = None) -> str:
-    med, lo, hi = st
-    out = f"{med * 1e3:.3f} [{lo * 1e3:.3f}-{hi * 1e3:.3f}]"
-    return out + (f" | {med / base:.3f}x" if base else "")
+def fmt(st: tuple[float, float, float, float], base: tuple[float, float, float, float]) -> str:
+    """``median [p10-p90] | mean | median ratio | mean ratio`` in ms against ``base`` (dense bf16, same run)."""
+    med, lo, hi, mean = st
+    return (f"{med * 1e3:.3f} [{lo * 1e3:.3f}-{hi * 1e3:.3f}] | {mean * 1e3:.3f} | {med / base[0]:.3f}x | "
+            f"{mean / base[3]:.3f}x")
+
+
+HEAD = "time ms: median [p10-p90] | mean | ratio of medians | ratio of means |"
+RULE = "---|---|---|---|"
 
 
 def bench_matrix(r: int, c: int, repeat: int) -> None:
@@ -74,29 +82,29 @@ def bench_matrix(r: int, c: int, repeat: int) -> None:
     w4 = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q4, 2)
     sz = torch.randn(c // 128, r, 2, generator=g).bfloat16()
     paths = [i for i in native.Isa if i <= native.cpu_isa() and i != native.Isa.SCALAR]
-    print(f"\n### One matrix {r} x {c}: time in ms, median [p10-p90] | ratio to dense bf16\n")
-    print("| tokens | kernel | bits | time | ratio |\n|---|---|---|---|---|")
+    print(f"\n### One matrix {r} x {c}, against dense bf16 in the same run\n")
+    print(f"| tokens | kernel | bits | {HEAD}\n|---|---|---|{RULE}")
     for t in (1, 8, 32):
         x = torch.randn(t, c, generator=g)
         xb = x.bfloat16()
         base = stats(lambda: F.linear(xb, dense), repeat)
-        print(f"| {t} | dense bf16 F.linear | 16 | {fmt(base, base[0])} |")
+        print(f"| {t} | dense bf16 F.linear | 16 | {fmt(base, base)} |")
         i4 = stats(lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(xb, w4, 128, sz), repeat)
-        print(f"| {t} | torch int4 (_weight_int4pack_mm_for_cpu) | 4 | {fmt(i4, base[0])} |")
+        print(f"| {t} | torch int4 (_weight_int4pack_mm_for_cpu) | 4 | {fmt(i4, base)} |")
         for bits in (1, 2, 3, 4):
             p = random_packed(bits, r, c, g)
             for isa in paths:
                 st = stats(lambda: kernels.packed_matmul(x, p, isa=isa), repeat)
-                print(f"| {t} | native {isa.name.lower()} | {bits} | {fmt(st, base[0])} |")
+                print(f"| {t} | native {isa.name.lower()} | {bits} | {fmt(st, base)} |")
     x = torch.randn(128, c, generator=g).bfloat16()
     base = stats(lambda: F.linear(x, dense), max(5, repeat // 4))
-    print(f"| 128 | dense bf16 F.linear | 16 | {fmt(base, base[0])} |")
+    print(f"| 128 | dense bf16 F.linear | 16 | {fmt(base, base)} |")
     for bits in (2, 3):
         for kern, label in ((Kernel.AUTO, "packed AUTO: torch-order dequantise + bf16 F.linear"),
                             (Kernel.SIMD, "packed SIMD: SIMD dequantise into reused buffer + bf16 F.linear")):
             lin = QuantLinear(random_packed(bits, r, c, g), dtype=torch.bfloat16, kernel=kern)
             st = stats(lambda: lin(x), max(5, repeat // 4))
-            print(f"| 128 | {label} | {bits} | {fmt(st, base[0])} |")
+            print(f"| 128 | {label} | {bits} | {fmt(st, base)} |")
 
 
 def dense_moe(gu: torch.Tensor, down: torch.Tensor, shared, x, idx, w):
@@ -148,7 +156,7 @@ def routings(n: int, T: int, E: int, k: int, prune: float, g: torch.Generator):
 def bench_moe(name: str, h: int, i: int, E: int, k: int, shared_i: int, repeat: int) -> None:
     g = torch.Generator().manual_seed(1)
     print(f"\n### MoE layer, {name}: hidden {h}, expert {i}, {E} experts top-{k}"
-          f"{f', shared MLP {shared_i} at 4 bits' if shared_i else ''}; ms, median [p10-p90] | ratio to dense bf16\n")
+          f"{f', shared MLP {shared_i} at 4 bits' if shared_i else ''}; against dense bf16 in the same run\n")
     gu = (torch.randn(E, 2 * i, h, generator=g) * 0.02).bfloat16()
     down = (torch.randn(E, h, i, generator=g) * 0.02).bfloat16()
     sh_d = None
@@ -156,7 +164,7 @@ def bench_moe(name: str, h: int, i: int, E: int, k: int, shared_i: int, repeat: 
         sh_d = tuple((torch.randn(*s, generator=g) * 0.02).bfloat16() for s in ((shared_i, h), (shared_i, h),
                                                                                (h, shared_i)))
     plans = {"uniform 2-bit": [2] * E, "PMQ-like 2.5-bit": [PMQ_25[e % 8] for e in range(E)]}
-    print("| tokens | pruned | variant | time | ratio |\n|---|---|---|---|---|")
+    print(f"| tokens | pruned | variant | {HEAD}\n|---|---|---|{RULE}")
     for T in (1, 128):
         rep = repeat if T == 1 else max(5, repeat // 4)
         for prune in (0.0, 0.15):
@@ -174,7 +182,7 @@ def bench_moe(name: str, h: int, i: int, E: int, k: int, shared_i: int, repeat: 
 
             base = stats(run_dense, rep)
             tag = f"{int(prune * 100)}%"
-            print(f"| {T} | {tag} | dense bf16 eager loop | {fmt(base, base[0])} |")
+            print(f"| {T} | {tag} | dense bf16 eager loop | {fmt(base, base)} |")
             for pname, widths in plans.items():
                 experts = [packed_expert(b, h, i, g, Kernel.SIMD) for b in widths]
                 shared = [_Shared(h, shared_i, g, Kernel.SIMD)] if shared_i else []
@@ -195,7 +203,7 @@ def bench_moe(name: str, h: int, i: int, E: int, k: int, shared_i: int, repeat: 
                             y = y + s(x)
                     label = "packed, eager loop: SIMD dequantise once per expert + bf16 GEMM"
                 st = stats(run, rep)
-                print(f"| {T} | {tag} | {pname}: {label} | {fmt(st, base[0])} |")
+                print(f"| {T} | {tag} | {pname}: {label} | {fmt(st, base)} |")
                 del experts, shared
 
 
