@@ -149,3 +149,19 @@ def test_loader_refuses_a_stale_build_and_logs_a_missing_one(native_lib, tmp_pat
     assert "built from other sources" in caplog.text
     native._TRIED = False  # back to the library of the fixture
     native._LIB = native_lib
+
+
+def test_without_the_library_the_torch_path_runs_and_says_so_once(native_lib, tmp_path, monkeypatch, caplog):
+    from mcmoe_vl.moe.fused import FusedMoE
+
+    monkeypatch.setenv("MCMOE_VL_NATIVE_DIR", str(tmp_path))  # nothing built there
+    monkeypatch.setattr(native, "_TRIED", False)
+    monkeypatch.setattr(native, "_LIB", None)
+    with caplog.at_level(logging.INFO, logger="mcmoe_vl.quant.native"):
+        assert not kernels.available() and not kernels.available()
+    assert caplog.text.count("not built") == 1
+    p = _packed(2, 24, 256, 128)
+    simd = QuantLinear(p, dtype=torch.float32, kernel=Kernel.SIMD)
+    x = torch.randn(1, 256)
+    assert torch.equal(simd(x), QuantLinear(p, dtype=torch.float32, kernel=Kernel.TORCH)(x))  # dequantised
+    assert FusedMoE.build([]) is None
