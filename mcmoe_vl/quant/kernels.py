@@ -109,6 +109,8 @@ def packed_matmul(x: torch.Tensor, p: PackedTensor, *, isa: Isa | str | None = N
     xf = x.reshape(-1, m.cols).to(torch.float32).contiguous()
     y = torch.empty(xf.shape[0], m.rows, dtype=torch.float32)
     code = resolve_isa(isa)
+    if xf.shape[0] == 0:
+        return (y.reshape(*lead, m.rows), Isa(lib_resolve(st, isa))) if return_isa else y.reshape(*lead, m.rows)
     used = lib.mq_gemm(ctypes.byref(st), xf.data_ptr(), xf.shape[0], y.data_ptr(), m.rows, code,
                        torch.get_num_threads())
     if used == -1:

@@ -186,13 +186,16 @@ class QuantExperts(nn.Module):
 
     def fused(self):
         """The layer's experts as one native call (:class:`mcmoe_vl.moe.fused.FusedMoE`) when every packed linear
-        uses ``Kernel.SIMD`` and the experts are packed SiLU experts; else None (the eager loop below)."""
-        if not all(lin.kernel is Kernel.SIMD for e in self.experts for lin in getattr(e, "linears", dict)().values()):
-            return None
+        uses ``Kernel.SIMD`` and the experts are packed SiLU experts; else None (the eager loop below).
+
+        Decided once and cached: :func:`set_kernel` and :func:`set_runtime` reset it (assigning ``kernel`` on a
+        single linear by hand does not)."""
         if self._fused is None:
             from mcmoe_vl.moe.fused import FusedMoE
 
-            self._fused = FusedMoE.build(list(self.experts)) or False
+            simd = all(lin.kernel is Kernel.SIMD for e in self.experts
+                       for lin in getattr(e, "linears", dict)().values())
+            self._fused = (simd and FusedMoE.build(list(self.experts))) or False
         return self._fused or None
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
@@ -249,6 +252,8 @@ def set_kernel(model: nn.Module, kernel: Kernel) -> int:
         if isinstance(m, QuantLinear):
             m.kernel = Kernel(kernel)
             n += 1
+        elif isinstance(m, QuantExperts):
+            m._fused = None
     return n
 
 

@@ -51,6 +51,12 @@ def test_every_path_matches_the_float64_product(native_lib, bits, shape, perm):
             assert used == isa if isa == Isa.SCALAR or gs % block == 0 else used < isa
 
 
+def test_no_tokens(native_lib):
+    p = _packed(2, 8, 256, 128)
+    assert kernels.packed_matmul(torch.randn(0, 256), p).shape == (0, 8)
+    assert QuantLinear(p, dtype=torch.float32, kernel=Kernel.SIMD)(torch.randn(2, 0, 256)).shape == (2, 0, 8)
+
+
 def test_threads_do_not_change_the_result(native_lib):
     p = _packed(2, 300, 512, 128)
     x = torch.randn(5, 512)
