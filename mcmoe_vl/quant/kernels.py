@@ -1,13 +1,14 @@
 """Native CPU kernels for packed weights (C sources in ``csrc/``, built by ``python -m mcmoe_vl.quant.native build``).
 
-- :func:`packed_matmul`: ``y = x W^T`` for any number of tokens straight from the packed codes (decode and small
-  batches, 1-32 tokens, are what it is for). Per (row, group) ``s * sum_k q_k x_k - s z sum_k x_k`` in float32;
+- :func:`packed_matmul`: ``y = x W^T`` for any number of tokens straight from the packed codes (up to 8 tokens
+  share each decoded block; it beats a dense bf16 GEMM only for decode-sized batches, see ``DECODE_MAX_TOKENS``). Per (row, group) ``s * sum_k q_k x_k - s z sum_k x_k`` in float32;
   the codes are decoded into SIMD lanes (AVX-512 or AVX2, chosen at run time, or a portable scalar loop) and
   multiplied with the token, which is arranged once per call into the lanes' column order. It reads 1-4 bits per
   weight and agrees with the dequantise-then-matmul product to float32 round-off (not bitwise: summation order).
 - :func:`cpu_matmul`: what ``Kernel.SIMD`` runs on the CPU: :func:`packed_matmul` up to ``DECODE_MAX_TOKENS``
   tokens, else (prefill) :func:`prefill_matmul`: the weight dequantised once, by the SIMD path, into a reused
-  buffer in the path's column order (the token is arranged to match), then one dense ``F.linear``.
+  buffer in the path's column order (the token is arranged to match), block of rows by block, each block one
+  dense ``F.linear`` while it is in cache.
 - :func:`dequantize_native`: the packed weight to float32, element for element the values of
   :meth:`PackedTensor.dequantize` (``scale * (q - zero)`` in float32).
 - :func:`lut_matmul`: the earlier scalar table-lookup product (256-entry tables of partial sums per byte).
