@@ -7,6 +7,7 @@
 int mq_cpu_isa(void) {
 #if defined(__x86_64__) || defined(__i386__)
     __builtin_cpu_init();
+    if (!__builtin_cpu_supports("f16c")) return MQ_SCALAR; /* both SIMD objects convert scales with F16C */
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")) return MQ_AVX512;
     if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return MQ_AVX2;
 #endif
