@@ -4,8 +4,8 @@
     taskset -c 0,1 .venv/bin/python benchmarks/bench_kernels.py [--threads 2] [--repeat 41] [--quick]
 
 1. ``y = x W^T`` for W of 14336 x 4096 (Mixtral's expert): dense bf16 ``F.linear``, torch's int4 CPU kernel
-   (``_weight_int4pack_mm_for_cpu``, group 128), and the native SIMD kernels at 1-4 bits on each path the CPU has,
-   for 1, 8 and 32 tokens; at 128 tokens the packed runtime's dequantising path (``Kernel.AUTO``).
+   (``_weight_int4pack_mm_for_cpu``, group 128), and the native SIMD kernels at 1-4 bits on each path the CPU has
+   (AVX512-BF16 with bf16 tokens; AVX-512 and AVX2 with float32 tokens), for 1, 8 and 32 tokens; at 128 tokens the packed runtime's dequantising path (``Kernel.AUTO``).
 2. One MoE layer (routing excluded, the same random routings for every variant): Mixtral-8x7B dims (hidden 4096,
    expert 14336, 8 experts top-2) and DeepSeek-VL2-tiny dims (hidden 1280, expert 896, 64 routed top-6, shared
    experts as one 1792-wide MLP at 4 bits). Dense bf16 runs transformers' eager expert loop; packed runs the fused
@@ -82,6 +82,7 @@ def bench_matrix(r: int, c: int, repeat: int) -> None:
     w4 = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q4, 2)
     sz = torch.randn(c // 128, r, 2, generator=g).bfloat16()
     paths = [i for i in native.Isa if i <= native.cpu_isa() and i != native.Isa.SCALAR]
+    bf16 = bool(native.load().mq_cpu_bf16())
     print(f"\n### One matrix {r} x {c}, against dense bf16 in the same run\n")
     print(f"| tokens | kernel | bits | {HEAD}\n|---|---|---|{RULE}")
     for t in (1, 8, 32):
@@ -93,9 +94,12 @@ def bench_matrix(r: int, c: int, repeat: int) -> None:
         print(f"| {t} | torch int4 (_weight_int4pack_mm_for_cpu) | 4 | {fmt(i4, base)} |")
         for bits in (1, 2, 3, 4):
             p = random_packed(bits, r, c, g)
-            for isa in paths:
+            if bf16:  # bf16 tokens, as a bf16 model passes them: the AVX512-BF16 path
+                st = stats(lambda: kernels.packed_matmul(xb, p, isa="avx512_bf16"), repeat)
+                print(f"| {t} | native avx512_bf16 (bf16 tokens) | {bits} | {fmt(st, base)} |")
+            for isa in paths:  # float32 tokens
                 st = stats(lambda: kernels.packed_matmul(x, p, isa=isa), repeat)
-                print(f"| {t} | native {isa.name.lower()} | {bits} | {fmt(st, base)} |")
+                print(f"| {t} | native {isa.name.lower()} (float32 tokens) | {bits} | {fmt(st, base)} |")
     x = torch.randn(128, c, generator=g).bfloat16()
     base = stats(lambda: F.linear(x, dense), max(5, repeat // 4))
     print(f"| 128 | dense bf16 F.linear | 16 | {fmt(base, base)} |")

@@ -4,7 +4,9 @@ For the tokens of one step, :class:`FusedMoE` hands the kernels (``csrc/mq_moe.c
 pair at once; the C side sorts the pairs by expert, computes each active expert's ``[gate; up]`` rows, the SiLU
 product and the ``down`` rows at the expert's own width (one OpenMP loop over (expert, block of rows) per phase),
 adds the shared experts (passed as experts every token selects with weight 1) and applies the routing weights.
-No per-expert Python runs, and pruned pairs are never computed.
+No per-expert Python runs, and pruned pairs are never computed. With bfloat16 hidden states on a CPU with
+AVX512-BF16 the products run on bfloat16 tokens (exact products, float32 sums) and the intermediate
+``silu(gate) * up`` is rounded to bfloat16 before the down product, as a bfloat16 model computes it.
 
 It plugs in behind the common expert interface: :func:`install_fused` sets ``MoELayer.fused`` on every layer whose
 experts are all packed (:class:`~mcmoe_vl.quant.qlinear.QuantExpert`, or modules with ``gate_proj`` / ``up_proj``
@@ -31,6 +33,7 @@ from torch import nn
 
 from mcmoe_vl.quant import kernels
 from mcmoe_vl.quant.kernels import MqMat
+from mcmoe_vl.quant.native import Isa
 from mcmoe_vl.quant.qlinear import QuantExpert, QuantLinear, Runtime
 
 log = logging.getLogger(__name__)
@@ -143,12 +146,16 @@ class FusedMoE:
                 kp = torch.cat([kp, torch.ones(T, self.num_shared, dtype=torch.uint8)], dim=1)
         idx, w = idx.contiguous(), w.contiguous()
         kp = None if kp is None else kp.contiguous()
+        code = kernels.resolve_isa(isa)
+        if x.dtype == torch.bfloat16 and code == -1:
+            code = int(Isa.AVX512_BF16)  # bf16 tokens: AVX512-BF16 where the CPU has it, else the float32 paths
+        elif code == Isa.AVX512_BF16 and x.dtype != torch.bfloat16:
+            raise ValueError(f"the avx512_bf16 path takes bfloat16 tokens, got {x.dtype}")
         xf = x.to(torch.float32).contiguous()
         out = torch.zeros(T, self.hidden, dtype=torch.float32)
         lib = native_lib()
         rc = lib.mq_moe(self._arr, len(self._arr), xf.data_ptr(), T, idx.shape[1], idx.data_ptr(), w.data_ptr(),
-                        None if kp is None else kp.data_ptr(), out.data_ptr(), kernels.resolve_isa(isa),
-                        torch.get_num_threads())
+                        None if kp is None else kp.data_ptr(), out.data_ptr(), code, torch.get_num_threads())
         if rc < 0:
             raise RuntimeError({-1: "the requested SIMD path is not supported by this CPU", -2: "out of memory",
                                 -3: "an expert index is out of range"}.get(rc, f"error {rc}"))

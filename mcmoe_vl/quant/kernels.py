@@ -2,11 +2,12 @@
 
 - :func:`packed_matmul`: ``y = x W^T`` for any number of tokens straight from the packed codes (up to 8 tokens
   share each decoded block; it beats a dense bf16 GEMM only for decode-sized batches, see ``DECODE_MAX_TOKENS``). Per (row, group) ``s * sum_k q_k x_k - s z sum_k x_k`` in float32;
-  the codes are decoded into SIMD lanes (AVX-512 or AVX2, chosen at run time, or a portable scalar loop) and
-  multiplied with the token, which is arranged once per call into the lanes' column order. It reads 1-4 bits per
+  the codes are decoded into SIMD lanes (AVX-512 or AVX2, chosen at run time, or a portable scalar loop; bfloat16
+  tokens on AVX512-BF16: codes looked up as bfloat16 integers and multiplied by ``vdpbf16ps``) and multiplied with
+  the token, which is arranged once per call into the lanes' column order. It reads 1-4 bits per
   weight and agrees with the dequantise-then-matmul product to float32 round-off (not bitwise: summation order).
 - :func:`cpu_matmul`: what ``Kernel.SIMD`` runs on the CPU: :func:`packed_matmul` up to ``DECODE_MAX_TOKENS``
-  tokens, else (prefill) :func:`prefill_matmul`: the weight dequantised once, by the SIMD path, into a reused
+  tokens (``DECODE_MAX_TOKENS_BF16`` for bfloat16 tokens on AVX512-BF16), else (prefill) :func:`prefill_matmul`: the weight dequantised once, by the SIMD path, into a reused
   buffer in the path's column order (the token is arranged to match), block of rows by block, each block one
   dense ``F.linear`` while it is in cache.
 - :func:`dequantize_native`: the packed weight to float32, element for element the values of
@@ -107,9 +108,27 @@ def packed_matmul(x: torch.Tensor, p: PackedTensor, *, isa: Isa | str | None = N
     if x.shape[-1] != m.cols:
         raise ValueError(f"input has {x.shape[-1]} features, the packed weight {m.cols} columns")
     lead = x.shape[:-1]
+    code = resolve_isa(isa)
+    if x.dtype == torch.bfloat16 and code in (-1, Isa.AVX512_BF16) and x.numel():
+        xb = x.reshape(-1, m.cols).contiguous()
+        y = torch.empty(xb.shape[0], m.rows, dtype=torch.float32)
+        rc = lib.mq_gemm_bf16(ctypes.byref(st), xb.data_ptr(), xb.shape[0], y.data_ptr(), m.rows,
+                              torch.get_num_threads())
+        if rc == 0:
+            del keep
+            y = y.reshape(*lead, m.rows)
+            return (y, Isa.AVX512_BF16) if return_isa else y
+        if rc == -2:
+            raise MemoryError("native packed product: out of memory")
+        if code == Isa.AVX512_BF16:
+            raise RuntimeError("the avx512_bf16 path needs a CPU with AVX512-BF16 and a group size divisible by its "
+                               f"block (64 columns at 4 bits, 128 otherwise); got {m.group_size}"
+                               if rc == -4 else "this CPU has no AVX512-BF16")
+        code = -1  # no AVX512-BF16, or a group size it does not take: the float32 paths
+    elif code == Isa.AVX512_BF16:
+        raise ValueError(f"the avx512_bf16 path takes bfloat16 tokens, got {x.dtype}")
     xf = x.reshape(-1, m.cols).to(torch.float32).contiguous()
     y = torch.empty(xf.shape[0], m.rows, dtype=torch.float32)
-    code = resolve_isa(isa)
     if xf.shape[0] == 0:
         return (y.reshape(*lead, m.rows), Isa(lib_resolve(st, isa))) if return_isa else y.reshape(*lead, m.rows)
     used = lib.mq_gemm(ctypes.byref(st), xf.data_ptr(), xf.shape[0], y.data_ptr(), m.rows, code,
@@ -125,9 +144,10 @@ def packed_matmul(x: torch.Tensor, p: PackedTensor, *, isa: Isa | str | None = N
 
 
 # Up to this many tokens the packed SIMD product beats dequantise + dense GEMM. Measured (benchmarks/
-# bench_kernels.py, 14336 x 4096, one thread, CPU time): 1 token 0.3-0.7x of bf16 F.linear, 2 tokens ~0.8x, 4 tokens
-# 1.5-2x (torch's bf16 GEMM uses AVX512-BF16 dot products here; the packed kernel does one float32 FMA per weight).
+# bench_kernels.py, 14336 x 4096, one thread, CPU time, against bf16 F.linear): float32 tokens 0.3x at 1 token,
+# 0.7x at 2, 1.3-2x at 4; bf16 tokens on AVX512-BF16 0.17-0.23x at 1, 0.5x at 2, 0.8-1.1x at 4, 1.4x at 8.
 DECODE_MAX_TOKENS = 2
+DECODE_MAX_TOKENS_BF16 = 4
 
 _SCRATCH: dict[torch.dtype, torch.Tensor] = {}
 
@@ -207,7 +227,8 @@ def lib_resolve(st: MqMat, isa: Isa | str | None = None) -> int:
 
 def cpu_matmul(x: torch.Tensor, p: PackedTensor) -> torch.Tensor:
     """``x W^T`` from packed storage: the SIMD product for decode-sized batches, dequantise + GEMM for prefill."""
-    if x.numel() // p.meta.cols <= DECODE_MAX_TOKENS:
+    limit = DECODE_MAX_TOKENS_BF16 if x.dtype == torch.bfloat16 and _lib().mq_cpu_bf16() else DECODE_MAX_TOKENS
+    if x.numel() // p.meta.cols <= limit:
         return packed_matmul(x, p)
     return prefill_matmul(x, p)
 

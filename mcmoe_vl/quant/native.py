@@ -46,16 +46,22 @@ SOURCES: dict[str, list[str]] = {
     "mq_gemm.c": [],
     "mq_moe.c": [],
     "mq_dequant_lut.c": [],
-    **({"mq_avx2.c": ["-mavx2", "-mfma", "-mf16c"], "mq_avx512.c": ["-mavx512f", "-mavx512bw", "-mf16c"]} if _X86 else {}),
+    **({"mq_avx2.c": ["-mavx2", "-mfma", "-mf16c"], "mq_avx512.c": ["-mavx512f", "-mavx512bw", "-mf16c"],
+        "mq_avx512bf16.c": ["-mavx512f", "-mavx512bw", "-mavx512bf16", "-mf16c"]} if _X86 else {}),
 }
 
 
 class Isa(int, enum.Enum):
-    """The SIMD path a kernel runs (``MCMOE_VL_ISA`` = scalar / avx2 / avx512 forces one for a process)."""
+    """The SIMD path a kernel runs (``MCMOE_VL_ISA`` = scalar / avx2 / avx512 / avx512_bf16 forces one for a process).
+
+    ``AVX512_BF16`` runs only for bfloat16 tokens (it needs them to be exact); it is the default for them on CPUs
+    with AVX512-BF16. Forcing another path for bfloat16 tokens converts them to float32 first.
+    """
 
     SCALAR = 0
     AVX2 = 1
     AVX512 = 2
+    AVX512_BF16 = 3
 
 
 def fingerprint() -> str:
@@ -151,6 +157,10 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.mq_gemm.argtypes = [p, p, i, p, i, i, i]
     lib.mq_moe.restype = i
     lib.mq_moe.argtypes = [p, i, p, i, i, p, p, p, p, i, i]
+    lib.mq_cpu_bf16.restype = i
+    lib.mq_cpu_bf16.argtypes = []
+    lib.mq_gemm_bf16.restype = i
+    lib.mq_gemm_bf16.argtypes = [p, p, i, p, i, i]
     lib.mq_dequant_arranged.restype = i
     lib.mq_dequant_arranged.argtypes = [p, p, i, i, i, i, i]
     lib.mq_arrange.argtypes = [p, i, p, i, p]

@@ -133,3 +133,28 @@ def test_quant_experts_module_runs_fused_with_the_simd_kernel(native_lib):
     experts = model.model.layers[0].mlp.experts
     assert isinstance(experts.fused(), FusedMoE)
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_fused_layer_with_bf16_tokens(native_lib):
+    """bf16 hidden states (AVX512-BF16 where available): equals the expert loop of bf16 modules to bf16 round-off."""
+    widths = [1, 2, 3, 4]
+    experts = [_expert(b, 10 * i) for i, b in enumerate(widths)]
+    shared = [_MLP(4, 100)]
+    for m in [*experts, *shared]:
+        for lin in m.modules():
+            if isinstance(lin, QuantLinear):
+                lin.dtype = torch.bfloat16
+    fused = FusedMoE.build(experts, shared, max_tokens=8)
+    g = torch.Generator().manual_seed(1)
+    T = 4
+    x = torch.randn(T, H, generator=g).bfloat16()
+    idx = torch.stack([torch.randperm(4, generator=g)[:2] for _ in range(T)])
+    w = torch.rand(T, 2, generator=g).bfloat16()
+    ref = torch.zeros(T, H, dtype=torch.float64)
+    for t in range(T):
+        for j in range(2):
+            ref[t] += w[t, j].double() * experts[idx[t, j]](x[t : t + 1])[0].double()  # bf16 modules, SIMD
+        ref[t] += shared[0](x[t : t + 1])[0].double()
+    out = fused(x, idx, w)
+    assert out.dtype == torch.bfloat16 and ref.abs().max() > 0.1
+    torch.testing.assert_close(out.double(), ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item())

@@ -171,3 +171,35 @@ def test_without_the_library_the_torch_path_runs_and_says_so_once(native_lib, tm
     x = torch.randn(1, 256)
     assert torch.equal(simd(x), QuantLinear(p, dtype=torch.float32, kernel=Kernel.TORCH)(x))  # dequantised
     assert FusedMoE.build([]) is None
+
+
+def _has_bf16(lib) -> bool:
+    return bool(lib.mq_cpu_bf16())
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4])
+@pytest.mark.parametrize("shape", SHAPES[:2], ids=lambda s: "x".join(map(str, s)))
+def test_bf16_tokens_match_the_float64_product(native_lib, bits, shape):
+    """bfloat16 tokens: AVX512-BF16 where the CPU has it (every product exact, float32 sums), else float32 paths."""
+    r, c, gs = shape
+    p = _packed(bits, r, c, gs, perm=True)
+    want = Isa.AVX512_BF16 if _has_bf16(native_lib) and gs % (64 if bits == 4 else 128) == 0 else None
+    for t in (1, 2, 3, 8, 17):
+        x = torch.randn(t, c).bfloat16()
+        y, used = kernels.packed_matmul(x, p, return_isa=True)
+        _check_close(y, x, p)  # x.double() is the bf16 token exactly
+        if want is not None:
+            assert used == want
+        else:
+            assert used != Isa.AVX512_BF16
+        forced = kernels.packed_matmul(x, p, isa="avx512")  # a float32 path on the same bf16 token
+        _check_close(forced, x, p)
+
+
+def test_bf16_path_refuses_float_tokens(native_lib):
+    p = _packed(2, 8, 256, 128)
+    with pytest.raises(ValueError, match="bfloat16 tokens"):
+        kernels.packed_matmul(torch.randn(1, 256), p, isa="avx512_bf16")
+    if not _has_bf16(native_lib):
+        with pytest.raises(RuntimeError, match="AVX512-BF16"):
+            kernels.packed_matmul(torch.randn(1, 256).bfloat16(), p, isa="avx512_bf16")

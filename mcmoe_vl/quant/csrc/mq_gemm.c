@@ -139,3 +139,73 @@ void mq_arrange(const mq_mat *m, int isa, const float *x, int T, float *out) {
         }
     }
 }
+
+/* -- bfloat16 tokens on AVX512-BF16 (mq_avx512bf16.c) ------------------------------------------------------------ */
+int mq_bf16_block(int bits);
+int mq_bf16_passes(int bits);
+int mq_bf16_column(int bits, int pass, int lane);
+void mq_rows_bf16(const mq_mat *m, const uint16_t *xp, const float *xs, int T, float *y, int ldy, int r0, int r1);
+
+int mq_cpu_bf16(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_cpu_init();
+    return mq_cpu_isa() == MQ_AVX512 && __builtin_cpu_supports("avx512bf16");
+#else
+    return 0;
+#endif
+}
+
+static float bf2f(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+/* one bfloat16 token x (C) -> xp (C) in the path's order (perm applied), xs (G) group sums; nat: C scratch */
+void mq_prepare_token_bf16(const mq_mat *m, const uint16_t *x, uint16_t *xp, uint16_t *nat, float *xs) {
+    const int B = mq_bf16_block(m->bits), NP = mq_bf16_passes(m->bits), C = m->C, G = mq_groups(m);
+    for (int k = 0; k < C; k++) nat[k] = m->perm ? x[m->perm[k]] : x[k];
+    memcpy(xp, nat, sizeof(uint16_t) * C);
+    for (int g = 0; g < G; g++) {
+        int k0 = g * m->gs, k1 = k0 + m->gs < C ? k0 + m->gs : C;
+        float sum = 0.0f;
+        for (int k = k0; k < k1; k++) sum += bf2f(nat[k]);
+        xs[g] = sum;
+        for (int k = k0; k + B <= k1; k += B)
+            for (int p = 0; p < NP; p++)
+                for (int l = 0; l < 32; l++) xp[k + 32 * p + l] = nat[k + mq_bf16_column(m->bits, p, l)];
+    }
+}
+
+/* y (T, ldy) = x (T, C) W^T for bfloat16 x. Returns 0, or -1 (no AVX512-BF16), -2 (out of memory), -4 (the block
+ * does not divide the group size: use mq_gemm). */
+int mq_gemm_bf16(const mq_mat *m, const uint16_t *x, int T, float *y, int ldy, int nthreads) {
+#if defined(__x86_64__) || defined(__i386__)
+    if (!mq_cpu_bf16()) return -1;
+    const int C = m->C, G = mq_groups(m);
+    if (m->gs % mq_bf16_block(m->bits)) return -4;
+    uint16_t *xp = (uint16_t *)malloc(sizeof(uint16_t) * ((size_t)T * C + 1));
+    uint16_t *nat = (uint16_t *)malloc(sizeof(uint16_t) * ((size_t)C + 1));
+    float *xs = (float *)malloc(sizeof(float) * ((size_t)T * G + 1));
+    if (!xp || !nat || !xs) {
+        free(xp); free(nat); free(xs);
+        return -2;
+    }
+    for (int t = 0; t < T; t++)
+        mq_prepare_token_bf16(m, x + (size_t)t * C, xp + (size_t)t * C, nat, xs + (size_t)t * G);
+    const double work = (double)m->R * C * T;
+    int nt = nthreads < 1 ? 1 : nthreads;
+    if (work < 65536.0 * nt) nt = work < 65536.0 ? 1 : (int)(work / 65536.0);
+    const int RB = 16, nblk = (m->R + RB - 1) / RB;
+#pragma omp parallel for schedule(dynamic, 8) num_threads(nt) if (nt > 1)
+    for (int b = 0; b < nblk; b++) {
+        int r0 = b * RB, r1 = r0 + RB < m->R ? r0 + RB : m->R;
+        mq_rows_bf16(m, xp, xs, T, y, ldy, r0, r1);
+    }
+    free(xp); free(nat); free(xs);
+    return 0;
+#else
+    return -1;
+#endif
+}

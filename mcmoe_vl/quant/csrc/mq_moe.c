@@ -21,11 +21,22 @@ typedef struct {
 typedef struct {
     const mq_mat *m;
     int isa, T, ldy;
-    float *xp, *xs, *y;
+    float *xp, *xs, *y; /* xp holds bfloat16 tokens (uint16) when isa == ISA_BF16 */
 } job;
 
+#define ISA_BF16 3
 int mq_resolve_isa(const mq_mat *m, int isa);
 void mq_prepare_token(const mq_mat *m, int isa, const float *x, float *xp, float *xs);
+int mq_cpu_bf16(void);
+int mq_bf16_block(int bits);
+void mq_prepare_token_bf16(const mq_mat *m, const uint16_t *x, uint16_t *xp, uint16_t *nat, float *xs);
+void mq_rows_bf16(const mq_mat *m, const uint16_t *xp, const float *xs, int T, float *y, int ldy, int r0, int r1);
+
+static uint16_t f2bf(float f) { /* round to nearest even, as torch rounds */
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
 
 static mq_rows_fn rows_of(int isa) {
 #if defined(__x86_64__) || defined(__i386__)
@@ -49,27 +60,40 @@ static void run_jobs(job *jobs, int nj, int nthreads) {
         while (start[j + 1] <= b) j++;
         const job *jb = &jobs[j];
         int r0 = (b - start[j]) * RB, r1 = r0 + RB < jb->m->R ? r0 + RB : jb->m->R;
-        rows_of(jb->isa)(jb->m, jb->xp, jb->xs, jb->T, jb->y, jb->ldy, r0, r1);
+        if (jb->isa == ISA_BF16)
+            mq_rows_bf16(jb->m, (const uint16_t *)jb->xp, jb->xs, jb->T, jb->y, jb->ldy, r0, r1);
+        else
+            rows_of(jb->isa)(jb->m, jb->xp, jb->xs, jb->T, jb->y, jb->ldy, r0, r1);
     }
     free(start);
 }
 
-/* arranged tokens for one job: x (T, C) rows gathered through tok (or contiguous when tok is NULL) */
+/* arranged tokens for one job: x (T, C) rows gathered through tok (or contiguous when tok is NULL). isa ISA_BF16:
+ * the tokens rounded to bfloat16 (exact when they came from bfloat16) and run on AVX512-BF16 where it can. */
 static int prepare(job *jb, const mq_mat *m, int isa, const float *x, int ldx, const int32_t *tok, int T, float *y,
                    int ldy) {
     jb->m = m;
-    jb->isa = mq_resolve_isa(m, isa);
+    const int bf16 = isa == ISA_BF16 && mq_cpu_bf16() && m->gs % mq_bf16_block(m->bits) == 0;
+    jb->isa = bf16 ? ISA_BF16 : mq_resolve_isa(m, isa == ISA_BF16 ? -1 : isa);
     jb->T = T;
     jb->y = y;
     jb->ldy = ldy;
-    const int G = mq_groups(m);
-    jb->xp = (float *)malloc(sizeof(float) * (size_t)T * m->C);
-    jb->xs = (float *)malloc(sizeof(float) * (size_t)T * G);
+    const int G = mq_groups(m), C = m->C;
+    jb->xp = (float *)malloc(sizeof(float) * ((size_t)T * C + 1)); /* bf16 tokens use half of it */
+    jb->xs = (float *)malloc(sizeof(float) * ((size_t)T * G + 1));
     if (jb->isa < 0 || !jb->xp || !jb->xs) return jb->isa < 0 ? -1 : -2;
+    uint16_t *row = bf16 ? (uint16_t *)malloc(sizeof(uint16_t) * 2 * ((size_t)C + 1)) : NULL;
+    if (bf16 && !row) return -2;
     for (int t = 0; t < T; t++) {
         const float *xt = x + (size_t)(tok ? tok[t] : t) * ldx;
-        mq_prepare_token(m, jb->isa, xt, jb->xp + (size_t)t * m->C, jb->xs + (size_t)t * G);
+        if (bf16) {
+            for (int k = 0; k < C; k++) row[k] = f2bf(xt[k]);
+            mq_prepare_token_bf16(m, row, (uint16_t *)jb->xp + (size_t)t * C, row + C + 1, jb->xs + (size_t)t * G);
+        } else {
+            mq_prepare_token(m, jb->isa, xt, jb->xp + (size_t)t * C, jb->xs + (size_t)t * G);
+        }
     }
+    free(row);
     return 0;
 }
 
