@@ -6,8 +6,9 @@ Build once, by a command (the project's setup script calls it)::
     python -m mcmoe_vl.quant.native info         # what is built, which SIMD paths this CPU runs
 
 The library is a plain shared object loaded with :mod:`ctypes`. Every SIMD path is its own object compiled with
-its own ISA flags (``-mavx2 -mfma``; ``-mavx512f -mavx512bw``), never ``-march=native``, so one build runs on any
-x86-64 CPU: the path is chosen at run time with ``__builtin_cpu_supports`` (``mq_cpu_isa``). OpenMP threads are
+its own ISA flags (``-mavx2 -mfma -mf16c``; ``-mavx512f -mavx512bw -mf16c``; the same plus ``-mavx512bf16``), never
+``-march=native``, so one build runs on any x86-64 CPU: the path is chosen at run time with
+``__builtin_cpu_supports`` (``mq_cpu_isa``, ``mq_cpu_bf16``). OpenMP threads are
 set per call from ``torch.get_num_threads()``; torch ships the same libgomp, so the two share one thread pool.
 
 Next to the library, ``build.json`` holds the SHA-256 of the sources and flags it was built from. :func:`load`
