@@ -50,6 +50,10 @@ SOURCES: dict[str, list[str]] = {
     **({"mq_avx2.c": ["-mavx2", "-mfma", "-mf16c"], "mq_avx512.c": ["-mavx512f", "-mavx512bw", "-mf16c"],
         "mq_avx512bf16.c": ["-mavx512f", "-mavx512bw", "-mavx512bf16", "-mf16c"]} if _X86 else {}),
 }
+# a source the compiler may not know how to build (an older gcc / clang) -> its stand-in
+OPTIONAL = {"mq_avx512bf16.c": "mq_nobf16.c"}
+if not _X86:
+    SOURCES["mq_nobf16.c"] = []
 
 
 class Isa(int, enum.Enum):
@@ -89,16 +93,26 @@ def build(out_dir: Path | str | None = None) -> Path:
         raise RuntimeError("no C compiler found (set CC, or install gcc/cc); the torch path will be used")
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
-        objs = []
+        objs, used = [], {}
         for src, flags in SOURCES.items():
             obj = Path(tmp) / (src + ".o")
-            _run([cc, *_BASE, *flags, "-c", str(CSRC / src), "-o", str(obj)])
+            try:
+                _run([cc, *_BASE, *flags, "-c", str(CSRC / src), "-o", str(obj)])
+            except RuntimeError as exc:
+                if src not in OPTIONAL:
+                    raise
+                log.warning("%s does not compile here (%s); building without that path", src,
+                            str(exc).splitlines()[-1][:200])
+                src, flags = OPTIONAL[src], []
+                obj = Path(tmp) / (src + ".o")
+                _run([cc, *_BASE, "-c", str(CSRC / src), "-o", str(obj)])
             objs.append(str(obj))
+            used[src] = flags
         lib = out_dir / LIB_NAME
         with atomic_path(lib) as tmp_lib:
             _run([cc, "-shared", "-fopenmp", *objs, "-o", str(tmp_lib), "-lm"])
     write_json_atomic(out_dir / "build.json", {"fingerprint": fingerprint(), "compiler": cc,
-                                               "sources": SOURCES, "flags": _BASE})
+                                               "sources": used, "flags": _BASE})
     return lib
 
 

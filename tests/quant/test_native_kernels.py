@@ -146,15 +146,15 @@ def test_registry_is_keyed_by_device_and_width(native_lib):
         register_packed_matmul("cpu", 2, PackedKernel("other", kernels.packed_matmul))
 
 
-def test_loader_refuses_a_stale_build_and_logs_a_missing_one(native_lib, tmp_path, caplog):
+def test_loader_refuses_a_stale_build_and_logs_a_missing_one(native_lib, tmp_path, caplog, monkeypatch):
+    monkeypatch.setattr(native, "_LIB", native._LIB)  # restored afterwards: `use` replaces the process's library
+    monkeypatch.setattr(native, "_TRIED", native._TRIED)
     assert native.use(tmp_path) is None  # nothing built there
     (tmp_path / native.LIB_NAME).write_bytes(b"")
     (tmp_path / "build.json").write_text('{"fingerprint": "old"}')
     with caplog.at_level(logging.WARNING, logger="mcmoe_vl.quant.native"):
         assert native._open(tmp_path) is None
     assert "built from other sources" in caplog.text
-    native._TRIED = False  # back to the library of the fixture
-    native._LIB = native_lib
 
 
 def test_without_the_library_the_torch_path_runs_and_says_so_once(native_lib, tmp_path, monkeypatch, caplog):
@@ -203,3 +203,20 @@ def test_bf16_path_refuses_float_tokens(native_lib):
     if not _has_bf16(native_lib):
         with pytest.raises(RuntimeError, match="AVX512-BF16"):
             kernels.packed_matmul(torch.randn(1, 256).bfloat16(), p, isa="avx512_bf16")
+
+
+@pytest.mark.slow
+def test_build_without_the_bf16_path_when_the_compiler_cannot(native_lib, tmp_path, monkeypatch):
+    """An older compiler that rejects -mavx512bf16 still builds every other path; bf16 tokens run float32 ones."""
+    monkeypatch.setitem(native.SOURCES, "mq_avx512bf16.c", ["-mno-such-isa-flag"])
+    if "mq_avx512bf16.c" not in native.OPTIONAL:
+        pytest.skip("not an x86 build")
+    native.build(tmp_path)
+    lib = native.load(tmp_path)
+    assert lib is not None and lib.mq_cpu_bf16() == 0
+    monkeypatch.setattr(native, "_LIB", lib)
+    p = _packed(2, 40, 256, 128)
+    x = torch.randn(3, 256).bfloat16()
+    y, used = kernels.packed_matmul(x, p, return_isa=True)
+    assert used != Isa.AVX512_BF16
+    _check_close(y, x, p)

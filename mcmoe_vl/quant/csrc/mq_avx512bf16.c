@@ -18,6 +18,8 @@
 
 #define NT_MAX 8
 
+const int mq_bf16_built = 1;
+
 /* static inline so that the row loop sees constants (an exported function is called through the PLT) */
 static inline int passes(int bits) { return bits == 4 ? 2 : 4; }
 static inline int block(int bits) { return bits == 4 ? 64 : 128; }

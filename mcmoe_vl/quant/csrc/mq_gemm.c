@@ -146,10 +146,12 @@ int mq_bf16_passes(int bits);
 int mq_bf16_column(int bits, int pass, int lane);
 void mq_rows_bf16(const mq_mat *m, const uint16_t *xp, const float *xs, int T, float *y, int ldy, int r0, int r1);
 
+extern const int mq_bf16_built; /* 0 when the compiler could not build mq_avx512bf16.c (mq_nobf16.c instead) */
+
 int mq_cpu_bf16(void) {
 #if defined(__x86_64__) || defined(__i386__)
     __builtin_cpu_init();
-    return mq_cpu_isa() == MQ_AVX512 && __builtin_cpu_supports("avx512bf16");
+    return mq_bf16_built && mq_cpu_isa() == MQ_AVX512 && __builtin_cpu_supports("avx512bf16");
 #else
     return 0;
 #endif
