@@ -29,9 +29,10 @@ def _greedy(model, ids, n):
 
 
 @pytest.mark.slow
-def test_mixtral_tiny_packed_simd_greedy_equals_fake(native_lib, tmp_path):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # bf16: the AVX512-BF16 path where available
+def test_mixtral_tiny_packed_simd_greedy_equals_fake(native_lib, tmp_path, dtype):
     torch.set_num_threads(1)
-    model, tok = load_embedded_mixtral()
+    model, tok = load_embedded_mixtral(dtype=dtype)
     calib = [{"input_ids": torch.tensor([tok(p * 4)["input_ids"][:64]])} for p in PROMPTS]
     plan = _plan(model)
     report = quantize_model(model, plan, calib, QuantizeConfig(progress=False, min_tokens=4))
@@ -47,6 +48,7 @@ def test_mixtral_tiny_packed_simd_greedy_equals_fake(native_lib, tmp_path):
             assert torch.equal(a, b), (tok.decode(a[0]), tok.decode(b[0]))
     fused = [m for m in packed.modules() if isinstance(m, QuantExperts)]
     assert fused and all(m.fused() is not None for m in fused)  # the decode ran through the fused layers
+    assert next(packed.parameters()).dtype == dtype
 
 
 @pytest.mark.slow
