@@ -80,7 +80,10 @@ def fingerprint() -> str:
 
 
 def _compiler() -> str | None:
-    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    cc = os.environ.get("CC")
+    if cc:
+        return shutil.which(cc)  # None when CC names no executable
+    return shutil.which("cc") or shutil.which("gcc")
 
 
 def build(out_dir: Path | str | None = None) -> Path:
@@ -90,7 +93,8 @@ def build(out_dir: Path | str | None = None) -> Path:
     """
     out_dir = Path(out_dir) if out_dir is not None else BUILD_DIR
     if (cc := _compiler()) is None:
-        raise RuntimeError("no C compiler found (set CC, or install gcc/cc); the torch path will be used")
+        raise RuntimeError(f"no C compiler found (CC={os.environ.get('CC', '')!r}, cc, gcc); install one or set CC. "
+                           "Without the kernels the torch path is used")
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
         objs, used = [], {}
@@ -117,7 +121,10 @@ def build(out_dir: Path | str | None = None) -> Path:
 
 
 def _run(cmd: list[str]) -> None:
-    res = subprocess.run(cmd, capture_output=True, text=True)
+    try:
+        res = subprocess.run(cmd, capture_output=True, text=True)
+    except OSError as exc:
+        raise RuntimeError(f"compiling the native kernels failed: {' '.join(cmd)}: {exc}") from exc
     if res.returncode != 0:
         raise RuntimeError(f"compiling the native kernels failed: {' '.join(cmd)}\n{res.stderr.strip()[:2000]}")
 

@@ -220,3 +220,10 @@ def test_build_without_the_bf16_path_when_the_compiler_cannot(native_lib, tmp_pa
     y, used = kernels.packed_matmul(x, p, return_isa=True)
     assert used != Isa.AVX512_BF16
     _check_close(y, x, p)
+
+
+def test_build_without_a_compiler_says_so(monkeypatch, tmp_path):
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    with pytest.raises(RuntimeError, match="no C compiler found"):
+        native.build(tmp_path / "out")
+    assert native.main(["build", "--out", str(tmp_path / "out")]) == 1
