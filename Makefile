@@ -8,7 +8,7 @@ LATEST := .venv-latest
 .PHONY: setup run test lock test-latest
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml requirements/lock.txt scripts/setup.sh scripts/lmms-eval-deps.txt
+$(STAMP): pyproject.toml requirements/lock.txt scripts/setup.sh scripts/lmms-eval-deps.txt $(wildcard mcmoe_vl/quant/csrc/*)
 	bash scripts/setup.sh
 	touch $(STAMP)
 

@@ -57,9 +57,7 @@ case "$mode" in
 esac
 
 # The native packed-weight kernels are built here, never on first use; without a C compiler the torch path runs.
-if "$VENV/bin/python" -c "import mcmoe_vl.quant.native" 2>/dev/null; then
-  "$VENV/bin/python" -m mcmoe_vl.quant.native build || echo "setup.sh: native kernels not built; the torch path runs" >&2
-fi
+"$VENV/bin/python" -m mcmoe_vl.quant.native build || echo "setup.sh: native kernels not built; the torch path runs" >&2
 
 # What pip check reports beyond the packages left out on purpose (scripts/lmms-eval-absent.txt) is an error.
 "$VENV/bin/python" scripts/pip_check.py
