@@ -91,3 +91,39 @@ def test_hf_data_works_in_the_cli(tmp_path, monkeypatch):
 def test_bad_hf_spec_is_a_clear_error(tmp_path, capsys):
     rc = main(["calibrate", str(EMBEDDED), "--data", "hf:", "-o", str(tmp_path / "s.json"), "--no-progress"])
     assert rc == 2 and "hf:<dataset>" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_eval_and_export_help_examples_run(tmp_path, monkeypatch, capsys):
+    """The eval and export help examples, run as written on real directories (runs/q: the embedded Mixtral at 2
+    bits; runs/vl2-q: the embedded DeepSeek-VL2 at 2 bits). The calibrate / allocate / quantize command lines run
+    end to end in tests/test_readme_ways_in.py."""
+    import torch
+
+    import mcmoe_vl
+    from mcmoe_vl.data.embedded import load_embedded_vlm
+    from mcmoe_vl.quant.checkpoint import save_quantized
+    from mcmoe_vl.quant.model import QuantizeConfig, quantize_model
+    from mcmoe_vl.quant.plan import QuantPlan
+    from model_adapters import get_adapter
+
+    monkeypatch.chdir(tmp_path)
+    ids = torch.randint(0, 256, (2, 64), generator=torch.Generator().manual_seed(0))
+    plan = QuantPlan(model_type="mixtral", experts={i: [2] * 8 for i in range(4)})
+    mcmoe_vl.compress(EMBEDDED, ids, plan=plan).save("runs/q")
+    vlm, _ = load_embedded_vlm(dtype=torch.bfloat16)
+    layers = {la.index: la.num_experts for la in get_adapter(vlm).moe_layers(vlm)}
+    vplan = QuantPlan(model_type="deepseek_vl_v2", experts={i: [2] * n for i, n in layers.items()})
+    report = quantize_model(vlm, vplan, [{"input_ids": ids[:1]}], QuantizeConfig(progress=False, min_tokens=1))
+    save_quantized(vlm, "runs/vl2-q", plan=vplan, report=report)
+    ran = 0
+    for name in ("eval", "export"):
+        doc = importlib.import_module(f"mcmoe_vl.cli.{name}").__doc__
+        for line in examples(doc):
+            assert main(shlex.split(line)[1:]) == 0, line
+            ran += 1
+    assert ran == 5
+    out = capsys.readouterr().out
+    assert out.count("mcmoe_docstring_cloze") >= 2 and "mcmoe_vqa_colour" in out  # the harnesses' result tables
+    assert (tmp_path / "runs/q-ct/config.json").is_file() and (tmp_path / "runs/q-gptq/model.safetensors").is_file()
+    assert list((tmp_path / "runs/q-eval").rglob("*results*.json"))
