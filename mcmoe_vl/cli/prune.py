@@ -1,10 +1,12 @@
 """``mcmoe-vl prune``: fit ODP thresholds or train OTP mask predictors; writes the pruning artifact.
 
-    mcmoe-vl prune MODEL_DIR --data calib.txt --method odp --output MODEL_DIR/pruning.json \\
+    mcmoe-vl prune MODEL_DIR --data calib.txt --method odp --output runs/q/pruning.json \\
         [--prune-rate 0.15 | --quantile 0.5 | --mu 0.3] [--protect 0.02] [--layers 1 2 3]
-    mcmoe-vl prune MODEL_DIR --data calib.txt --method otp --output MODEL_DIR/pruning.json --prune-rate 0.2
+    mcmoe-vl prune MODEL_DIR --data calib.txt --method otp --output runs/q/pruning.json --prune-rate 0.2
 
-Evaluation turns the artifact on with ``mcmoe_vl.pruning.apply_pruning(iface, load_pruning(path))``. Calls
+Written as pruning.json into a compressed directory (runs/q, from mcmoe-vl quantize), the settings are applied
+whenever that directory is loaded (from_pretrained, mcmoe-vl eval); the output may not lie inside MODEL_DIR itself.
+In Python, ``mcmoe_vl.pruning.apply_pruning(iface, load_pruning(path))`` turns an artifact on. Calls
 :func:`mcmoe_vl.pruning.workflow.prune_files`.
 """
 
