@@ -157,7 +157,8 @@ class QuantPlan(BaseModel):
             keep_16bit=list(plan.keep_16bit),
             group_size=int(group),
             metadata={"allocator": plan.allocator, "target": dict(plan.target), "achieved": dict(plan.achieved),
-                      "starved": {la.index: list(la.starved) for la in plan.layers if la.starved}},
+                      "starved": {la.index: list(la.starved) for la in plan.layers if la.starved},
+                      "refit_1bit": bool(getattr(plan, "refit_1bit", False))},
         )
 
 
