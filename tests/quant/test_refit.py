@@ -102,3 +102,25 @@ def test_refit_lowers_the_output_error_and_is_an_option():
     assert better < 0.97 * base  # Gaussian weights: a modest gain (trained experts gain far more, docs/pmq.md)
     assert not get_quantizer(1).refit  # the paper's binarisation stays the default
     assert get_quantizer(2, refit_1bit=True).bits == 2  # the option only concerns 1 bit
+
+
+def test_engine_follows_the_plans_refit_unless_told():
+    """A plan with refit_1bit quantizes its 1-bit experts with refit scales (same codes); the config overrides it."""
+    from tiny import batches, tiny_mixtral_q
+
+    from mcmoe_vl.quant.model import QuantizeConfig, quantize_model
+    from mcmoe_vl.quant.plan import QuantPlan
+
+    torch.set_num_threads(1)
+    experts = {0: [1, 2, 1, 3], 1: [1, 1, 2, 2]}
+
+    def one_bit_expert(plan_refit: bool, cfg_refit: bool | None):
+        model = tiny_mixtral_q()
+        plan = QuantPlan(experts=experts, metadata={"refit_1bit": plan_refit})
+        quantize_model(model, plan, batches(2), QuantizeConfig(progress=False, min_tokens=0, refit_1bit=cfg_refit))
+        return model.model.layers[0].mlp.experts.experts[0].gate_up.packed
+
+    paper, refit, forced_off = one_bit_expert(False, None), one_bit_expert(True, None), one_bit_expert(True, False)
+    assert torch.equal(paper.qdata, refit.qdata)  # storage unchanged: the same signs
+    assert not torch.equal(paper.scale, refit.scale)
+    assert torch.equal(paper.scale, forced_off.scale)
