@@ -98,8 +98,13 @@ def main() -> None:
     ap.add_argument("--select-fraction", type=float, default=0.1)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--from-json", nargs="+", default=None, help="only print the table of saved results")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if args.from_json:
+        runs = [json.loads(Path(f).read_text()) for f in args.from_json]
+        print(table([r for run in runs for r in run["rows"]], runs[0]["16-bit"]))
+        return
     torch.set_num_threads(args.threads)
     from transformers import AutoModelForCausalLM
 
@@ -162,7 +167,51 @@ def main() -> None:
                     save()
     out["summary"] = summarise(out["rows"])
     save()
-    print(json.dumps(out["summary"], indent=1))
+    print(table(out["rows"], out["16-bit"]))
+
+
+ROW_ORDER = ["pmq", "pmq+", "uniform", "pmq-refit", "hessian", "fnorm", "random0", "random1"]
+
+
+def table(rows: list[dict], base: dict) -> str:
+    """Markdown: held-out byte perplexity, mean +- sample std over calibration seeds (n seeds), per target."""
+    s = summarise(rows)
+    targets = sorted({r["target"] for r in rows})
+    names = [n for n in ROW_ORDER if any(r["row"] == n for r in rows)]
+    lines = [f"16-bit: {base['ppl']:.3f} ({base['tokens']} tokens, {base['documents']} documents)", "",
+             "| allocator | " + " | ".join(f"{t:g} bits" for t in targets) + " |",
+             "| --- | " + " | ".join("---:" for _ in targets) + " |"]
+    for n in names:
+        cells = []
+        for t in targets:
+            v = s.get(f"{t:g} {n}")
+            if v is None:
+                cells.append("n/a")
+            else:
+                sd = f" +- {v['std']:.3f}" if v["std"] is not None else ""
+                cells.append(f"{v['mean']:.3f}{sd} (n={v['n']})")
+        lines.append(f"| {n} | " + " | ".join(cells) + " |")
+    lines += ["", "Paired by calibration seed (pmq+ minus the other row; negative: pmq+ better):", "",
+              "| target | pmq+ - pmq | pmq+ - uniform |", "| --- | ---: | ---: |"]
+    for t in targets:
+        lines.append(f"| {t:g} | {_paired(rows, t, 'pmq')} | {_paired(rows, t, 'uniform')} |")
+    lines += ["", "| target | pmq+ chose | pmq time (s) | pmq+ time (s) | pmq+ allocation / one quantization pass |",
+              "| --- | --- | ---: | ---: | ---: |"]
+    for t in targets:
+        a, b = s.get(f"{t:g} pmq"), s.get(f"{t:g} pmq+")
+        if a and b:
+            lines.append(f"| {t:g} | {', '.join(b['chosen'] or [])} | {a['time_s']:.1f} | {b['time_s']:.1f} | "
+                         f"{b['allocation_s'] / a['quantize_s']:.1f}x |")
+    return "\n".join(lines)
+
+
+def _paired(rows: list[dict], target: float, other: str) -> str:
+    by = {(r["row"], r["seed"]): r["ppl"] for r in rows if r["target"] == target}
+    d = [by[("pmq+", s)] - by[(other, s)] for (n, s) in by if n == "pmq+" and (other, s) in by]
+    if not d:
+        return "n/a"
+    sd = f" +- {statistics.stdev(d):.3f}" if len(d) > 1 else ""
+    return f"{statistics.fmean(d):+.3f}{sd} (n={len(d)}, max {max(d):+.3f})"
 
 
 def summarise(rows: list[dict]) -> dict:

@@ -271,6 +271,27 @@ def check_held_apart(fit_batches: Sequence[Mapping[str, Any]], select_batches: S
     return fit_fp, sel_fp
 
 
+def _record(chosen: Candidate, candidates: list[Candidate], skipped: dict[str, str], plus: PlusConfig,
+            preview: Preview, n_tokens: int, fingerprints: tuple[str, str], eval_s: float) -> dict[str, Any]:
+    """What the plan file says about the selection (``BitPlan.selection``)."""
+    return {
+        "chosen": chosen.name,
+        "loss": "mean next-token cross-entropy (nats) on the selection split, experts previewed",
+        "preview": plus.preview, "refit_1bit": plus.refit_1bit, "min_tokens": plus.min_tokens,
+        "candidates": [{"name": c.name, "method": c.config.method, "scope": c.config.scope.value,
+                        "require_widths": list(c.config.required), "loss": c.loss, "same_as": c.same_as,
+                        "achieved": dict(c.plan.achieved),
+                        "layers": {str(la.index): la.nominal for la in c.plan.layers}}
+                       for c in candidates],
+        "skipped": skipped,
+        "selection_tokens": n_tokens,
+        "fit_fingerprint": fingerprints[0], "selection_fingerprint": fingerprints[1],
+        "starved": {str(k): v for k, v in preview.starved.items() if v},
+        "seconds": {"preview": round(preview.seconds, 3), "evaluation": round(eval_s, 3)},
+        "settings": plus.model_dump(mode="json"),
+    }
+
+
 def allocate_plus(model: nn.Module, stats: CalibrationStats, fit_batches: Sequence[Mapping[str, Any]],
                   select_batches: Sequence[Mapping[str, Any]], config: AllocationConfig,
                   plus: PlusConfig | None = None, *, adapter: Any = None) -> BitPlan:
@@ -295,22 +316,7 @@ def allocate_plus(model: nn.Module, stats: CalibrationStats, fit_batches: Sequen
     chosen = min(candidates, key=lambda c: c.loss)  # min keeps the first of equal losses: priority order
     log.info("pmq+: chose %s (loss %.5f) among %s", chosen.name, chosen.loss,
              {c.name: round(c.loss, 5) for c in candidates})
-    record = {
-        "chosen": chosen.name,
-        "loss": "mean next-token cross-entropy (nats) on the selection split, experts previewed",
-        "preview": plus.preview, "refit_1bit": plus.refit_1bit, "min_tokens": plus.min_tokens,
-        "candidates": [{"name": c.name, "method": c.config.method, "scope": c.config.scope.value,
-                        "require_widths": list(c.config.required), "loss": c.loss, "same_as": c.same_as,
-                        "achieved": dict(c.plan.achieved), "layers": {str(la.index): la.nominal
-                                                                      for la in c.plan.layers}}
-                       for c in candidates],
-        "skipped": skipped,
-        "selection_tokens": n_tokens,
-        "fit_fingerprint": fit_fp, "selection_fingerprint": sel_fp,
-        "starved": {str(k): v for k, v in preview.starved.items() if v},
-        "seconds": {"preview": round(preview.seconds, 3), "evaluation": round(eval_s, 3)},
-        "settings": plus.model_dump(mode="json"),
-    }
+    record = _record(chosen, candidates, skipped, plus, preview, n_tokens, (fit_fp, sel_fp), eval_s)
     return chosen.plan.model_copy(update={"allocator": "pmq+", "refit_1bit": plus.refit_1bit, "selection": record,
                                           "settings": {**chosen.plan.settings, "method": "pmq+",
                                                        "candidate_method": chosen.config.method}})
