@@ -134,6 +134,8 @@ def main() -> None:
         t0 = time.perf_counter()
         stats_gptq = calibrate(model, fit, CalibrationConfig(quantizer="gptq", refit_1bit=True), progress=False)
         t_cal_gptq = time.perf_counter() - t0
+        out.setdefault("eps", []).append({"seed": seed, "calibration_s": {"rtn": t_cal_rtn, "gptq": t_cal_gptq},
+                                          **eps_agreement(stats_rtn, stats_gptq)})
         for target in args.targets:
             for row in args.rows:
                 for rseed in ([0, 1] if row == "random" else [None]):
@@ -203,6 +205,28 @@ def table(rows: list[dict], base: dict) -> str:
             lines.append(f"| {t:g} | {', '.join(b['chosen'] or [])} | {a['time_s']:.1f} | {b['time_s']:.1f} | "
                          f"{b['allocation_s'] / a['quantize_s']:.1f}x |")
     return "\n".join(lines)
+
+
+def _ranks(v: list[float]) -> list[float]:
+    order = sorted(range(len(v)), key=v.__getitem__)
+    r = [0.0] * len(v)
+    for k, i in enumerate(order):
+        r[i] = float(k)
+    return r
+
+
+def eps_agreement(a, b) -> dict:
+    """Per width, over all experts of all layers: Spearman rank correlation of eps from RTN (a) and GPTQ (b), and
+    the median ratio eps_RTN / eps_GPTQ."""
+    out = {}
+    for w in a.layers[0].eps:
+        x = [v for la in a.layers for v in la.eps[w]]
+        y = [v for la in b.layers for v in la.eps[w]]
+        rx, ry = _ranks(x), _ranks(y)
+        spearman = statistics.correlation(rx, ry)
+        out[w] = {"spearman": spearman, "median_ratio": statistics.median(p / q for p, q in zip(x, y) if q > 0),
+                  "experts": len(x)}
+    return {"eps_rtn_vs_gptq": out}
 
 
 def _paired(rows: list[dict], target: float, other: str) -> str:
