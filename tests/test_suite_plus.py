@@ -29,3 +29,5 @@ def test_pmq_plus_and_global_recipes(tmp_path):
     assert len(stats) == 1 and stats[0]["config"]["quantizer"] == "gptq"
     glob = [p for p in plans if p["settings"].get("scope") == "global" and p["allocator"] == "pmq"]
     assert len(glob) == 1
+    md = summary.report.read_text()
+    assert "pmq+ chose the " in md and "one global budget over all layers" in md

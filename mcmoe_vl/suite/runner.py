@@ -478,6 +478,7 @@ class SuiteRunner:
                           "plan": {str(la["index"]): la["bits"] for la in plan["layers"]},
                           "plan_achieved": plan.get("achieved", {}),
                           "starved_experts": sum(len(v) for v in (acct.get("starved") or {}).values()),
+                          "chosen": (plan.get("selection") or {}).get("chosen"),
                           "accounting": acct}
             nominal = float(acct["nominal_bits"])
             expert_nominal = float(acct.get("expert_nominal_bits") or plan.get("achieved", {}).get("nominal", nominal))
