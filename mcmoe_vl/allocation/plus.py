@@ -160,16 +160,15 @@ class Preview:
 
 def preview_experts(model: nn.Module, fit_batches: Sequence[Mapping[str, Any]], widths: Mapping[int, set[int]],
                     plus: PlusConfig, *, group_size: int, adapter: Any = None) -> Preview:
-    """Quantize each expert of each MoE layer at ``widths[layer]`` with the engine's ``quantize_expert``.
+    """Quantize each expert of each MoE layer at ``widths[layer]`` with the engine's ``quantize_weight``.
 
     Hessians come from one layer-by-layer pass over ``fit_batches`` with the original weights (the engine's own
-    collector); experts with fewer than ``plus.min_tokens`` tokens, and all experts with ``preview="rtn"``, are
-    quantized by round-to-nearest. Modules are the engine's packed :class:`QuantExpert` (codes at the true width).
+    collector); each expert's inverse Hessians are factored once and shared by its widths. Experts with fewer than
+    ``plus.min_tokens`` tokens, and all experts with ``preview="rtn"``, are quantized by round-to-nearest. Modules
+    are the engine's packed :class:`QuantExpert` (codes at the true width).
     """
     from mcmoe_vl.moe.layerwise import iterate_layers
-    from mcmoe_vl.quant.model import QuantizeConfig, _ExpertCollector, quantize_expert
-    from mcmoe_vl.quant.packed import PackedTensor
-    from mcmoe_vl.quant.qlinear import QuantExpert, QuantLinear, Runtime, concat_rows
+    from mcmoe_vl.quant.model import QuantizeConfig, _ExpertCollector
 
     if adapter is None:
         from model_adapters import get_adapter
@@ -194,15 +193,32 @@ def preview_experts(model: nn.Module, fit_batches: Sequence[Mapping[str, Any]], 
         out.starved[step.index] = [e for e, n in enumerate(col.tokens) if n < max(plus.min_tokens, 1)]
         for e in range(layer.num_experts):
             gptq = plus.preview == "gptq" and e not in out.starved[step.index]
-            for bits in sorted(widths[step.index]):
-                res = quantize_expert(layer.storage.weights(e), bits, cfg, group_size=group_size,
-                                      h_in=col.h_in[e].hessian() if gptq else None,
-                                      h_down=col.h_down[e].hessian() if gptq else None)
-                packed = {k: PackedTensor.from_result(r) for k, r in res.items()}
-                mk = lambda p: QuantLinear(p, runtime=Runtime.PACKED, dtype=dtype)  # noqa: E731
-                out.modules[(step.index, e, bits)] = QuantExpert(
-                    mk(packed["down"]), layer.storage.act_fn, gate_up=mk(concat_rows(packed["gate"], packed["up"])))
+            hs = (col.h_in[e].hessian(), col.h_down[e].hessian()) if gptq else None
+            for bits, module in _preview_expert(layer, e, sorted(widths[step.index]), hs, cfg, group_size, dtype):
+                out.modules[(step.index, e, bits)] = module
     out.seconds = time.perf_counter() - t0
+    return out
+
+
+def _preview_expert(layer: Any, e: int, widths: list[int], hessians: tuple[torch.Tensor, torch.Tensor] | None,
+                    cfg: Any, group_size: int, dtype: torch.dtype) -> list[tuple[int, nn.Module]]:
+    """Expert ``e`` at each width as a packed QuantExpert (GPTQ with these Hessians, or RTN when None)."""
+    from mcmoe_vl.quant.gptq import prepare_inverse
+    from mcmoe_vl.quant.model import quantize_weight
+    from mcmoe_vl.quant.packed import PackedTensor
+    from mcmoe_vl.quant.qlinear import QuantExpert, QuantLinear, Runtime, concat_rows
+
+    w = layer.storage.weights(e)
+    inv_in = inv_down = None
+    if hessians is not None:
+        inv_in, inv_down = (prepare_inverse(h, damp=cfg.damp, act_order=cfg.act_order) for h in hessians)
+    out = []
+    for bits in widths:
+        packed = {k: PackedTensor.from_result(quantize_weight(m, bits, cfg, group_size=group_size, inv=inv))
+                  for k, m, inv in (("gate", w.gate, inv_in), ("up", w.up, inv_in), ("down", w.down, inv_down))}
+        mk = lambda p: QuantLinear(p, runtime=Runtime.PACKED, dtype=dtype)  # noqa: E731
+        out.append((bits, QuantExpert(mk(packed["down"]), layer.storage.act_fn,
+                                      gate_up=mk(concat_rows(packed["gate"], packed["up"])))))
     return out
 
 
