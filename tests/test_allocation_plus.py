@@ -166,3 +166,24 @@ def test_pmq_plus_needs_the_model():
     assert "pmq+" in ALLOCATORS.names()
     with pytest.raises(AllocationError, match="allocate_plus"):
         ALLOCATORS.get("pmq+")([], _config())
+
+
+def test_calibration_loss_counts_valid_text_tokens_only():
+    from types import SimpleNamespace
+
+    from mcmoe_vl.allocation.plus import calibration_loss
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 6, 10, generator=g, dtype=torch.float64)
+    ids = torch.randint(0, 10, (2, 6), generator=g)
+    mask = torch.ones(2, 6, dtype=torch.long)
+    mask[0, :2] = 0  # left padding
+    image = torch.zeros(2, 6, dtype=torch.bool)
+    image[1, 1:3] = True  # image positions are never targets
+    model = lambda **kw: SimpleNamespace(logits=logits)  # noqa: E731
+    for key in ("image_token_mask", "images_seq_mask"):
+        loss, n = calibration_loss(model, [{"input_ids": ids, "attention_mask": mask, key: image}])
+        want = [(b, t) for b in range(2) for t in range(5)
+                if mask[b, t] and mask[b, t + 1] and not image[b, t + 1]]
+        ref = sum(-torch.log_softmax(logits[b, t], -1)[ids[b, t + 1]] for b, t in want) / len(want)
+        assert n == len(want) == 6 and loss == pytest.approx(float(ref), rel=1e-6)

@@ -228,11 +228,13 @@ def calibration_loss(model: nn.Module, batches: Sequence[Mapping[str, Any]]) -> 
     """Mean next-token cross-entropy (nats) over the valid tokens of ``batches``, and the number of tokens.
 
     A position counts when it and the next token are valid (``attention_mask``) and the next token is not an image
-    token (``image_token_mask``, if given)."""
+    token (``image_token_mask``, or DeepSeek-VL2's own ``images_seq_mask``, as in calibration)."""
     total, n = 0.0, 0
     for b in batches:
         b = dict(b)
         image = b.pop("image_token_mask", None)
+        if image is None:
+            image = b.get("images_seq_mask")
         b.setdefault("use_cache", False)
         ids = torch.as_tensor(b["input_ids"])
         logits = model(**b).logits[:, :-1].float()  # (B, S-1, V)
