@@ -265,13 +265,21 @@ def plan_loss(model: nn.Module, plan: BitPlan, preview: Preview, batches: Sequen
 
 # -- 4. the whole allocator ------------------------------------------------------------------------------------------
 def _row_hashes(batches: Sequence[Mapping[str, Any]]) -> tuple[set[str], str]:
+    """Per sequence, a hash of everything the batch holds for it (token ids, images, masks); and one of all."""
     rows: set[str] = set()
     h = hashlib.sha256()
     for b in batches:
         ids = torch.as_tensor(b["input_ids"]).to(torch.int64)
         h.update(str(tuple(ids.shape)).encode())
         h.update(ids.numpy().tobytes())
-        rows.update(hashlib.sha256(r.numpy().tobytes()).hexdigest() for r in ids.reshape(ids.shape[0], -1))
+        per_row = [(k, v) for k, v in sorted(b.items())
+                   if isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == ids.shape[0]]
+        for i in range(ids.shape[0]):
+            r = hashlib.sha256()
+            for k, v in per_row:
+                r.update(k.encode())
+                r.update(v[i].detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())  # any dtype
+            rows.add(r.hexdigest())
     return rows, h.hexdigest()
 
 
