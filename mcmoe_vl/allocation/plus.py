@@ -278,7 +278,7 @@ def _row_hashes(batches: Sequence[Mapping[str, Any]]) -> tuple[set[str], str]:
             r = hashlib.sha256()
             for k, v in per_row:
                 r.update(k.encode())
-                r.update(v[i].detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())  # any dtype
+                r.update(v[i].detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())  # any dtype
             rows.add(r.hexdigest())
     return rows, h.hexdigest()
 
