@@ -229,8 +229,8 @@ def eps_agreement(a, b) -> dict:
     return {"eps_rtn_vs_gptq": out}
 
 
-def _paired(rows: list[dict], target: float, other: str) -> str:
-    by = {(r["row"], r["seed"]): r["ppl"] for r in rows if r["target"] == target}
+def _paired(rows: list[dict], target: float, other: str, key: str = "ppl") -> str:
+    by = {(r["row"], r["seed"]): r[key] for r in rows if r["target"] == target}
     d = [by[("pmq+", s)] - by[(other, s)] for (n, s) in by if n == "pmq+" and (other, s) in by]
     if not d:
         return "n/a"

@@ -187,3 +187,9 @@ def test_calibration_loss_counts_valid_text_tokens_only():
                 if mask[b, t] and mask[b, t + 1] and not image[b, t + 1]]
         ref = sum(-torch.log_softmax(logits[b, t], -1)[ids[b, t + 1]] for b, t in want) / len(want)
         assert n == len(want) == 6 and loss == pytest.approx(float(ref), rel=1e-6)
+    labels = torch.full_like(ids, -100)
+    labels[:, 4:] = ids[:, 4:]  # only the "answers" count
+    loss, n = calibration_loss(model, [{"input_ids": ids, "attention_mask": mask, "labels": labels}])
+    want = [(b, t) for b in range(2) for t in (3, 4)]
+    ref = sum(-torch.log_softmax(logits[b, t], -1)[ids[b, t + 1]] for b, t in want) / len(want)
+    assert n == 4 and loss == pytest.approx(float(ref), rel=1e-6)

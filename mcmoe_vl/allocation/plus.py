@@ -228,13 +228,16 @@ def calibration_loss(model: nn.Module, batches: Sequence[Mapping[str, Any]]) -> 
     """Mean next-token cross-entropy (nats) over the valid tokens of ``batches``, and the number of tokens.
 
     A position counts when it and the next token are valid (``attention_mask``) and the next token is not an image
-    token (``image_token_mask``, or DeepSeek-VL2's own ``images_seq_mask``, as in calibration)."""
+    token (``image_token_mask``, or DeepSeek-VL2's own ``images_seq_mask``, as in calibration). A batch with
+    ``labels`` (the Hugging Face convention, -100 = ignored) is scored on its labels, e.g. only the answers of
+    image questions."""
     total, n = 0.0, 0
     for b in batches:
         b = dict(b)
         image = b.pop("image_token_mask", None)
         if image is None:
             image = b.get("images_seq_mask")
+        labels = b.pop("labels", None)
         b.setdefault("use_cache", False)
         ids = torch.as_tensor(b["input_ids"])
         logits = model(**b).logits[:, :-1].float()  # (B, S-1, V)
@@ -242,7 +245,12 @@ def calibration_loss(model: nn.Module, batches: Sequence[Mapping[str, Any]]) -> 
         keep = valid[:, :-1] & valid[:, 1:]
         if image is not None:
             keep &= ~torch.as_tensor(image).bool()[:, 1:]
-        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")  # (B, S-1)
+        target = ids[:, 1:]
+        if labels is not None:
+            target = torch.as_tensor(labels)[:, 1:]
+            keep &= target != -100
+            target = target.clamp_min(0)
+        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, reduction="none")  # (B, S-1)
         total += float(nll[keep].double().sum())
         n += int(keep.sum())
     if n == 0:
