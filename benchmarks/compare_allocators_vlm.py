@@ -5,7 +5,7 @@
 
 Data: per calibration seed, ``--calib-seqs`` rendered image questions of the training split (``embedded:vqa``, every
 task in turn) build the statistics, plans and GPTQ Hessians; ``--select-seqs`` others (seed 50000 + seed) are pmq+'s
-selection split (its loss: next-token cross-entropy over the text positions). Evaluation: greedy exact match,
+selection split (its loss: next-token cross-entropy over the answer tokens). Evaluation: greedy exact match,
 teacher-forced (``mcmoe_vl.data.quality.vqa_exact_match``), on the first ``--eval-rows`` shipped held-out questions
 of each of the six image tasks (colour, shape, count, position, digit, reading); the mean over the tasks is reported
 (higher is better). Rows as in ``compare_allocators.py``.
@@ -39,6 +39,24 @@ from mcmoe_vl.suite.stages import vlm_batches, vlm_samples
 log = logging.getLogger("compare_allocators_vlm")
 
 
+def answer_batches(processor, samples: list, batch_size: int = 8) -> list[dict]:
+    """Selection batches whose ``labels`` are the answer tokens only (the model never learned to predict
+    questions: their loss is large and says nothing about the answers)."""
+    tag, out = processor.image_token, []
+    for i in range(0, len(samples), batch_size):
+        processed = []
+        for smp in samples[i : i + batch_size]:
+            text = smp.text if smp.text.count(tag) == len(smp.images) else tag * len(smp.images) + "\n" + smp.text
+            conv = [{"role": "user", "content": text}, {"role": "assistant", "content": smp.answer}]
+            full = processor.process_one(conv, list(smp.images), inference=False)
+            n_prompt = len(processor.process_one(conv[:1], list(smp.images)).input_ids)
+            full.target_ids = full.input_ids.clone()
+            full.target_ids[:n_prompt] = -100
+            processed.append(full)
+        out.append(processor.collate(processed))
+    return out
+
+
 def accuracy(model, processor, rows: dict[str, list]) -> dict[str, float]:
     acc = {t: vqa_exact_match(model, processor, r) for t, r in rows.items()}
     return {**acc, "mean": statistics.fmean(acc.values())}
@@ -63,8 +81,8 @@ def main() -> None:
     for seed in args.seeds:
         fit = vlm_batches(processor, vlm_samples("embedded:vqa", split="train", num=args.calib_seqs, seed=seed), 8,
                           "cpu")
-        sel = vlm_batches(processor, vlm_samples("embedded:vqa", split="train", num=args.select_seqs,
-                                                 seed=50_000 + seed), 8, "cpu")
+        sel = answer_batches(processor, vlm_samples("embedded:vqa", split="train", num=args.select_seqs,
+                                                    seed=50_000 + seed))
         stats = {"rtn": calibrate(model, fit, CalibrationConfig(), progress=False),
                  "gptq": calibrate(model, fit, CalibrationConfig(quantizer="gptq", refit_1bit=True), progress=False)}
         for target in args.targets:
