@@ -235,7 +235,7 @@ def _paired(rows: list[dict], target: float, other: str, key: str = "ppl") -> st
     if not d:
         return "n/a"
     sd = f" +- {statistics.stdev(d):.3f}" if len(d) > 1 else ""
-    return f"{statistics.fmean(d):+.3f}{sd} (n={len(d)}, max {max(d):+.3f})"
+    return f"{statistics.fmean(d):+.3f}{sd} (n={len(d)}, range {min(d):+.3f} to {max(d):+.3f})"
 
 
 def summarise(rows: list[dict]) -> dict:
