@@ -71,8 +71,13 @@ def main() -> None:
     ap.add_argument("--select-seqs", type=int, default=16)
     ap.add_argument("--eval-rows", type=int, default=100)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--from-json", nargs="+", default=None, help="only print the table of saved results")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if args.from_json:
+        runs = [json.loads(open(f, encoding="utf-8").read()) for f in args.from_json]
+        print(table({**runs[0], "rows": [r for run in runs for r in run["rows"]]}))
+        return
     torch.set_num_threads(1)
     model, processor = load_embedded_vlm()
     rows = {t: vqa_rows(t, args.eval_rows) for t in VQA_CHANCE}
