@@ -134,7 +134,8 @@ def table(out: dict) -> str:
     lines += ["", "Paired by seed (pmq+ minus the other row; positive: pmq+ better):", "",
               "| target | pmq+ - pmq | pmq+ - uniform |", "| --- | ---: | ---: |"]
     for t in targets:
-        lines.append(f"| {t:g} | {_paired(out['rows'], t, 'pmq', 'exact_match')} | {_paired(out['rows'], t, 'uniform', 'exact_match')} |")
+        pmq, uni = (_paired(out["rows"], t, other, "exact_match") for other in ("pmq", "uniform"))
+        lines.append(f"| {t:g} | {pmq} | {uni} |")
     return "\n".join(lines)
 
 

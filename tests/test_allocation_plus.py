@@ -31,8 +31,8 @@ G = 16  # group size for the tiny experts (hidden 32, intermediate 48)
 
 def _batches(seed: int, n: int = 3, b: int = 2, s: int = 24) -> list[dict]:
     g = torch.Generator().manual_seed(seed)
-    return [{"input_ids": torch.randint(0, 96, (b, s), generator=g), "attention_mask": torch.ones(b, s, dtype=torch.long)}
-            for _ in range(n)]
+    return [{"input_ids": torch.randint(0, 96, (b, s), generator=g),
+             "attention_mask": torch.ones(b, s, dtype=torch.long)} for _ in range(n)]
 
 
 @pytest.fixture(scope="module")

@@ -241,7 +241,8 @@ def calibration_loss(model: nn.Module, batches: Sequence[Mapping[str, Any]]) -> 
         b.setdefault("use_cache", False)
         ids = torch.as_tensor(b["input_ids"])
         logits = model(**b).logits[:, :-1].float()  # (B, S-1, V)
-        valid = torch.ones_like(ids, dtype=torch.bool) if b.get("attention_mask") is None else b["attention_mask"].bool()
+        mask = b.get("attention_mask")
+        valid = torch.ones_like(ids, dtype=torch.bool) if mask is None else torch.as_tensor(mask).bool()
         keep = valid[:, :-1] & valid[:, 1:]
         if image is not None:
             keep &= ~torch.as_tensor(image).bool()[:, 1:]
