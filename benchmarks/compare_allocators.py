@@ -18,7 +18,8 @@ Rows (each quantized with the engine, GPTQ group 128, other linear layers at 4 b
 - ``pmq+``: eps by GPTQ with the 1-bit refit, candidates chosen by loss on the selection split, refit 1-bit;
 - ``uniform``: every expert at the target width (targets that are a width only);
 - ``hessian``, ``fnorm``, ``random`` (seeds 0 and 1): the paper's program with those costs (RTN eps).
-- ``pmq-refit``: the paper's plan quantized with the 1-bit refit (separates the refit from the selection).
+- ``pmq-refit``: the paper's plan quantized with the 1-bit refit (separates the refit from the selection);
+  ``uniform-refit``: uniform with the refit (only differs at 1 bit).
 
 Times: calibration, allocation and quantization of pmq and pmq+ in the same run; pmq+'s extra time is reported
 as a multiple of one quantization pass. Results go to ``--json`` after every row (atomically).
@@ -149,11 +150,11 @@ def main() -> None:
                             rec["candidates"] = {c["name"]: c["loss"] for c in plan.selection["candidates"]}
                             rec["calibration_s"] = t_cal_gptq
                         else:
-                            method = {"pmq-refit": "pmq", "random": "random"}.get(row, row)
+                            method = {"pmq-refit": "pmq", "uniform-refit": "uniform"}.get(row, row)
                             cfg = AllocationConfig(method=method, target_bits=target, seed=rseed or 0,
-                                                   require_widths=() if row == "uniform" else None)
+                                                   require_widths=() if method == "uniform" else None)
                             plan = allocate(stats_rtn, cfg)
-                            if row == "pmq-refit":
+                            if row.endswith("-refit"):
                                 plan = plan.model_copy(update={"refit_1bit": True})
                             rec["calibration_s"] = t_cal_rtn
                     except AllocationError as exc:
@@ -172,7 +173,7 @@ def main() -> None:
     print(table(out["rows"], out["16-bit"]))
 
 
-ROW_ORDER = ["pmq", "pmq+", "uniform", "pmq-refit", "hessian", "fnorm", "random0", "random1"]
+ROW_ORDER = ["pmq", "pmq+", "uniform", "uniform-refit", "pmq-refit", "hessian", "fnorm", "random0", "random1"]
 
 
 def table(rows: list[dict], base: dict) -> str:
