@@ -1,11 +1,14 @@
-# Quickstart: `make run` (the main job on the embedded default) and `make test` (the test suite).
+# Quickstart: `make run` (the main job on the embedded default) and `make test` (the test suite), both in .venv/
+# installed from the lock (requirements/lock.txt). `make lock` regenerates the lock; `make test-latest` runs the
+# tests on the newest releases in a separate environment (.venv-latest; not part of CI).
 VENV := .venv
 STAMP := $(VENV)/.installed
+LATEST := .venv-latest
 
-.PHONY: setup run test
+.PHONY: setup run test lock test-latest
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml scripts/setup.sh $(wildcard scripts/lmms-eval-deps.txt)
+$(STAMP): pyproject.toml requirements/lock.txt scripts/setup.sh scripts/lmms-eval-deps.txt $(wildcard mcmoe_vl/quant/csrc/*)
 	bash scripts/setup.sh
 	touch $(STAMP)
 
@@ -16,3 +19,11 @@ run: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q
 
+# uv resolves; the version is pinned so that the same inputs give the same lock.
+lock: $(STAMP)
+	$(VENV)/bin/python -m pip install -q "uv==0.13.9"
+	UV=$(VENV)/bin/uv bash scripts/lock.sh
+
+test-latest:
+	VENV=$(LATEST) bash scripts/setup.sh --latest
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(LATEST)/bin/python -m pytest -q -p no:cacheprovider

@@ -8,6 +8,7 @@ under the final name.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import tempfile
@@ -79,6 +80,50 @@ def read_json(path: str | os.PathLike[str], *, what: str = "file") -> Any:
         return json.loads(p.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise ValueError(f"{what} {p} is not valid JSON ({exc}); it may be truncated: delete it and re-run") from exc
+
+
+def file_sha256(path: str | os.PathLike[str], *, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def checkpoint_fingerprint(path: str | os.PathLike[str], *, hash_limit: int = 64 << 20,
+                           exclude: tuple[str | os.PathLike[str], ...] = ()) -> dict[str, Any]:
+    """Identify a local checkpoint directory: config and small files by content (SHA-256), files larger than
+    ``hash_limit`` by size and mtime. ``exclude``: files to leave out (e.g. an output being written inside it)."""
+    path = Path(path)
+    skip = {Path(p).resolve() for p in exclude}
+    files = {}
+    for f in sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")):
+        if f.resolve() in skip:
+            continue
+        st = f.stat()
+        rel = f.relative_to(path).as_posix()
+        files[rel] = file_sha256(f) if st.st_size <= hash_limit else f"size={st.st_size},mtime={st.st_mtime_ns}"
+    return {"path": str(path), "files": files}
+
+
+def is_within(path: str | os.PathLike[str], directory: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is ``directory`` or lies inside it (symlinks resolved)."""
+    p, d = Path(path).resolve(), Path(directory).resolve()
+    return p == d or d in p.parents
+
+
+def check_output_outside(output: str | os.PathLike[str], inputs: Mapping[str, str | os.PathLike[str]], *,
+                         what: str = "output") -> None:
+    """Refuse an output that is an input file, an input directory or lies inside one (``inputs``: label -> path),
+    before any work: writing there would replace or alter what a later run reads (quantizing into the model's own
+    directory overwrites its weights; ``--output`` naming the data file overwrites the data). The error names both
+    paths."""
+    for label, d in inputs.items():
+        if Path(d).is_dir() and is_within(output, d):
+            raise ValueError(f"{what} {output} is inside the {label} {d} (an input of this run); choose an {what} "
+                             f"outside it")
+        if Path(d).is_file() and Path(output).resolve() == Path(d).resolve():
+            raise ValueError(f"{what} {output} is the {label} (an input of this run); choose another {what}")
 
 
 def _json_default(o: Any) -> Any:

@@ -193,3 +193,12 @@ def test_calibration_loss_counts_valid_text_tokens_only():
     want = [(b, t) for b in range(2) for t in (3, 4)]
     ref = sum(-torch.log_softmax(logits[b, t], -1)[ids[b, t + 1]] for b, t in want) / len(want)
     assert n == 4 and loss == pytest.approx(float(ref), rel=1e-6)
+
+
+def test_preflight_feasibility():
+    from mcmoe_vl.allocation.allocate import check_feasible
+
+    check_feasible({0: 8, 1: 8}, _config(1.25))  # the global programs without constraints reach it
+    check_feasible({0: 8, 1: 8}, _config(3.0))  # uniform reaches it
+    with pytest.raises(AllocationError, match="no candidate plan reaches target 0.5"):
+        check_feasible({0: 8, 1: 8}, _config(0.5))

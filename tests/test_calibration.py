@@ -13,6 +13,7 @@ from tiny_models import tiny_deepseek_v2, tiny_mixtral
 
 from mcmoe_vl.calibration import calibrate as cal_mod
 from mcmoe_vl.calibration.calibrate import CalibrationConfig, calibrate, load_stats
+from mcmoe_vl.calibration.stats import save_stats
 
 
 def make_batches(seed: int = 0, n: int = 3, B: int = 2, S: int = 16, pad: bool = True, image: bool = False):
@@ -142,7 +143,7 @@ def test_resume_skips_finished_layers_and_matches_a_fresh_run(mixtral_run, tmp_p
     partial = full.model_copy(deep=True)
     partial.layers = partial.layers[:1]
     path = tmp_path / "stats.json"
-    path.write_text(json.dumps(partial.model_dump(mode="json")))
+    save_stats(partial, path)
     computed = []
     real = cal_mod.layer_statistics
     monkeypatch.setattr(cal_mod, "layer_statistics",

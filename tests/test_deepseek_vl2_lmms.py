@@ -98,6 +98,21 @@ def test_loglikelihood_is_the_sum_of_continuation_log_probs(lm):
     assert out[0][0] != pytest.approx(lm.score(prompt.replace("<image>\n", ""), " red")[0], abs=1e-3)
 
 
+def test_shared_prompt_scoring_equals_one_forward_per_choice(lm):
+    """score_choices (prompt once, continuations batched from its cache) equals score (a full forward per choice),
+    with continuations of one and of several tokens mixed in one batch."""
+    prompt = lm._prompt(DOCS[0]["question"], 1)
+    conts = [" red", " green and blue", " b", " the colour is blue", "red"]
+    lengths = {len(lm.tokenizer.encode(c, add_special_tokens=False)) for c in conts}
+    assert 1 in lengths and max(lengths) >= 4, lengths  # the batch really mixes lengths
+    shared = lm.score_choices(prompt, conts, _visual(DOCS[0]))
+    for c, (s, g) in zip(conts, shared, strict=True):
+        ref, ref_greedy = lm.score(prompt, c, _visual(DOCS[0]))
+        assert s == pytest.approx(ref, abs=1e-4) and g == ref_greedy, c
+    with pytest.raises(ValueError, match="no tokens"):
+        lm.score_choices(prompt, [" red", ""], _visual(DOCS[0]))
+
+
 def test_generate_until_equals_greedy_generation_and_cuts_at_until(lm):
     _task_dict(lm)
     reqs = [_req("generate_until", (d["question"], {"max_new_tokens": 5, "until": ["\n\n"]}, _visual, i, "t", "test"))

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from mcmoe_vl.compat import cache_kwargs, output_cache
 from mcmoe_vl.moe import ExpertInterface
 from mcmoe_vl.pruning.importance import (
     AttentionColumnCapture,
@@ -249,7 +250,7 @@ def test_decoding_applies_the_ratio_rule_only():
         with ODPRule(iface, th) as rule:
             out = model(ids, use_cache=True)
             prefill_protected = rule.protected_tokens
-            model(ids[:, -1:], past_key_values=out.past_key_values, use_cache=True)
+            model(ids[:, -1:], **cache_kwargs(output_cache(out)), use_cache=True)
     assert prefill_protected == 4 * len(iface.layers)
     assert rule.protected_tokens == prefill_protected  # nothing protected in the decoding step
 

@@ -12,6 +12,8 @@ import tomli_w
 import torch
 
 from mcmoe_vl.evaluation.results import load_results
+from mcmoe_vl.report import stats
+from mcmoe_vl.report.items import row_items
 from mcmoe_vl.suite.load import load_suite
 from mcmoe_vl.suite.runner import run_suite
 
@@ -97,13 +99,25 @@ def test_end_to_end_report_numbers_equal_results(first_run) -> None:
         cells = [c.strip() for c in row.strip("|").split("|")]
         parity = res["results"]["t8_parity"][res["tasks"]["t8_parity"]["metric"]]
         words = res["results"]["t8_words"][res["tasks"]["t8_words"]["metric"]]
-        assert cells[1] == f"{100 * parity:.2f}"
-        # large perplexities are shown in scientific notation with 3 significant digits
-        assert float(cells[2]) == pytest.approx(words, rel=5e-3, abs=5e-3)
-        assert cells[3] == f"{statistics.fmean([100 * parity]):.2f}"
+        assert cells[1] == "1"  # seeds
+        assert cells[2].startswith(f"{100 * parity:.2f} ± ")
+        # large perplexities are shown in scientific notation with 3 significant digits, with their interval
+        assert float(cells[3].split(" [")[0]) == pytest.approx(words, rel=5e-3, abs=5e-3)
+        assert cells[4].startswith(f"{statistics.fmean([100 * parity]):.2f} ± ")
         c = res["compression"]
         assert c["total_params"] > 0 and c["speed"]["tokens"] > 0
         assert len(c["active_experts"]) == 2
+        # the per-item outputs beside the results file reproduce the harness's numbers
+        items = row_items([load_results(p)], [p])
+        assert items["t8_parity"].n == 6 and items["t8_words"].n == 3
+        assert stats.score("acc", items["t8_parity"].values) == pytest.approx(parity, abs=1e-12)
+        assert stats.score(res["tasks"]["t8_words"]["metric"], items["t8_words"].values) == pytest.approx(words,
+                                                                                                         rel=1e-9)
+        # memory measured, provenance recorded
+        assert c["memory"]["resident_bytes"] > 0 and c["memory"]["peak_bytes"] > c["memory"]["resident_bytes"]
+        prov = res["provenance"]
+        assert prov["command"] == "mcmoe-vl run suite.toml" and prov["seeds"] == [0] and prov["cpu"]
+        assert "lock" in prov
     # lm-eval's own schema is kept, plus the compression block
     base = load_results(next(p for p in summary.results if load_results(p).recipe == "16-bit"))
     assert base.compression.baseline and base.compression.nominal_bits == 16.0
@@ -120,8 +134,12 @@ def test_end_to_end_report_numbers_equal_results(first_run) -> None:
     assert q.quant["runtime"] == "fake" and q.quant["allocator"] == "pmq"
     assert q.speed.workload.endswith("packed runtime") and q.speed.reference_tokens_per_second > 0
     assert sorted(q.artifacts) == ["allocation_heatmap", "significance_heatmap"]
+    assert q.memory.runtime == "packed" and q.memory.resident_bytes < base.compression.memory.resident_bytes
     md = summary.report.read_text()
     assert "tiny-mixtral: allocation heatmap, PMQ 2.0" in md
+    assert "figures/tiny-mixtral-significance-heatmap.png" in md  # named after the model, not a recipe
+    assert "| PMQ 2.0 | 16-bit |" in md and "| ODP | 16-bit |" in md  # the paired comparisons
+    assert "## Provenance" in md and "mcmoe-vl run suite.toml" in md
 
 
 def test_rerun_reuses_every_stage_and_gives_identical_report(first_run) -> None:
@@ -165,3 +183,37 @@ def test_fake_quant_and_packed_runtimes_give_the_same_scores(first_run) -> None:
     for task in fake.tasks:
         assert packed.score(task) == fake.score(task), task
     assert packed.results["t8_words"]["word_perplexity,none"] == fake.results["t8_words"]["word_perplexity,none"]
+
+
+def test_incomplete_run_keeps_the_last_good_report(first_run, monkeypatch, capsys) -> None:
+    from mcmoe_vl.cli import main
+    from mcmoe_vl.suite.runner import SuiteRunner
+
+    root, summary = first_run
+    good = summary.report.read_bytes()
+    real = SuiteRunner.evaluate
+
+    def odp_breaks(self, ctx, recipe, keys):
+        if recipe.name == "ODP":
+            raise RuntimeError("the ODP recipe broke")
+        return real(self, ctx, recipe, keys)
+
+    monkeypatch.setattr(SuiteRunner, "evaluate", odp_breaks)
+    try:
+        rc = main(["run", str(root / "suite.toml"), "--no-progress"])
+        assert rc == 1
+        err = capsys.readouterr().err
+        assert f"{summary.report} was kept" in err and "--overwrite-report" in err
+        assert summary.report.read_bytes() == good  # the last good report is untouched
+        partial = root / "runs" / "report" / "report.md"
+        text = partial.read_text()
+        assert "FAILED" in text and "the ODP recipe broke" in text
+        # asked for explicitly: replaced, failures listed
+        assert main(["run", str(root / "suite.toml"), "--no-progress", "--overwrite-report"]) == 1
+        assert "the ODP recipe broke" in summary.report.read_text()
+    finally:
+        summary.report.write_bytes(good)
+    # a complete run writes to the suite's report directory as before
+    monkeypatch.setattr(SuiteRunner, "evaluate", real)
+    again = run_suite(load_suite(root / "suite.toml"), progress=False)
+    assert again.kept_report is None and again.report == summary.report

@@ -91,6 +91,9 @@ def test_toml_and_yaml_give_the_same_suite(workdir: Path, fmt: str) -> None:
         (lambda d: d["recipes"][1]["quant"].update(bits=2.5), "whole number of bits"),
         (lambda d: d["recipes"][2]["prune"].update(method="xdp"), "recipes.2.prune.method"),
         (lambda d: d["tasks"][0].update(models=["nope"]), "unknown models ['nope']"),
+        (lambda d: d["recipes"][0].update(seeds=[1, 1]), "recipe seeds must be a non-empty list without repeats"),
+        (lambda d: d.setdefault("report", {}).update(compare_to="PMQ 9"), "report.compare_to 'PMQ 9'"),
+        (lambda d: d.setdefault("report", {}).update(confidence=1.5), "report.confidence"),
     ],
 )
 def test_schema_errors_name_the_key(workdir: Path, mutate, needle: str) -> None:
@@ -163,3 +166,15 @@ def test_shipped_suites_parse() -> None:
     for f in files:
         s = load_suite(f).suite
         assert s.baseline_recipe is not None, f
+
+
+def test_recipe_seeds_override_the_suite_seeds(workdir: Path) -> None:
+    d = _suite_dict()
+    d["seeds"] = [0, 1, 2]
+    d["recipes"][0]["seeds"] = [0]
+    d["recipes"][1]["seeds"] = [0, 7]
+    s = load_suite(_write(workdir, d)).suite
+    assert s.seeds_for(s.recipes[0]) == [0] and s.seeds_for(s.recipes[1]) == [0, 7]
+    assert s.seeds_for(s.recipes[2]) == [0, 1, 2]
+    assert s.all_seeds == [0, 1, 2, 7]
+    assert s.report.confidence == 0.95 and s.report.compare_to is None

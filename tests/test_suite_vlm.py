@@ -15,6 +15,7 @@ from PIL import Image
 pytest.importorskip("lmms_eval", reason="lmms-eval is installed by scripts/setup.sh")
 
 from mcmoe_vl.evaluation.results import load_results  # noqa: E402
+from mcmoe_vl.report.items import row_items  # noqa: E402
 from mcmoe_vl.suite.load import load_suite  # noqa: E402
 from mcmoe_vl.suite.runner import run_suite  # noqa: E402
 
@@ -123,4 +124,10 @@ def test_vlm_suite_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     assert res["PMQ 2.0"].compression.nominal_bits < 16
     md = summary.report.read_text()
     row = next(ln for ln in md.splitlines() if ln.startswith("| PMQ 2.0 |"))
-    assert row.split("|")[2].strip() == f"{100 * res['PMQ 2.0'].score('s8_colour'):.2f}"
+    assert row.split("|")[3].strip().startswith(f"{100 * res['PMQ 2.0'].score('s8_colour'):.2f} ± ")
+    # lmms-eval's per-item outputs are kept and reproduce its score
+    for name, r in res.items():
+        path = next(p for p in summary.results if load_results(p).recipe == name)
+        items = row_items([r], [path])["s8_colour"]
+        assert items.n == r.n_samples["s8_colour"]["effective"] > 0
+        assert float(items.values.mean()) == pytest.approx(r.score("s8_colour"), abs=1e-12)

@@ -64,6 +64,9 @@ class BitPlan(BaseModel):
     shared_experts_bits: int = 4
     other_bits: int = 4
     keep_16bit: list[str] = Field(default_factory=lambda: ["embed_tokens", "lm_head", "norm", "vision"])
+    # what the statistics were measured on: {"model_fingerprint": ..., "data_fingerprint": ...} (quantizing another
+    # model's weights with this plan is refused, see mcmoe_vl.quant.workflow)
+    source: dict = Field(default_factory=dict)
     refit_1bit: bool = False
     selection: dict | None = None
 

@@ -113,6 +113,25 @@ class Candidate:
 
 
 # -- 1. candidates (no model, no quantization) --------------------------------------------------------------------
+def candidate_config(config: AllocationConfig, name: str) -> AllocationConfig:
+    """The allocation config of candidate ``name`` at ``config``'s budget."""
+    return AllocationConfig.model_validate({**config.model_dump(), **CANDIDATES[name]})
+
+
+def check_feasible_plus(layout: Mapping[int, int], config: AllocationConfig) -> None:
+    """Preflight: some default candidate reaches the target on this MoE layout (decoder layer -> experts)."""
+    from .allocate import check_feasible
+
+    reasons = []
+    for name in DEFAULT_CANDIDATES:
+        try:
+            return check_feasible(layout, candidate_config(config, name))
+        except AllocationError as exc:
+            reasons.append(f"{name}: {exc}")
+    raise AllocationError(f"pmq+: no candidate plan reaches target {config.target_bits:g} {config.budget.value} "
+                          f"bits ({'; '.join(reasons)})")
+
+
 def build_candidates(stats: CalibrationStats, config: AllocationConfig, plus: PlusConfig
                      ) -> tuple[list[Candidate], dict[str, str]]:
     """The candidate plans at ``config``'s budget, and the skipped default candidates with the reason."""
@@ -126,7 +145,7 @@ def build_candidates(stats: CalibrationStats, config: AllocationConfig, plus: Pl
         if plus.max_candidates is not None and len(out) >= plus.max_candidates:
             skipped[name] = f"over max_candidates = {plus.max_candidates}"
             continue
-        cfg = AllocationConfig.model_validate({**config.model_dump(), **CANDIDATES[name]})
+        cfg = candidate_config(config, name)
         try:
             plan = allocate(stats, cfg)
         except AllocationError as exc:
@@ -167,8 +186,8 @@ def preview_experts(model: nn.Module, fit_batches: Sequence[Mapping[str, Any]], 
     ``plus.min_tokens`` tokens, and all experts with ``preview="rtn"``, are quantized by round-to-nearest. Modules
     are the engine's packed :class:`QuantExpert` (codes at the true width).
     """
-    from mcmoe_vl.moe.layerwise import iterate_layers
-    from mcmoe_vl.quant.model import QuantizeConfig, _ExpertCollector
+    from mcmoe_vl.moe.layerwise import iterate_layers, with_valid_masks
+    from mcmoe_vl.quant.model import _VALID_KEY, QuantizeConfig, _collect, _ExpertCollector, _ValidTokens
 
     if adapter is None:
         from model_adapters import get_adapter
@@ -179,14 +198,16 @@ def preview_experts(model: nn.Module, fit_batches: Sequence[Mapping[str, Any]], 
     cfg = QuantizeConfig(damp=plus.damp, refit_1bit=plus.refit_1bit, min_tokens=plus.min_tokens, progress=False)
     dtype = next(model.parameters()).dtype
     out = Preview()
-    for step in iterate_layers(model, list(fit_batches), adapter=adapter, progress=False):
+    valid = _ValidTokens()  # the engine's padding handling: Hessians and token counts over real tokens only
+    prepared = with_valid_masks(fit_batches, _VALID_KEY)
+    for step in iterate_layers(model, prepared, adapter=adapter, extras_key=_VALID_KEY, progress=False):
         layer = moe.get(step.index)
         if layer is None:
             continue
-        col = _ExpertCollector(layer, torch.float32)
+        col = _ExpertCollector(layer, torch.float32, valid)
         hook = layer.block.register_forward_pre_hook(col, with_kwargs=True)
         try:
-            step.run()
+            _collect(step, valid)
         finally:
             hook.remove()
         out.tokens[step.index] = list(col.tokens)

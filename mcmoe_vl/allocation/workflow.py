@@ -10,6 +10,7 @@ from types import SimpleNamespace
 from pydantic import BaseModel, ConfigDict, Field
 
 from mcmoe_vl.calibration.stats import load_stats
+from mcmoe_vl.io import check_output_outside
 
 from .allocate import allocate
 from .config import AllocationConfig
@@ -25,6 +26,9 @@ def allocate_files(
     heatmap: str | os.PathLike[str] | None = None,
 ) -> BitPlan:
     """Read the statistics, allocate, write the plan JSON (atomically) and optionally its heatmap (Fig. 9)."""
+    for out in (output, heatmap):
+        if out is not None:
+            check_output_outside(out, {"statistics file": stats_path})
     stats = load_stats(stats_path)
     plan = allocate(stats, config)
     plan.save(output)

@@ -31,13 +31,13 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torch import nn
 
-from mcmoe_vl.io import write_json_atomic
+from mcmoe_vl.moe.checks import check_finite_weights, weights_fingerprint
 from mcmoe_vl.moe.interface import ExpertInterface, MoELayer, RoutingEvent
 from mcmoe_vl.moe.layerwise import LayerInput, iterate_layers
 
 from .eps import CapturedBatch, expert_errors, gptq_quantizer, rtn_quantizer
 from .significance import SignificanceAccumulator
-from .stats import FORMAT_VERSION, CalibrationStats, LayerStats, load_stats
+from .stats import FORMAT_VERSION, CalibrationStats, LayerStats, load_stats, save_stats
 
 log = logging.getLogger(__name__)
 
@@ -191,6 +191,11 @@ def layer_statistics(layer: MoELayer, rec: _Recorder, config: CalibrationConfig,
     return stats
 
 
+class ResumeError(ValueError):
+    """An existing statistics file that cannot be continued: unreadable, edited since it was written, or made
+    with other weights, data or settings. The message names the file and what differs."""
+
+
 def calibrate(
     model: nn.Module,
     batches: Iterable[Mapping[str, Any]],
@@ -199,17 +204,22 @@ def calibrate(
     output: str | os.PathLike[str] | None = None,
     resume: bool = True,
     model_name: str | None = None,
+    model_fingerprint: Any = None,
     progress: bool = True,
 ) -> CalibrationStats:
     """Run the calibration pass over ``model`` and return (and, with ``output``, save) the statistics.
 
-    With ``output`` and ``resume``, an existing file from the same model, data and config is continued: finished
-    layers are kept and skipped. A file from another model, data set or config is an error (delete it or pass
-    ``resume=False`` to start over).
+    With ``output`` and ``resume``, an existing file from the same model weights, data and config is continued:
+    finished layers are kept and skipped. Anything else is a :class:`ResumeError` (delete the file or pass
+    ``resume=False`` to start over): a file from other weights, data or config, an unreadable one, or one whose
+    checksum shows it was edited. ``model_fingerprint`` identifies the weights (the checkpoint's file hashes,
+    :func:`mcmoe_vl.io.checkpoint_fingerprint`); None hashes the weights in memory (when there is an ``output``).
+    NaN or infinite weights are refused before any work, naming the layer and expert.
     """
     config = config or CalibrationConfig()
     iface = ExpertInterface(model)
     moe: dict[int, MoELayer] = {la.index: la for la in iface.layers}
+    check_finite_weights(model, iface.layers)
     prepared, fingerprint = prepare_batches(batches)
     n_dec = len(iface.adapter.decoder_layers(model))
     fresh = CalibrationStats(
@@ -221,6 +231,9 @@ def calibrate(
         num_sequences=sum(int(torch.as_tensor(b["input_ids"]).shape[0]) if "input_ids" in b else 1
                           for b in prepared),
         data_fingerprint=fingerprint,
+        # without a file to resume from, the (costly for large models) hash of the weights in memory is not needed
+        model_fingerprint=model_fingerprint if model_fingerprint is not None or output is None
+        else weights_fingerprint(model),
         config=config.model_dump(mode="json"),
     )
     stats = fresh
@@ -250,21 +263,27 @@ def calibrate(
                     stats.layers.append(layer_statistics(layer, rec, config, progress=progress))
                 del rec
                 if output is not None:
-                    write_json_atomic(output, stats.model_dump(mode="json"))
+                    save_stats(stats, output)
     finally:
         model.train(was_training)
     return stats
 
 
 def _resume(path: Path, fresh: CalibrationStats) -> CalibrationStats:
-    old = load_stats(path)
-    for field_name in ("model_type", "num_decoder_layers", "moe_layer_indices", "data_fingerprint", "config"):
+    try:
+        old = load_stats(path, verify=True)
+    except ValueError as exc:  # unreadable, truncated, edited, or values out of range
+        raise ResumeError(f"cannot resume from {path}: {exc}; delete it or run without resume to start over") \
+            from None
+    for field_name in ("model_type", "num_decoder_layers", "moe_layer_indices", "model_fingerprint",
+                       "data_fingerprint", "config"):
         a, b = getattr(old, field_name), getattr(fresh, field_name)
         if a != b:
-            raise ValueError(
-                f"{path} was made with a different {field_name} ({a!r} vs now {b!r}); delete it or run without "
-                f"resume to start over"
-            )
+            if field_name == "model_fingerprint":
+                what = "no record of its weights (an older file)" if a is None else "different weights"
+            else:
+                what = f"a different {field_name} ({a!r} vs now {b!r})"
+            raise ResumeError(f"{path} was made with {what}; delete it or run without resume to start over")
     log.info("resuming calibration from %s: %d of %d MoE layers done", path, len(old.layers),
              len(old.moe_layer_indices))
     return old

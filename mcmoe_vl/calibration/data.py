@@ -45,6 +45,8 @@ def load_token_ids(path: str | os.PathLike[str]) -> torch.Tensor:
         if "input_ids" not in data:
             raise ValueError(f"{p}: no 'input_ids' tensor (has {sorted(data)})")
         ids = data["input_ids"]
+        if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+            raise ValueError(f"{p}: input_ids has dtype {ids.dtype}; valid: an integer dtype (int64, int32)")
     else:
         raw: Any = json.loads(p.read_text(encoding="utf-8"))
         if isinstance(raw, dict):
@@ -53,6 +55,7 @@ def load_token_ids(path: str | os.PathLike[str]) -> torch.Tensor:
             raise ValueError(f"{p}: expected a non-empty list of token-id lists (or {{'input_ids': ...}})")
         if isinstance(raw[0], int):
             raw = [raw]
+        _check_json_ids(raw, p)
         lens = {len(r) for r in raw}
         if len(lens) != 1:
             raise ValueError(f"{p}: sequences have different lengths {sorted(lens)}; pad or cut them to one length")
@@ -61,7 +64,33 @@ def load_token_ids(path: str | os.PathLike[str]) -> torch.Tensor:
         ids = ids[None]
     if ids.dim() != 2 or ids.numel() == 0:
         raise ValueError(f"{p}: input_ids must be (N, S), got shape {tuple(ids.shape)}")
-    return ids.to(torch.int64)
+    ids = ids.to(torch.int64)
+    check_token_ids(ids, None, where=str(p))
+    return ids
+
+
+def _check_json_ids(rows: list[Any], p: Path) -> None:
+    for r, row in enumerate(rows):
+        if not isinstance(row, list):
+            raise ValueError(f"{p}: sequence {r} is {type(row).__name__}, not a list of token ids")
+        for c, v in enumerate(row):
+            if not isinstance(v, int) or isinstance(v, bool):
+                raise ValueError(f"{p}: token id at sequence {r}, position {c} is {v!r}; valid: integers "
+                                 f"0 <= id < vocabulary size")
+
+
+def check_token_ids(ids: torch.Tensor, vocab_size: int | None, *, where: str) -> None:
+    """Token ids must be integers in ``[0, vocab_size)``; the error names the source, the id and its position."""
+    if ids.is_floating_point() or ids.dtype == torch.bool:
+        raise ValueError(f"{where}: token ids have dtype {ids.dtype}; valid: integers")
+    bad = ids < 0
+    if vocab_size is not None:
+        bad |= ids >= vocab_size
+    if bool(bad.any()):
+        pos = tuple(int(i) for i in bad.nonzero()[0])
+        valid = f"0 <= id < {vocab_size} (the model's vocabulary)" if vocab_size is not None else "ids >= 0"
+        raise ValueError(f"{where}: token id {int(ids[pos])} at (sequence, position) {pos} is out of range; "
+                         f"valid: {valid}")
 
 
 def batches_from_ids(ids: torch.Tensor, batch_size: int) -> list[dict[str, torch.Tensor]]:

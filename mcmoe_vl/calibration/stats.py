@@ -16,15 +16,25 @@ Per MoE layer, over the N calibration tokens (padding excluded), for each expert
 The same counts split by image and text tokens are kept for vision-language models. ``eps[j][i]`` is paper Eq. 3
 (METHOD.md section 2); ``hawq[j][i]`` the HAWQ-v2 sensitivity ``Tr(H)/d * ||W - Q_j(W)||^2`` summed over the
 expert's three matrices.
+
+Integrity: the file records the fingerprint of the model it was measured on (``model_fingerprint``: the checkpoint's
+file hashes, or a hash of the weights in memory) and of the data (``data_fingerprint``), and a ``checksum`` over
+everything else (:func:`save_stats`). A resumed calibration refuses a file whose checksum does not match (edited or
+corrupted) or that comes from other weights, data or settings. Every number is checked to be finite and
+non-negative when the file is read, naming the layer, the table and the expert.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import math
 import os
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from mcmoe_vl.io import read_json
+from mcmoe_vl.io import read_json, write_json_atomic
 
 FORMAT_VERSION = 1
 
@@ -115,7 +125,26 @@ class LayerStats(_Strict):
             for k, v in table.items():
                 if len(v) != n:
                     raise ValueError(f"layer {self.index}: {k}-bit entry must have {n} entries, has {len(v)}")
+        self._check_values()
         return self
+
+    def _check_values(self) -> None:
+        """Every count, weight, trace and error is a finite number >= 0 (a negative eps would silently turn the
+        program's minimisation around); the error names the layer, the table and the expert."""
+        named: list[tuple[str, list[float] | list[int]]] = [
+            ("hessian_trace_in", self.hessian_trace_in), ("hessian_trace_mid", self.hessian_trace_mid)]
+        for group, g in (("all", self.all), ("image", self.image), ("text", self.text)):
+            if g is not None:
+                named += [(f"{group}.{f}", getattr(g, f)) for f in ("counts", "weight_sum", "weight_sum_renorm",
+                                                                   "weight_sum_applied")]
+        for table_name, table in (("eps", self.eps), ("hawq", self.hawq), ("weight_error", self.weight_error)):
+            named += [(f"{table_name}[{k}-bit]", v) for k, v in sorted(table.items())]
+        for what, values in named:
+            for i, v in enumerate(values):
+                if not (math.isfinite(v) and v >= 0):
+                    raise ValueError(f"layer {self.index} ({self.path}): {what} of expert {i} is {v!r}; valid: a "
+                                     f"finite number >= 0 (the file is corrupted, hand-edited, or the model has "
+                                     f"non-finite weights)")
 
     def starved_experts(self, min_tokens: int) -> list[int]:
         """Experts that received fewer than ``min_tokens`` calibration tokens."""
@@ -135,6 +164,7 @@ class CalibrationStats(_Strict):
     moe_layer_indices: list[int]  # every MoE layer of the model, finished or not
     num_sequences: int = 0
     data_fingerprint: str | None = None  # sha256 of the calibration token ids (resume refuses other data)
+    model_fingerprint: Any = None  # checkpoint file hashes, or a hash of the weights (resume refuses other weights)
     config: dict = Field(default_factory=dict)  # the CalibrationConfig used
     layers: list[LayerStats] = Field(default_factory=list)  # finished layers, in layer order
 
@@ -153,9 +183,31 @@ class CalibrationStats(_Strict):
         return self.layers[0].all.num_tokens if self.layers else 0
 
 
-def load_stats(path: str | os.PathLike[str]) -> CalibrationStats:
-    """Read and validate a calibration statistics file."""
+def content_checksum(data: dict[str, Any]) -> str:
+    """SHA-256 of the file's content without its ``checksum`` key (canonical JSON: sorted keys)."""
+    body = {k: v for k, v in data.items() if k != "checksum"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode("utf-8")).hexdigest()
+
+
+def save_stats(stats: CalibrationStats, path: str | os.PathLike[str]) -> None:
+    """Write ``stats`` atomically with its content checksum."""
+    data = stats.model_dump(mode="json")
+    data["checksum"] = content_checksum(data)
+    write_json_atomic(path, data)
+
+
+class StatsIntegrityError(ValueError):
+    """A statistics file whose content does not match its checksum (edited or corrupted since it was written)."""
+
+
+def load_stats(path: str | os.PathLike[str], *, verify: bool = False) -> CalibrationStats:
+    """Read and validate a calibration statistics file; with ``verify``, also its checksum (a file without one,
+    or whose content changed since :func:`save_stats` wrote it, is a :class:`StatsIntegrityError`)."""
     data = read_json(path, what="calibration statistics")
     if not isinstance(data, dict) or data.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{path}: not a calibration statistics file of format version {FORMAT_VERSION}")
+    if verify and data.get("checksum") != content_checksum(data):
+        what = "has no checksum" if data.get("checksum") is None else "does not match its checksum"
+        raise StatsIntegrityError(f"{path} {what}: it was edited or corrupted after it was written")
+    data.pop("checksum", None)  # a property of the file, not of the statistics
     return CalibrationStats.model_validate(data)

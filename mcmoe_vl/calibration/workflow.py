@@ -22,10 +22,11 @@ from typing import Any
 import torch
 
 from mcmoe_vl.dtypes import parse_dtype
+from mcmoe_vl.io import check_output_outside, checkpoint_fingerprint
 from pydantic import BaseModel, ConfigDict, Field
 
 from .calibrate import CalibrationConfig, calibrate
-from .data import batches_from_ids, load_token_ids, token_windows
+from .data import batches_from_ids, check_token_ids, load_token_ids, token_windows
 from .stats import CalibrationStats
 
 log = logging.getLogger(__name__)
@@ -52,20 +53,90 @@ class CalibrationRun(BaseModel):
     progress: bool = True
 
 
-def load_model(path: str | os.PathLike[str], *, dtype: torch.dtype = torch.float32, device: str = "cpu"):
-    """Load a causal LM from a local directory (transformers; official DeepSeek-VL2 checkpoints via its port)."""
+def check_model_dir(path: str | os.PathLike[str]) -> str:
+    """A local model directory with a ``config.json`` whose ``model_type`` has an adapter; returns the model_type.
+
+    Checked before any tokenizer or weights are loaded, so a wrong path or an unsupported family gets this
+    project's message (the path, or the registered adapters), not one about the Hugging Face Hub.
+    """
     p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"model directory {p} does not exist (a local directory with config.json and "
+                                f"*.safetensors is expected)")
+    if not p.is_dir():
+        raise ValueError(f"model {p} is a file; give the model's directory (config.json, *.safetensors)")
     cfg_file = p / "config.json"
     if not cfg_file.is_file():
         raise FileNotFoundError(f"model directory {p} has no config.json")
-    model_type = json.loads(cfg_file.read_text(encoding="utf-8")).get("model_type")
+    try:
+        cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{cfg_file} is not valid JSON ({exc})") from None
+    model_type = cfg.get("model_type") if isinstance(cfg, dict) else None
+    from model_adapters import ADAPTERS
+
+    from mcmoe_vl.registry import RegistryError
+
+    try:
+        ADAPTERS.get(str(model_type))
+    except RegistryError as exc:
+        raise ValueError(f"{cfg_file}: model_type {model_type!r} has no adapter: {exc}") from None
+    return str(model_type)
+
+
+def load_model(path: str | os.PathLike[str], *, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+    """Load a causal LM from a local directory (transformers; official DeepSeek-VL2 checkpoints via its port)."""
+    p = Path(path)
+    model_type = check_model_dir(p)
     if model_type == "deepseek_vl_v2":
         from model_adapters.deepseek_vl2.loading import load_official
 
-        return load_official(p, dtype=dtype, device=device)
+        return _finite(load_official(p, dtype=dtype, device=device))
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(str(p), dtype=dtype).to(device).eval()
+    model, info = AutoModelForCausalLM.from_pretrained(str(p), dtype=dtype, output_loading_info=True)
+    problems = {k: sorted(info.get(k) or []) for k in ("missing_keys", "mismatched_keys")}
+    if any(problems.values()):
+        # transformers would leave these weights randomly initialised (e.g. a directory overwritten by a packed
+        # checkpoint): refuse instead of calibrating, quantizing or evaluating a partly random model
+        shown = "; ".join(f"{k.replace('_', ' ')}: {', '.join(map(str, v[:5]))}"
+                          + (f" (+{len(v) - 5} more)" if len(v) > 5 else "") for k, v in problems.items() if v)
+        raise ValueError(f"{p} does not hold every weight of its {model_type} architecture ({shown}); it is not an "
+                         "intact checkpoint (a quantized checkpoint loads with mcmoe_vl.quant.checkpoint."
+                         "load_quantized)")
+    return _finite(model.to(device).eval())
+
+
+def _finite(model: Any) -> Any:
+    """The model, once every weight is checked finite (NaN / inf named by layer and expert, or by tensor)."""
+    from model_adapters import get_adapter
+
+    from mcmoe_vl.moe.checks import check_finite_weights
+
+    check_finite_weights(model, get_adapter(model).moe_layers(model))
+    return model
+
+
+def moe_layout(path: str | os.PathLike[str]) -> dict[int, int]:
+    """Decoder layer index -> routed experts of every MoE layer of a model directory, read from its config alone
+    (the model is built on the meta device: no weights are read or allocated)."""
+    model_type = check_model_dir(path)
+    from model_adapters import get_adapter
+
+    if model_type == "deepseek_vl_v2":
+        from model_adapters.deepseek_vl2.configuration import DeepseekVL2Config
+        from model_adapters.deepseek_vl2.loading import read_official_config
+        from model_adapters.deepseek_vl2.modeling import DeepseekVL2ForCausalLM
+
+        cfg = DeepseekVL2Config.from_official(read_official_config(path))
+        with torch.device("meta"):
+            model = DeepseekVL2ForCausalLM(cfg)
+    else:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(path)))
+    return {la.index: la.num_experts for la in get_adapter(model).moe_layers(model)}
 
 
 EMBEDDED_SPLITS = ("train", "heldout", "ood")
@@ -93,6 +164,7 @@ def calibration_ids(run: CalibrationRun | Any) -> torch.Tensor:
     ``run`` is any run config with ``data``, ``model``, ``num_sequences``, ``seq_len`` and ``seed`` (the calibrate,
     quantize and prune workflows share these rules).
     """
+    check_model_dir(run.model)
     p = Path(run.data)
     if p.suffix in (".json", ".safetensors") and not run.data.startswith("embedded"):
         return load_token_ids(p)[: run.num_sequences]
@@ -108,18 +180,25 @@ def calibration_ids(run: CalibrationRun | Any) -> torch.Tensor:
     return token_windows(ids, run.seq_len, run.num_sequences, seed=run.seed)
 
 
+def model_vocab_size(model: Any) -> int | None:
+    """The language model's vocabulary size from its config (the text config of a VLM), if it has one."""
+    return getattr(getattr(model.config, "text_config", None) or model.config, "vocab_size", None)
+
+
 def calibrate_files(run: CalibrationRun) -> CalibrationStats:
     """Load the model and data, run :func:`calibrate` (resumable) and save the statistics (and heatmaps)."""
+    for out in (run.output, run.significance_plot):
+        if out:
+            check_output_outside(out, {"model directory": run.model, "calibration data": run.data})
     dtype = parse_dtype(run.dtype)
     ids = calibration_ids(run)  # before loading the model: bad data fails fast
+    fingerprint = checkpoint_fingerprint(run.model)["files"]  # the weights' identity, recorded in the statistics
     model = load_model(run.model, dtype=dtype, device=run.device)
-    vocab = getattr(getattr(model.config, "text_config", None) or model.config, "vocab_size", None)
-    if vocab is not None and int(ids.max()) >= vocab:
-        raise ValueError(f"token id {int(ids.max())} is outside the model's vocabulary of {vocab}")
+    check_token_ids(ids, model_vocab_size(model), where=run.data)
     batches = [{k: v.to(run.device) for k, v in b.items()} for b in batches_from_ids(ids, run.batch_size)]
     log.info("calibrating %s on %d sequences x %d tokens", run.model, ids.shape[0], ids.shape[1])
     stats = calibrate(model, batches, run.calibration, output=run.output, resume=run.resume,
-                      model_name=Path(run.model).name, progress=run.progress)
+                      model_name=Path(run.model).name, model_fingerprint=fingerprint, progress=run.progress)
     if run.significance_plot:
         from mcmoe_vl.plots import significance_heatmaps
 

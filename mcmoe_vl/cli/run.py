@@ -37,6 +37,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", action="append", default=None, help="only this model (repeatable)")
     p.add_argument("--recipe", action="append", default=None, help="only this recipe (repeatable)")
     p.add_argument("--check", action="store_true", help="validate the suite and stop")
+    p.add_argument("--overwrite-report", action="store_true",
+                   help="write the report into the report directory even when a recipe failed or was not run "
+                        "(default: an existing report there is kept, and this run's goes to <run dir>/report)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
 
@@ -49,18 +52,25 @@ def run(args: argparse.Namespace) -> int:
     loaded = load_suite(path)
     if args.check:
         preflight(loaded)
-        print(f"{path}: OK ({len(loaded.suite.models)} models, {len(loaded.suite.recipes)} recipes, "
-              f"{len(loaded.suite.tasks)} tasks, seeds {loaded.suite.seeds})")
+        st = loaded.suite
+        n_eval = sum(len(st.seeds_for(r)) for m in st.models for r in st.recipes_for(m))
+        print(f"{path}: OK ({len(st.models)} models, {len(st.recipes)} recipes, {len(st.tasks)} tasks, "
+              f"seeds {st.all_seeds}; {n_eval} (model, recipe, seed) evaluations)")
         return 0
     command = "mcmoe-vl run" + (f" {shlex.quote(args.suite)}" if args.suite else "")
     for flag, values in (("--run-dir", [args.run_dir]), ("--report-dir", [args.report_dir]),
                          ("--model", args.model or []), ("--recipe", args.recipe or [])):
         command += "".join(f" {flag} {shlex.quote(v)}" for v in values if v)
     summary = run_suite(loaded, run_dir=args.run_dir, report_dir=args.report_dir, progress=not args.no_progress,
-                        command=command, models=args.model, recipes=args.recipe)
+                        command=command, models=args.model, recipes=args.recipe,
+                        overwrite_report=args.overwrite_report)
     for note in summary.notes:
         print(f"note: {note}", file=sys.stderr)
     done = sum(summary.computed.values())
     print(f"{len(summary.results)} results in {summary.run_dir / 'results'} ({done} stages run, "
           f"{sum(summary.reused.values())} reused)" + (f"; report: {summary.report}" if summary.report else ""))
+    if summary.kept_report is not None:
+        print(f"the run is incomplete ({len(summary.failed)} failed, {len(summary.not_run)} not run), so "
+              f"{summary.kept_report} was kept; this run's report is {summary.report} "
+              "(--overwrite-report replaces it)", file=sys.stderr)
     return 1 if summary.failed else 0

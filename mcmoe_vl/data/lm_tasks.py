@@ -10,7 +10,8 @@ Files (JSON lines, one document per line), all from the *held-out* modules of :f
   the same length class drawn from other held-out documents.
 * ``ending.jsonl``: a passage prefix stopping inside a word; its true continuation (about ``segment_bytes``, cut at
   a space) against three continuations cut inside words of other documents (no delimiter).
-* ``word_order.jsonl``: a passage prefix; the true next sentence against three copies with two words swapped.
+* ``word_order.jsonl``: a paragraph prefix; the true next sentence (4 to 20 words) against three copies with two
+  words swapped; every held-out paragraph with two sentences or more is a source (400 items).
 
 Everything is drawn with ``random.Random(seed)`` in document order, so a rebuild on the same Python gives the same
 files; ``manifest.json`` records the Python version and the sha256 of each file. Distractors never come from the
@@ -64,13 +65,15 @@ def chunk_paragraphs(text: str, max_bytes: int) -> list[str]:
     return pieces
 
 
-def _passages(splits: TextSplits, context_bytes: int) -> list[tuple[int, str]]:
-    """(document index, text) for every held-out docstring paragraph long enough for a context and a target."""
+def _passages(splits: TextSplits, context_bytes: int, min_bytes: int | None = None) -> list[tuple[int, str]]:
+    """(document index, text) for every held-out docstring paragraph of at least ``min_bytes`` (default: long
+    enough for a context and a target)."""
     out = []
+    floor = context_bytes + 48 if min_bytes is None else min_bytes
     for i, d in enumerate(splits.heldout):
         for para in d.docstrings.split("\n\n"):
             para = " ".join(para.split())  # one line, single spaces
-            if len(para) >= context_bytes + 48 and para.isascii():
+            if len(para) >= floor and para.isascii():
                 out.append((i, para))
     return out
 
@@ -160,36 +163,40 @@ def build_ending(passages: list[tuple[int, str]], rng: random.Random, n: int, co
     return out
 
 
-def build_word_order(passages: list[tuple[int, str]], rng: random.Random, n: int, context_bytes: int) -> list[dict]:
-    """Word order: the true next sentence against three copies with two of its words swapped."""
-    out: list[dict] = []
+def build_word_order(passages: list[tuple[int, str]], rng: random.Random, n: int, context_bytes: int,
+                     words: tuple[int, int] = (4, 20)) -> list[dict]:
+    """Word order: the true next sentence against three copies with two of its words swapped.
+
+    Every sentence of every passage that follows at least ``context_bytes / 3`` bytes of the same paragraph and has
+    ``words`` words is a candidate (each context once); ``n`` of them are drawn in a seeded order."""
+    candidates: list[tuple[str, str]] = []
     seen: set[str] = set()
-    for _, p in _passage_stream(passages, rng):
+    for _, p in passages:
         sentences = re.split(r"(?<=\.) ", p)
-        for k in rng.sample(range(1, len(sentences)), len(sentences) - 1) if len(sentences) > 1 else []:
+        for k in range(1, len(sentences)):
             ctx = " ".join(sentences[:k])
-            words = sentences[k].split(" ")
-            if len(ctx) < context_bytes // 3 or not 5 <= len(words) <= 14:
-                continue
-            variants: list[str] = []
-            for _ in range(20):
-                a, b = rng.sample(range(len(words)), 2)
-                w = words[:]
-                w[a], w[b] = w[b], w[a]
-                v = " ".join(w)
-                if v != sentences[k] and v not in variants:
-                    variants.append(v)
-                if len(variants) == 3:
-                    break
-            if len(variants) < 3:
-                continue
-            if ctx in seen:
-                continue
-            seen.add(ctx)
-            choices = variants + [sentences[k]]
-            rng.shuffle(choices)
-            out.append({"context": ctx[-context_bytes:], "choices": choices, "label": choices.index(sentences[k])})
-            break
+            if len(ctx) >= context_bytes // 3 and words[0] <= len(sentences[k].split(" ")) <= words[1] \
+                    and ctx not in seen:
+                seen.add(ctx)
+                candidates.append((ctx, sentences[k]))
+    out: list[dict] = []
+    for ctx, sentence in rng.sample(candidates, len(candidates)):
+        w0 = sentence.split(" ")
+        variants: list[str] = []
+        for _ in range(20):
+            a, b = rng.sample(range(len(w0)), 2)
+            w = w0[:]
+            w[a], w[b] = w[b], w[a]
+            v = " ".join(w)
+            if v != sentence and v not in variants:
+                variants.append(v)
+            if len(variants) == 3:
+                break
+        if len(variants) < 3:
+            continue
+        choices = variants + [sentence]
+        rng.shuffle(choices)
+        out.append({"context": ctx[-context_bytes:], "choices": choices, "label": choices.index(sentence)})
         if len(out) == n:
             break
     return out
@@ -228,7 +235,9 @@ def build_text_task_files(out_dir: str | Path, *, seed: int = 0, max_doc_bytes: 
         "code_heldout.jsonl": code,
         "cloze.jsonl": build_cloze(passages, rng, n_mc, context_bytes),
         "ending.jsonl": build_ending(passages, rng, n_mc, context_bytes, segment_bytes),
-        "word_order.jsonl": build_word_order(passages, rng, n_mc, context_bytes),
+        # every held-out paragraph with at least two sentences, not only those long enough for the other tasks
+        "word_order.jsonl": build_word_order(_passages(splits, context_bytes, min_bytes=context_bytes // 3 + 20),
+                                             rng, n_mc, context_bytes),
     }
     manifest: dict[str, Any] = {"python_version": splits.python_version, "seed": seed,
                                 "heldout_modules": [d.name for d in splits.heldout], "files": {}}

@@ -9,8 +9,9 @@
 The model is wrapped in lm-eval's ``HFLM`` (which accepts a model instance), so whatever was done to it (fake-quant or
 packed experts, pruning overrides installed on its MoE blocks) is what lm-eval measures. Each task is evaluated in
 its own ``simple_evaluate`` call (tasks may differ in few-shot and limit) and the outputs are merged into one dict of
-lm-eval's schema: ``results``, ``versions``, ``n-shot``, ``higher_is_better``, ``n-samples``. Metrics are lm-eval's
-own; nothing is re-implemented here.
+lm-eval's schema: ``results``, ``versions``, ``n-shot``, ``higher_is_better``, ``n-samples``, plus ``samples``: the
+per-item outputs (``log_samples``) compacted by :func:`mcmoe_vl.evaluation.samples.compact_samples`, from which the
+report computes standard errors and paired comparisons. Metrics are lm-eval's own; nothing is re-implemented here.
 
 Task lookup: ``TaskManager(include_defaults=False, include_path=...)`` indexes only the given directories (indexing
 lm-eval's ~10k built-in tasks costs about 17 s and their data needs the Hub); ``include_defaults=True`` adds them.
@@ -27,6 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from torch import nn
+
+from .samples import compact_samples
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +87,10 @@ def merge_output(merged: dict[str, Any], out: dict[str, Any], req: TaskRequest, 
         src = results if section == "results" else (out.get(section) or {})
         for k, v in src.items():
             merged[section][rename(k)] = _jsonable(v) if section == "results" else v
+    hib = out.get("higher_is_better") or {}
+    for k, logged in (out.get("samples") or {}).items():
+        metrics = hib.get(k) or {}
+        merged.setdefault("samples", {})[rename(k)] = compact_samples(logged, metrics, rename(k))
 
 
 def _task_manager(include_paths: Sequence[str | os.PathLike[str]], include_defaults: bool) -> Any:
@@ -137,7 +144,7 @@ def evaluate_lm_eval(
         with single_process_view():
             out = lm_eval.simple_evaluate(
                 model=lm, tasks=[req.name], num_fewshot=req.num_fewshot, limit=req.limit, task_manager=tm,
-                log_samples=False, bootstrap_iters=bootstrap_iters, random_seed=seed, numpy_random_seed=seed,
+                log_samples=True, bootstrap_iters=bootstrap_iters, random_seed=seed, numpy_random_seed=seed,
                 torch_random_seed=seed, fewshot_random_seed=seed, verbosity="WARNING",
             )
         if out is None:  # a non-zero rank of a distributed run

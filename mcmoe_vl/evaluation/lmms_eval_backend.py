@@ -71,7 +71,7 @@ def evaluate_lmms_eval(
         with single_process_view():
             out = evaluator.simple_evaluate(
                 model=lm, tasks=[req.name], num_fewshot=req.num_fewshot, limit=req.limit, task_manager=tm,
-                log_samples=False, bootstrap_iters=bootstrap_iters, random_seed=seed, numpy_random_seed=seed,
+                log_samples=True, bootstrap_iters=bootstrap_iters, random_seed=seed, numpy_random_seed=seed,
                 torch_random_seed=seed, fewshot_random_seed=seed, verbosity="WARNING", batch_size=batch_size,
             )
         if out is None:

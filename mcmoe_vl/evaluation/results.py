@@ -13,7 +13,10 @@ The harnesses' own schema (lm-eval and lmms-eval share it) plus what compression
                                     "num_fewshot": 0, "limit": 200}},
       "compression": {... see CompressionBlock ...},
       "config": {... the resolved model, recipe, tasks, calibration and evaluation settings ...},
-      "software": {"mcmoe_vl": "0.1.0", "lm_eval": "0.4.13", "torch": "...", "transformers": "..."}
+      "software": {"mcmoe_vl": "0.1.0", "lm_eval": "0.4.13", "torch": "...", "transformers": "..."},
+      "samples": {"file": "<name>.samples.jsonl", "sha256": "...", "items": {"embedded_cloze": 400}},
+      "provenance": {"lock": {"path": "requirements/lock.txt", "sha256": "..."}, "cpu": "...", "gpu": null,
+                     "python": "3.11.7", "seeds": [0, 1, 2], "command": "mcmoe-vl run"}
     }
 
 ``results[task]["<metric>,<filter>"]`` is exactly what the harness returned. A report reads only these files
@@ -29,6 +32,8 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from mcmoe_vl.io import read_json, write_json_atomic
+
+from .samples import SamplesRef
 
 RESULTS_SCHEMA = "mcmoe_vl.results/1"
 
@@ -78,6 +83,23 @@ class Speed(BaseModel):
         return self.tokens_per_second / r if r else None
 
 
+class Memory(BaseModel):
+    """Memory measured in the run (not computed from bit widths).
+
+    ``resident_bytes``: bytes of the storages held by the loaded model's parameters and buffers in ``runtime``
+    (packed: the compressed model at its true size). ``peak_bytes``: the peak of ``peak_what`` while the harnesses
+    evaluated it (the process's peak resident set on CPU, which includes the Python process and the harness; the
+    peak allocated device memory on a GPU); None where the platform cannot measure it.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    resident_bytes: int
+    runtime: str
+    peak_bytes: int | None = None
+    peak_what: str | None = None
+
+
 class CompressionBlock(BaseModel):
     """What was done to the model and what it costs (METHOD.md section 5).
 
@@ -97,7 +119,8 @@ class CompressionBlock(BaseModel):
     expert_nominal_bits: float | None = None
     effective_bits: float | None = None
     size_bytes: int | None = None
-    resident_bytes: int | None = None
+    resident_bytes: int | None = None  # the checkpoint engine's count at save time
+    memory: Memory | None = None  # measured on the loaded model and during its evaluation
     total_params: int
     activated_params_per_token: float | None = None
     activated_params_reduction: float | None = None
@@ -124,6 +147,8 @@ class ResultsFile(BaseModel):
     compression: CompressionBlock
     config: dict[str, Any] = Field(default_factory=dict)
     software: dict[str, str] = Field(default_factory=dict)
+    samples: SamplesRef | None = None  # the per-item outputs beside this file (mcmoe_vl.evaluation.samples)
+    provenance: dict[str, Any] = Field(default_factory=dict)  # lock hash, hardware, seeds, command (.provenance)
 
     def score(self, task: str) -> float | None:
         """The task's primary metric as a float (None when the harness did not produce it)."""

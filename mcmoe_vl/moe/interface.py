@@ -261,6 +261,8 @@ class MoELayer:
         self._dense: dict[int, nn.Module] = {}  # dense expert modules, built once on first use
         self.observers: list[Callable[[RoutingEvent], None]] = []
         self.routing_override: RoutingOverride | None = None
+        # routed + shared experts in one call (mcmoe_vl.moe.fused); returns None to decline (e.g. many tokens)
+        self.fused: Callable[..., torch.Tensor | None] | None = None
 
     # -- description -------------------------------------------------------------------------------------------
     @property
@@ -299,6 +301,7 @@ class MoELayer:
         """Run expert i with ``module`` ((t, H) -> (t, H), unweighted) from now on."""
         self._check_expert(i)
         self._experts[i] = module
+        self.fused = None  # built from the previous experts
 
     def reset_expert(self, i: int | None = None) -> None:
         """Back to the dense original for expert i (all experts when None)."""
@@ -306,6 +309,7 @@ class MoELayer:
             self._experts.clear()
         else:
             self._experts.pop(i, None)
+        self.fused = None
 
     @property
     def replaced_experts(self) -> dict[int, nn.Module]:
@@ -333,6 +337,9 @@ class MoELayer:
             event = RoutingEvent(self, x, batch_shape, routing, keep, weights)
             for fn in list(self.observers):
                 fn(event)
+        fused = None if self.fused is None else self.fused(x, routing.topk_idx, weights, keep)
+        if fused is not None:
+            return fused.reshape(hidden.shape)
         out = self.dispatch(x, routing.topk_idx, weights, keep).reshape(hidden.shape)
         if self.shared_experts is not None:
             out = out + self.shared_experts(hidden)  # on the unflattened input, as the models call it

@@ -27,6 +27,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..compat import pop_cache
+
 log = logging.getLogger(__name__)
 
 
@@ -62,7 +64,7 @@ def capture_layer_inputs(
         kw = dict(kwargs)
         kw.pop("hidden_states", None)
         # No cache across the layer-by-layer pass: each layer runs each batch exactly once.
-        kw["past_key_values"] = None
+        pop_cache(kw)
         kw["use_cache"] = False
         captured.append(LayerInput(hidden.detach(), kw))
         raise _StopForward
@@ -88,6 +90,22 @@ def capture_layer_inputs(
     if not captured:
         raise ValueError("no calibration batches were given")
     return captured
+
+
+def with_valid_masks(batches: Iterable[Mapping[str, Any]], key: str, *, drop: str | None = None
+                     ) -> list[dict[str, Any]]:
+    """Each batch with its padding mask (``attention_mask`` as bool; None when absent: every token is real) under
+    ``key``, for ``iterate_layers(..., extras_key=key)``: the mask then rides along with every cached layer input
+    (``LayerInput.extras[key]``), so collectors leave padding out. ``drop``: a batch key to remove as well."""
+    out = []
+    for b in batches:
+        b = {k: v for k, v in b.items() if k != drop}
+        am = b.get("attention_mask")
+        b[key] = None if am is None else torch.as_tensor(am).bool()
+        out.append(b)
+    if not out:
+        raise ValueError("no calibration batches were given")
+    return out
 
 
 def run_layer(layer: nn.Module, inp: LayerInput) -> torch.Tensor:

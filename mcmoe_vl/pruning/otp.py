@@ -38,7 +38,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from mcmoe_vl.moe.interface import ExpertInterface, MoELayer, Routing, RoutingDecision, RoutingEvent
-from mcmoe_vl.moe.layerwise import iterate_layers
+from mcmoe_vl.moe.layerwise import iterate_layers, with_valid_masks
 
 from .odp import RoutingRule, decision_from_keep, select_layers
 
@@ -277,18 +277,6 @@ class _LayerRecorder:
         self.w.append(ev.routing.topk_weight[keep].detach().float().cpu())
 
 
-def _with_valid(batches: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    out = []
-    for b in batches:
-        b = dict(b)
-        am = b.get("attention_mask")
-        b[VALID_KEY] = None if am is None else torch.as_tensor(am).bool()
-        out.append(b)
-    if not out:
-        raise ValueError("no calibration batches were given")
-    return out
-
-
 def train_otp(
     model: nn.Module,
     batches: Iterable[Mapping[str, Any]],
@@ -311,7 +299,7 @@ def train_otp(
             raise ValueError(f"{la.path}: top-{la.top_k} routing has nothing for OTP to prune")
         if config.prune_rate is not None and config.prune_rate > (la.top_k - 1) / la.top_k:
             raise ValueError(f"prune_rate {config.prune_rate} impossible for top-{la.top_k} ({la.path})")
-    prepared = _with_valid(batches)
+    prepared = with_valid_masks(batches, VALID_KEY)
     was_installed = iface.installed
     iface.install()
     predictors: dict[int, MaskPredictor] = {}

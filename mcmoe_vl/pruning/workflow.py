@@ -68,15 +68,19 @@ class PruneRun(BaseModel):
 
 def prune_files(run: PruneRun) -> PruningArtifact:
     """Load the model and calibration data, fit, and save the artifact at ``run.output``."""
-    from mcmoe_vl.calibration.data import batches_from_ids
-    from mcmoe_vl.calibration.workflow import CalibrationRun, calibration_ids, load_model
+    from mcmoe_vl.calibration.data import batches_from_ids, check_token_ids
+    from mcmoe_vl.calibration.workflow import CalibrationRun, calibration_ids, load_model, model_vocab_size
 
+    from mcmoe_vl.io import check_output_outside
+
+    check_output_outside(run.output, {"model directory": run.model, "calibration data": run.data})
     dtype = parse_dtype(run.dtype)
     if not run.output.endswith(".json"):
         raise ValueError(f"--output must be a .json path, got {run.output}")
     ids = calibration_ids(CalibrationRun(model=run.model, data=run.data, output=run.output,
                                          num_sequences=run.num_sequences, seq_len=run.seq_len, seed=run.seed))
     model = load_model(run.model, dtype=dtype, device=run.device)
+    check_token_ids(ids, model_vocab_size(model), where=run.data)
     batches = [{k: v.to(run.device) for k, v in b.items()} for b in batches_from_ids(ids, run.batch_size)]
     log.info("fitting %s on %d sequences x %d tokens", run.method.value, ids.shape[0], ids.shape[1])
     with torch.no_grad():

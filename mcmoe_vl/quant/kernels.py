@@ -1,124 +1,245 @@
-"""Optional native CPU kernels for packed weights, compiled on first use with the system C compiler.
+"""Native CPU kernels for packed weights (C sources in ``csrc/``, built by ``python -m mcmoe_vl.quant.native build``).
 
-Two functions (source: ``kernels_src.c``), both reading the packed codes directly:
+- :func:`packed_matmul`: ``y = x W^T`` for any number of tokens straight from the packed codes (up to 8 tokens
+  share each decoded block; it beats a dense bf16 GEMM only for decode-sized batches, see ``DECODE_MAX_TOKENS``). Per (row, group) ``s * sum_k q_k x_k - s z sum_k x_k`` in float32;
+  the codes are decoded into SIMD lanes (AVX-512 or AVX2, chosen at run time, or a portable scalar loop; bfloat16
+  tokens on AVX512-BF16: codes looked up as bfloat16 integers and multiplied by ``vdpbf16ps``) and multiplied with
+  the token, which is arranged once per call into the lanes' column order. It reads 1-4 bits per
+  weight and agrees with the dequantise-then-matmul product to float32 round-off (not bitwise: summation order).
+- :func:`cpu_matmul`: what ``Kernel.SIMD`` runs on the CPU: :func:`packed_matmul` up to ``DECODE_MAX_TOKENS``
+  tokens (``DECODE_MAX_TOKENS_BF16`` for bfloat16 tokens on AVX512-BF16), else (prefill) :func:`prefill_matmul`: the weight dequantised once, by the SIMD path, into a reused
+  buffer in the path's column order (the token is arranged to match), block of rows by block, each block one
+  dense ``F.linear`` while it is in cache.
+- :func:`dequantize_native`: the packed weight to float32, element for element the values of
+  :meth:`PackedTensor.dequantize` (``scale * (q - zero)`` in float32).
+- :func:`lut_matmul`: the earlier scalar table-lookup product (256-entry tables of partial sums per byte).
 
-- :func:`dequantize_native`: the packed weight to float32, element for element the same values as
-  :meth:`PackedTensor.dequantize` (``scale * (q - zero)`` in float32), one pass, multithreaded.
-- :func:`lut_matmul`: ``y = x W^T`` for a few tokens without materialising ``W``: for each group of 128 columns a
-  table ``tab[j][b]`` of the partial sums ``sum_bits x_k 2^bit`` for every value ``b`` of byte position ``j`` is
-  built from the token, then every row needs one table lookup per *byte* of codes (32 lookups per group at 2 bits,
-  48 at 3) and ``y_r = sum_g s_rg (sum_j tab[j][q_rj] - z_rg sum_{k in g} x_k)``. This reads 2-3 bits per weight
-  instead of the 16 of a dense bf16 matrix-vector product; the result is float32 and differs from the dequantise-
-  then-matmul path only by summation order.
-
-The shared library is built with ``cc -O3 -march=native -fopenmp`` into ``$MCMOE_VL_CACHE`` (default
-``~/.cache/mcmoe_vl/kernels``). If no compiler is available :func:`available` is False and the runtimes use the
-torch implementation.
+:func:`available` is False when the library is not built (logged once by :mod:`mcmoe_vl.quant.native`); the
+runtimes then use the torch path.
 """
 
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import logging
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
-from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
+from . import native
+from .native import Isa
 from .packed import PackedTensor
 
-log = logging.getLogger(__name__)
 
-_SRC = Path(__file__).with_name("kernels_src.c")
-_LIB: ctypes.CDLL | None = None
-_FAILED = False
+class MqMat(ctypes.Structure):
+    """``mq_mat`` of ``csrc/mq.h``: one packed matrix as the kernels read it."""
 
-
-def _cache_dir() -> Path:
-    return Path(os.environ.get("MCMOE_VL_CACHE", Path.home() / ".cache" / "mcmoe_vl")) / "kernels"
-
-
-def _cpu_flags() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                return line
-    except OSError:
-        pass
-    return platform.processor()
-
-
-def _build() -> ctypes.CDLL | None:
-    src = _SRC.read_bytes()
-    # -march=native: the binary is only valid for this CPU; key the cache by the source and the CPU's features
-    tag = hashlib.sha256(src + platform.machine().encode() + _cpu_flags().encode()).hexdigest()[:16]
-    out = _cache_dir() / f"mq_{tag}.so"
-    if not out.is_file():
-        cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-        if cc is None:
-            log.info("no C compiler: native packed kernels disabled")
-            return None
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
-        os.close(fd)
-        cmd = [cc, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", str(_SRC), "-o", tmp, "-lm"]
-        res = subprocess.run(cmd, capture_output=True, text=True)
-        if res.returncode != 0:
-            os.unlink(tmp)
-            log.warning("building native packed kernels failed (%s); using torch", res.stderr.strip()[:500])
-            return None
-        os.replace(tmp, out)
-    lib = ctypes.CDLL(str(out))
-    p, i = ctypes.c_void_p, ctypes.c_int
-    lib.mq_dequant.argtypes = [p, p, p, p] + [i] * 8
-    lib.mq_lut_gemv.argtypes = [p, p, p, p, p] + [i] * 9
-    return lib
+    _fields_ = [("q", ctypes.c_void_p), ("sc", ctypes.c_void_p), ("zr", ctypes.c_void_p), ("perm", ctypes.c_void_p),
+                ("R", ctypes.c_int32), ("C", ctypes.c_int32), ("gs", ctypes.c_int32), ("bits", ctypes.c_int32),
+                ("row_bytes", ctypes.c_int32)]
 
 
 def _lib() -> ctypes.CDLL | None:
-    global _LIB, _FAILED
-    if _LIB is None and not _FAILED:
-        try:
-            _LIB = _build()
-        except OSError as exc:
-            log.warning("loading native packed kernels failed (%s); using torch", exc)
-        _FAILED = _LIB is None
-    return _LIB
+    return native.load()
 
 
 def available() -> bool:
-    """True when the native kernels are compiled and loadable."""
+    """True when the native kernels are built and loadable."""
     return _lib() is not None
 
 
+def supports(p: PackedTensor) -> bool:
+    """Whether the native kernels read ``p`` (one 2-D matrix with float16 scales and zeros)."""
+    return (len(p.meta.shape) == 2 and p.scale.dtype == torch.float16
+            and (p.zero is None or p.zero.dtype == torch.float16))
+
+
 def _check(p: PackedTensor) -> None:
+    if len(p.meta.shape) != 2:
+        raise ValueError(f"native kernels take one 2-D packed matrix, got shape {p.meta.shape}")
+    if not supports(p):
+        raise ValueError(f"native kernels read float16 scales and zeros, got {p.scale.dtype}")
+
+
+def mat(p: PackedTensor) -> tuple[MqMat, tuple[torch.Tensor, ...]]:
+    """The ``mq_mat`` of ``p`` and the tensors it points into (keep them alive while the struct is used)."""
+    _check(p)
     m = p.meta
-    if len(m.shape) != 2:
-        raise ValueError("native kernels take one 2-D packed matrix")
-    if m.group_size % 8:
-        raise ValueError(f"native kernels need a group size divisible by 8, got {m.group_size}")
-    if p.scale.dtype != torch.float16 or (p.zero is not None and p.zero.dtype != torch.float16):
-        raise ValueError("native kernels read float16 scales and zeros")
+    keep = tuple(t.contiguous() for t in (p.qdata, p.scale, p.zero, p.perm) if t is not None)
+    q, s = keep[0], keep[1]
+    z = keep[2] if p.zero is not None else None
+    perm = keep[-1] if p.perm is not None else None
+    st = MqMat(q.data_ptr(), s.data_ptr(), None if z is None else z.data_ptr(),
+               None if perm is None else perm.data_ptr(), m.rows, m.cols, m.group_size, m.bits, q.shape[-1])
+    return st, keep
 
 
-def _args(p: PackedTensor) -> tuple:
-    zero = p.zero if p.zero is not None else p.scale  # unused at 1 bit
-    return (p.qdata.contiguous(), p.scale.contiguous(), zero.contiguous())
+def resolve_isa(isa: Isa | str | None) -> int:
+    """``isa`` (or ``MCMOE_VL_ISA``) as the library's code; -1 = the best this CPU runs."""
+    if isa is None:
+        isa = native.forced_isa()
+    if isa is None:
+        return -1
+    if isinstance(isa, str):
+        try:
+            isa = Isa[isa.upper()]
+        except KeyError:
+            raise ValueError(f"unknown SIMD path {isa!r}; valid: {[i.name.lower() for i in Isa]}") from None
+    return int(isa)
+
+
+def _need_lib() -> ctypes.CDLL:
+    lib = _lib()
+    if lib is None:
+        raise RuntimeError("the native kernels are not built: run `python -m mcmoe_vl.quant.native build`")
+    return lib
+
+
+def packed_matmul(x: torch.Tensor, p: PackedTensor, *, isa: Isa | str | None = None,
+                  return_isa: bool = False) -> torch.Tensor | tuple[torch.Tensor, Isa]:
+    """``x W^T`` (..., R) float32 for ``x`` (..., C) in natural column order, from the packed codes.
+
+    ``isa`` forces a SIMD path (``scalar``, ``avx2``, ``avx512``; default: ``MCMOE_VL_ISA`` or the best the CPU
+    has). A path whose block does not divide the group size runs the next narrower one; ``return_isa=True`` also
+    returns the path that ran.
+    """
+    lib = _need_lib()
+    st, keep = mat(p)
+    m = p.meta
+    if x.shape[-1] != m.cols:
+        raise ValueError(f"input has {x.shape[-1]} features, the packed weight {m.cols} columns")
+    lead = x.shape[:-1]
+    code = resolve_isa(isa)
+    if x.dtype == torch.bfloat16 and code in (-1, Isa.AVX512_BF16) and x.numel():
+        xb = x.reshape(-1, m.cols).contiguous()
+        y = torch.empty(xb.shape[0], m.rows, dtype=torch.float32)
+        rc = lib.mq_gemm_bf16(ctypes.byref(st), xb.data_ptr(), xb.shape[0], y.data_ptr(), m.rows,
+                              torch.get_num_threads())
+        if rc == 0:
+            del keep
+            y = y.reshape(*lead, m.rows)
+            return (y, Isa.AVX512_BF16) if return_isa else y
+        if rc == -2:
+            raise MemoryError("native packed product: out of memory")
+        if code == Isa.AVX512_BF16:
+            raise RuntimeError("the avx512_bf16 path needs a CPU with AVX512-BF16 and a group size divisible by its "
+                               f"block (64 columns at 4 bits, 128 otherwise); got {m.group_size}"
+                               if rc == -4 else "this CPU has no AVX512-BF16")
+        code = -1  # no AVX512-BF16, or a group size it does not take: the float32 paths
+    elif code == Isa.AVX512_BF16:
+        raise ValueError(f"the avx512_bf16 path takes bfloat16 tokens, got {x.dtype}")
+    xf = x.reshape(-1, m.cols).to(torch.float32).contiguous()
+    y = torch.empty(xf.shape[0], m.rows, dtype=torch.float32)
+    if xf.shape[0] == 0:
+        return (y.reshape(*lead, m.rows), Isa(lib_resolve(st, isa))) if return_isa else y.reshape(*lead, m.rows)
+    used = lib.mq_gemm(ctypes.byref(st), xf.data_ptr(), xf.shape[0], y.data_ptr(), m.rows, code,
+                       torch.get_num_threads())
+    if used == -1:
+        raise RuntimeError(f"SIMD path {Isa(code).name.lower()} is not supported by this CPU "
+                           f"(it runs {Isa(lib.mq_cpu_isa()).name.lower()})")
+    if used < 0:
+        raise MemoryError("native packed product: out of memory")
+    del keep
+    y = y.reshape(*lead, m.rows)
+    return (y, Isa(used)) if return_isa else y
+
+
+# Up to this many tokens the packed SIMD product beats dequantise + dense GEMM. Measured (benchmarks/
+# bench_kernels.py, 14336 x 4096, one thread, CPU time, against bf16 F.linear): float32 tokens 0.3x at 1 token,
+# 0.7x at 2, 1.3-2x at 4; bf16 tokens on AVX512-BF16 0.17-0.23x at 1, 0.5x at 2, 0.8-1.1x at 4, 1.4x at 8.
+DECODE_MAX_TOKENS = 2
+DECODE_MAX_TOKENS_BF16 = 4
+
+_SCRATCH: dict[torch.dtype, torch.Tensor] = {}
+
+
+def _scratch(n: int, dtype: torch.dtype) -> torch.Tensor:
+    """A reused buffer of at least ``n`` elements (one per dtype: prefill dequantises one matrix at a time)."""
+    buf = _SCRATCH.get(dtype)
+    if buf is None or buf.numel() < n:
+        buf = _SCRATCH[dtype] = torch.empty(n, dtype=dtype)
+    return buf[:n]
+
+
+def dequantize_arranged(p: PackedTensor, dtype: torch.dtype = torch.bfloat16, *, isa: Isa | str | None = None,
+                        rows: tuple[int, int] | None = None, out: torch.Tensor | None = None,
+                        _st: tuple | None = None) -> tuple[torch.Tensor, Isa]:
+    """Rows ``rows`` (default all) of the weight (float32 or bfloat16, the values of
+    :meth:`PackedTensor.dequantize`) with the columns in the SIMD path's arranged order, into ``out`` (default: the
+    reused buffer, valid until the next call)."""
+    lib = _need_lib()
+    st, keep = _st or mat(p)
+    if dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"dequantize_arranged writes float32 or bfloat16, not {dtype}")
+    m = p.meta
+    r0, r1 = rows or (0, m.rows)
+    w = (out if out is not None else _scratch((r1 - r0) * m.cols, dtype)).view(r1 - r0, m.cols)
+    used = lib.mq_dequant_arranged(ctypes.byref(st), w.data_ptr(), int(dtype == torch.bfloat16), resolve_isa(isa),
+                                   r0, r1, torch.get_num_threads())
+    if used == -3:
+        raise ValueError(f"rows {rows} out of range for a weight of {m.rows} rows")
+    if used < 0:
+        raise RuntimeError(f"SIMD path {isa} is not supported by this CPU")
+    del keep
+    return w, Isa(used)
+
+
+def arrange(x: torch.Tensor, p: PackedTensor, isa: Isa) -> torch.Tensor:
+    """(T, C) float32 token rows in the column order of :func:`dequantize_arranged` for ``isa``."""
+    lib = _need_lib()
+    st, keep = mat(p)
+    xf = x.reshape(-1, p.meta.cols).to(torch.float32).contiguous()
+    out = torch.empty_like(xf)
+    lib.mq_arrange(ctypes.byref(st), int(isa), xf.data_ptr(), xf.shape[0], out.data_ptr())
+    del keep
+    return out
+
+
+# Prefill dequantises this many weights at a time (2 MiB of bf16): the block stays in cache between
+# the dequantisation and the GEMM that reads it, instead of a whole matrix going through memory twice.
+PREFILL_BLOCK = 1 << 20
+
+
+def prefill_matmul(x: torch.Tensor, p: PackedTensor) -> torch.Tensor:
+    """``x W^T`` (..., R) in ``x.dtype`` (bfloat16 / float32): the weight dequantised once, block of rows by block
+    into the reused buffer, each block multiplied by the arranged tokens with one GEMM."""
+    dtype = x.dtype if x.dtype in (torch.float32, torch.bfloat16) else torch.float32
+    m = p.meta
+    st = mat(p)
+    rb = max(16, PREFILL_BLOCK // m.cols // 16 * 16)
+    isa = Isa(lib_resolve(st[0]))
+    xa = arrange(x, p, isa).to(dtype)
+    y = torch.empty(xa.shape[0], m.rows, dtype=dtype)
+    for r0 in range(0, m.rows, rb):
+        r1 = min(r0 + rb, m.rows)
+        w, _ = dequantize_arranged(p, dtype, isa=isa, rows=(r0, r1), _st=st)
+        y[:, r0:r1] = F.linear(xa, w)
+    return y.reshape(*x.shape[:-1], m.rows)
+
+
+def lib_resolve(st: MqMat, isa: Isa | str | None = None) -> int:
+    """The path the kernels run for this matrix (``isa`` or ``MCMOE_VL_ISA`` or the CPU's best, lowered while its
+    block does not divide the group size)."""
+    used = _need_lib().mq_resolve_isa(ctypes.byref(st), resolve_isa(isa))
+    if used < 0:
+        raise RuntimeError(f"SIMD path {isa} is not supported by this CPU")
+    return used
+
+
+def cpu_matmul(x: torch.Tensor, p: PackedTensor) -> torch.Tensor:
+    """``x W^T`` from packed storage: the SIMD product for decode-sized batches, dequantise + GEMM for prefill."""
+    limit = DECODE_MAX_TOKENS_BF16 if x.dtype == torch.bfloat16 and _lib().mq_cpu_bf16() else DECODE_MAX_TOKENS
+    if x.numel() // p.meta.cols <= limit:
+        return packed_matmul(x, p)
+    return prefill_matmul(x, p)
 
 
 def dequantize_native(p: PackedTensor) -> torch.Tensor:
     """(R, C) float32 weight in storage column order (apply ``p.perm`` yourself)."""
-    lib = _lib()
-    if lib is None:
-        raise RuntimeError("native kernels are not available")
+    lib = _need_lib()
     _check(p)
     m = p.meta
-    q, s, z = _args(p)
+    zero = p.zero if p.zero is not None else p.scale  # unused at 1 bit
+    q, s, z = p.qdata.contiguous(), p.scale.contiguous(), zero.contiguous()
     out = torch.empty(m.rows, m.cols, dtype=torch.float32)
     lib.mq_dequant(q.data_ptr(), s.data_ptr(), z.data_ptr(), out.data_ptr(), m.rows, m.cols, m.groups,
                    m.group_size, m.bits, q.shape[-1], int(m.bits == 1), torch.get_num_threads())
@@ -126,18 +247,19 @@ def dequantize_native(p: PackedTensor) -> torch.Tensor:
 
 
 def lut_matmul(x: torch.Tensor, p: PackedTensor) -> torch.Tensor:
-    """``x W^T`` (..., R) float32 for ``x`` (..., C) in natural column order."""
-    lib = _lib()
-    if lib is None:
-        raise RuntimeError("native kernels are not available")
+    """``x W^T`` (..., R) float32 by scalar table lookup (group size divisible by 8)."""
+    lib = _need_lib()
     _check(p)
     m = p.meta
+    if m.group_size % 8:
+        raise ValueError(f"the table-lookup kernel needs a group size divisible by 8, got {m.group_size}")
     lead = x.shape[:-1]
     xf = x.reshape(-1, m.cols).float()
     if p.perm is not None:
         xf = xf[:, p.perm.long()]  # stored column k is natural column perm[k]
     xf = xf.contiguous()
-    q, s, z = _args(p)
+    zero = p.zero if p.zero is not None else p.scale
+    q, s, z = p.qdata.contiguous(), p.scale.contiguous(), zero.contiguous()
     y = torch.empty(xf.shape[0], m.rows, dtype=torch.float32)
     lib.mq_lut_gemv(q.data_ptr(), s.data_ptr(), z.data_ptr(), xf.data_ptr(), y.data_ptr(), xf.shape[0], m.rows,
                     m.cols, m.groups, m.group_size, m.bits, q.shape[-1], int(m.bits == 1), torch.get_num_threads())

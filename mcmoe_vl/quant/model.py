@@ -2,7 +2,9 @@
 
 For every decoder layer (``mcmoe_vl.moe.layerwise.iterate_layers``: one layer's activations in memory at a time):
 
-1. One forward of the layer, with its original weights, on every calibration batch collects
+1. One forward of the layer, with its original weights, on every calibration batch collects, over the batch's
+   real tokens only (``attention_mask == 1``: left-padded VLM batches must not put padding into any Hessian, as the
+   significance statistics and eps leave it out too)
    - a Hessian per ``nn.Linear`` of the layer (attention, shared experts, dense MLPs) and per router weight,
    - per routed expert, the Hessian of the tokens routed to it (``H = 2 X^T X / n`` over those tokens; gate and up
      share it) and that of the down projection's input ``act(gate x) * up x``.
@@ -28,7 +30,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from tqdm.auto import tqdm
 
+from mcmoe_vl.moe.checks import check_finite_weights
 from mcmoe_vl.moe.interface import ExpertWeights, FusedExpertStorage, ModuleListExpertStorage, MoELayer
+from mcmoe_vl.moe.layerwise import LayerStep, run_layer, with_valid_masks
 
 from .gptq import HessianAccumulator, QuantResult, gptq_quantize, prepare_inverse, rtn_quantize
 from .packed import PackedTensor
@@ -138,20 +142,58 @@ def quantize_expert(weights: ExpertWeights, bits: int, cfg: QuantizeConfig, *, g
 
 
 # -- collecting Hessians for one decoder layer --------------------------------------------------------------------
-class _ExpertCollector:
-    """Hessians of the tokens routed to each expert of one MoE layer (computed with the dense weights)."""
+class _ValidTokens:
+    """The padding mask of the batch the layer is running on now (set by :func:`_collect`), applied to inputs."""
 
-    def __init__(self, layer: MoELayer, dtype: torch.dtype) -> None:
+    def __init__(self) -> None:
+        self.mask: torch.Tensor | None = None  # (B, S) bool, None = every token is real
+        self.rerouting = False  # the expert collector is calling the router itself: not a forward of the layer
+
+    def rows(self, x: torch.Tensor, where: str) -> torch.Tensor:
+        """``x`` (..., C) flattened to (T, C), padding rows removed."""
+        x = x.reshape(-1, x.shape[-1])
+        if self.mask is None:
+            return x
+        keep = self.mask.reshape(-1).to(x.device)
+        if keep.numel() != x.shape[0]:
+            raise ValueError(f"{where}: attention_mask has {keep.numel()} positions but the module saw "
+                             f"{x.shape[0]} tokens")
+        return x[keep]
+
+
+_VALID_KEY = "_mcmoe_vl_quant_valid"  # side-channel batch key carrying the padding mask through layer caching
+
+
+def _collect(step: LayerStep, valid: _ValidTokens) -> None:
+    """One forward of the layer per cached batch, with ``valid`` set to that batch's padding mask."""
+    try:
+        with torch.no_grad():
+            for inp in step.inputs:
+                valid.mask = inp.extras.get(_VALID_KEY)
+                run_layer(step.layer, inp)
+    finally:
+        valid.mask = None
+
+
+class _ExpertCollector:
+    """Hessians of the (real) tokens routed to each expert of one MoE layer (computed with the dense weights)."""
+
+    def __init__(self, layer: MoELayer, dtype: torch.dtype, valid: _ValidTokens) -> None:
         self.layer = layer
         self.dtype = dtype
+        self.valid = valid
         self.h_in: dict[int, HessianAccumulator] = {}
         self.h_down: dict[int, HessianAccumulator] = {}
         self.tokens = [0] * layer.num_experts
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         hidden = args[0] if args else kwargs["hidden_states"]
-        x = hidden.reshape(-1, hidden.shape[-1])  # (T, H)
-        routing = self.layer.route(x)
+        x = self.valid.rows(hidden, self.layer.path)  # (T, H), padding removed
+        self.valid.rerouting = True
+        try:
+            routing = self.layer.route(x)
+        finally:
+            self.valid.rerouting = False
         st = self.layer.storage
         for e in range(self.layer.num_experts):
             tok = (routing.topk_idx == e).any(dim=-1).nonzero().squeeze(-1)
@@ -214,6 +256,7 @@ def quantize_model(
         adapter = get_adapter(model)
     moe_layers = {la.index: la for la in adapter.moe_layers(model)}
     plan.check_layers({i: la.num_experts for i, la in moe_layers.items()})
+    check_finite_weights(model, moe_layers.values())  # a NaN expert is named here, not by a Cholesky failure
     for la in moe_layers.values():
         if not isinstance(la.storage, (FusedExpertStorage, ModuleListExpertStorage)):
             raise PlanError(f"{la.path}: expert storage {type(la.storage).__name__} is not supported "
@@ -226,7 +269,9 @@ def quantize_model(
     report = QuantReport()
     done: set[str] = set()
 
-    for step in iterate_layers(model, batches, adapter=adapter, extras_key=extras_key, progress=cfg.progress):
+    valid = _ValidTokens()
+    prepared = with_valid_masks(batches, _VALID_KEY, drop=extras_key)
+    for step in iterate_layers(model, prepared, adapter=adapter, extras_key=_VALID_KEY, progress=cfg.progress):
         moe = moe_layers.get(step.index)
         experts_mod = moe.storage.module if moe is not None else None
         expert_linears = {id(m) for m in experts_mod.modules()} if experts_mod is not None else set()
@@ -253,8 +298,10 @@ def quantize_model(
 
         def make_hook(key: str, cols: int):
             def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+                if valid.rerouting:  # the expert collector's own routing call: counted once, by the forward
+                    return
                 x = args[0] if args else next(iter(kwargs.values()))
-                accs.setdefault(key, HessianAccumulator(cols, dtype=hdt)).add(x.detach())
+                accs.setdefault(key, HessianAccumulator(cols, dtype=hdt)).add(valid.rows(x.detach(), key))
             return hook
 
         for name, (mod, _) in targets.items():
@@ -264,10 +311,10 @@ def quantize_model(
                                                           with_kwargs=True))
         collector = None
         if moe is not None:
-            collector = _ExpertCollector(moe, hdt)
+            collector = _ExpertCollector(moe, hdt, valid)
             hooks.append(moe.block.register_forward_pre_hook(collector, with_kwargs=True))
         try:
-            step.run()  # original weights: collect
+            _collect(step, valid)  # original weights: collect over the real tokens
         finally:
             for h in hooks:
                 h.remove()
@@ -304,9 +351,14 @@ def quantize_model(
                 report.modules[name] = bits
     n_starved = sum(len(v) for v in report.starved.values())
     if n_starved:
-        log.warning("%d experts had fewer than %d calibration tokens and were quantized by round-to-nearest: %s",
-                    n_starved, cfg.min_tokens, report.starved)
+        log.warning("%d experts had %s and were quantized by round-to-nearest: %s", n_starved,
+                    _starved_phrase(cfg.min_tokens), report.starved)
     return report
+
+
+def _starved_phrase(min_tokens: int) -> str:
+    """How the fallback's threshold reads: experts with no token fall back even with ``min_tokens`` 0."""
+    return "no calibration token" if min_tokens <= 1 else f"fewer than {min_tokens} calibration tokens"
 
 
 def _quantize_experts(model: nn.Module, moe: MoELayer, plan: QuantPlan, cfg: QuantizeConfig,

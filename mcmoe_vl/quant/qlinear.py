@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import kernels
+from . import kernel_registry, kernels
 from .packed import PackedMeta, PackedTensor
 
 
@@ -37,15 +37,21 @@ class Kernel(str, enum.Enum):
     """How the packed runtime computes ``x W^T``.
 
     ``AUTO`` / ``NATIVE`` / ``TORCH`` dequantise the whole weight (native C loop when compiled, else torch) to the
-    same values and call ``F.linear``: bit-identical to the fake-quant runtime. ``LUT`` computes products of up to
-    ``LUT_MAX_TOKENS`` tokens from the packed codes by table lookup (:func:`mcmoe_vl.quant.kernels.lut_matmul`,
-    float32 accumulation: equal up to summation order, not bitwise), and dequantises for more tokens.
+    same values and call ``F.linear``: bit-identical to the fake-quant runtime. ``SIMD`` runs the kernel
+    registered for the input's device and the width (:mod:`mcmoe_vl.quant.kernel_registry`; on the CPU
+    :func:`mcmoe_vl.quant.kernels.cpu_matmul`: decode-sized batches straight from the packed codes with the native
+    AVX-512 / AVX2 / scalar kernels in float32, prefill by one SIMD dequantisation into a reused buffer and a
+    dense GEMM): equal to the dequantised product to float32 round-off, not bitwise. Without a kernel for the
+    device it dequantises like ``AUTO``. A MoE layer whose experts all use ``SIMD`` runs them in
+    one native call (:mod:`mcmoe_vl.moe.fused`). ``LUT`` is the earlier scalar table-lookup kernel (up to
+    ``LUT_MAX_TOKENS`` tokens).
     """
 
     AUTO = "auto"
     NATIVE = "native"
     TORCH = "torch"
     LUT = "lut"
+    SIMD = "simd"
 
 
 LUT_MAX_TOKENS = 4
@@ -105,6 +111,11 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in) -> (..., out)
         bias = None if self.bias is None else self.bias.to(x.dtype)
+        if self.kernel is Kernel.SIMD and self.weight_cache is None:
+            k = kernel_registry.find_packed_matmul(x.device.type, self.packed)
+            if k is not None:
+                y = k.fn(x, self.packed).to(x.dtype)
+                return y if bias is None else y + bias
         if (self.kernel is Kernel.LUT and self.weight_cache is None and x.numel() // self.in_features <= LUT_MAX_TOKENS
                 and kernels.available() and self.meta.group_size % 8 == 0):
             y = kernels.lut_matmul(x, self.packed).to(x.dtype)
@@ -167,13 +178,31 @@ class QuantExperts(nn.Module):
         self.experts = nn.ModuleList(experts)
         self.num_experts = len(experts)
         self.act_fn = act_fn
+        self._fused = None  # built on first use; False when the experts cannot be fused
 
     def as_expert_storage(self) -> QuantExpertStorage:
         """How the common expert interface sees this module (adapters call this instead of their fused storage)."""
         return QuantExpertStorage(self)
 
+    def fused(self):
+        """The layer's experts as one native call (:class:`mcmoe_vl.moe.fused.FusedMoE`) when every packed linear
+        uses ``Kernel.SIMD`` and the experts are packed SiLU experts; else None (the eager loop below).
+
+        Decided once and cached: :func:`set_kernel` and :func:`set_runtime` reset it (assigning ``kernel`` on a
+        single linear by hand does not)."""
+        if self._fused is None:
+            from mcmoe_vl.moe.fused import FusedMoE
+
+            simd = all(lin.kernel is Kernel.SIMD for e in self.experts
+                       for lin in getattr(e, "linears", dict)().values())
+            self._fused = (simd and FusedMoE.build(list(self.experts))) or False
+        return self._fused or None
+
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
+        fused = self.fused()
+        if fused is not None and (y := fused(hidden_states, top_k_index, top_k_weights)) is not None:
+            return y
         # The eager loop of transformers 5's fused experts, with each expert a module.
         final = torch.zeros_like(hidden_states)
         with torch.no_grad():
@@ -211,6 +240,8 @@ def set_runtime(model: nn.Module, runtime: Runtime) -> int:
         if isinstance(m, QuantLinear):
             m.set_runtime(runtime)
             n += 1
+        elif isinstance(m, QuantExperts):
+            m._fused = None
     return n
 
 
@@ -221,6 +252,8 @@ def set_kernel(model: nn.Module, kernel: Kernel) -> int:
         if isinstance(m, QuantLinear):
             m.kernel = Kernel(kernel)
             n += 1
+        elif isinstance(m, QuantExperts):
+            m._fused = None
     return n
 
 

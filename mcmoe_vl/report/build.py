@@ -16,6 +16,7 @@ different dates can sit in one report.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -24,18 +25,20 @@ from pathlib import Path
 from mcmoe_vl.evaluation.results import ResultsFile, load_results
 from mcmoe_vl.io import write_text_atomic
 
+from .comparisons import Settings, average_se, cell, paired_table, seed_spread_table
+from .items import row_items
 from .plots import active_experts_plot, pareto_plot
 from .tables import (
     ReportError,
     Row,
     TaskColumn,
     build_rows,
-    display,
     fmt_bytes,
     fmt_num,
     fmt_params,
     fmt_signed,
     task_columns,
+    task_n,
 )
 
 log = logging.getLogger(__name__)
@@ -73,44 +76,73 @@ def _rel(path: Path, start: Path) -> str:
         return path.as_posix()
 
 
-def _task_table(rows: list[Row], columns: list[TaskColumn], baseline_label: str) -> list[str]:
-    head = ["Recipe"] + [c.label + ("" if c.higher_is_better else " (ppl↓)") for c in columns] + [
-        "Avg", f"Δ vs {baseline_label}", "Bits (nominal)", "Bits (effective)", "Size", "Activated params",
-        "Speed-up"]
+# Below this many parameters a measured speed-up says little about real sizes (the experts are a small share of
+# the time); the report marks it so.
+SPEED_MEANINGFUL_PARAMS = 100_000_000
+
+
+def _speed_label(rows: list[Row]) -> str:
+    small = any(r.files[0].compression.total_params < SPEED_MEANINGFUL_PARAMS for r in rows)
+    return "Speed-up†" if small else "Speed-up"
+
+
+def _task_table(rows: list[Row], columns: list[TaskColumn], baseline_label: str, files: list[ResultsFile],
+                s: Settings) -> list[str]:
+    def title(c: TaskColumn) -> str:
+        n = task_n(files, rows, c)
+        return c.label + ("" if c.higher_is_better else " (ppl↓)") + (f" n={n}" if n is not None else "")
+
+    head = ["Recipe", "Seeds"] + [title(c) for c in columns] + [
+        "Avg", f"Δ vs {baseline_label}", "Bits (nominal)", "Bits (effective)", "Size", "Resident", "Peak (eval)",
+        "Activated params", _speed_label(rows)]
     multi_run = len({r.run for r in rows}) > 1
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
     for r in rows:
         name = r.recipe + (f" ({r.run})" if multi_run else "")
-        cells = [name]
-        for c in columns:
-            v = display(r.scores[c.task], c)
-            s = fmt_num(v)
-            sd = r.spread.get(c.task)
-            if sd is not None:
-                s += f" ± {fmt_num(sd * (100.0 if c.percent else 1.0))}"
-            cells.append(s)
+        cells = [name, str(len(r.seeds))] + [cell(r, c, s) for c in columns]
         act = fmt_params(r.activated_params)
         if r.activated_reduction is not None and r.activated_reduction > 5e-4:
             act += f" (−{100 * r.activated_reduction:.1f}%)"
-        cells += [fmt_num(r.average), "—" if r.baseline else fmt_signed(r.delta), fmt_num(r.nominal_bits),
-                  fmt_num(r.effective_bits), fmt_bytes(r.size_bytes), act,
+        se = average_se(r, columns)
+        mem = [f.compression.memory for f in r.files]
+        resident = mem[0].resident_bytes if mem[0] is not None else None
+        peak = max((m.peak_bytes for m in mem if m is not None and m.peak_bytes is not None), default=None)
+        cells += [fmt_num(r.average) + ("" if se is None or r.average is None else f" ± {fmt_num(se)}"),
+                  "—" if r.baseline else fmt_signed(r.delta), fmt_num(r.nominal_bits),
+                  fmt_num(r.effective_bits), fmt_bytes(r.size_bytes), fmt_bytes(resident), fmt_bytes(peak), act,
                   "1.00x" if r.baseline and r.tokens_per_second else
                   ("-" if r.speedup is None else f"{r.speedup:.2f}x")]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
 
-def _metric_legend(columns: list[TaskColumn], rows: list[Row]) -> str:
+def _metric_legend(columns: list[TaskColumn], rows: list[Row], s: Settings) -> str:
     parts = []
     for c in columns:
         unit = "accuracy-like, x100" if c.percent else ("lower is better" if not c.higher_is_better else "as is")
         parts.append(f"`{c.label}` = {c.harness} `{c.task}` `{c.metric}` ({unit})")
-    text = "Metrics: " + "; ".join(parts) + "."
+    text = "Metrics: " + "; ".join(parts) + "; n = documents per task."
+    if any(r.items for r in rows):
+        text += (" `a ± b`: score ± its standard error over the n documents (with several seeds: the mean over "
+                 "seeds, its standard error including the seed spread); perplexities: `value [low, high]`, a "
+                 f"{s.pct} bootstrap interval over documents ({s.iters} resamples). Avg ± the standard error of the "
+                 "average over tasks. Δ is the plain difference of averages; whether it is more than noise is in the "
+                 "paired-differences table below.")
+    else:
+        text += " These results files carry no per-item outputs, so no uncertainty is shown."
+    text += (" Resident: bytes of the loaded model's tensors in the runtime named in its results file (packed: the "
+             "compressed model at its true size); Peak (eval): the process's peak resident memory while the harness "
+             "evaluated it (includes Python and the harness), both measured.")
     if any(r.measured_speedup is not None for r in rows):
         text += (" Speed-up: tokens per second on the fixed prefill workload against the original model timed in "
                  "alternation with each recipe (same minutes, same machine load).")
     elif any(r.tokens_per_second for r in rows):
         text += " Speed-up: tokens per second on the fixed prefill workload against the baseline row's."
+    if _speed_label(rows).endswith("†"):
+        n = min(r.files[0].compression.total_params for r in rows)
+        text += (f" † Not meaningful at this size: on a model of {fmt_params(n)} parameters the experts are a small "
+                 "share of the time, so the speed-up says nothing about real sizes; real-size speeds come from the "
+                 "kernel benchmark (`benchmarks/`).")
     return text
 
 
@@ -122,18 +154,31 @@ def build_report(
     baseline: str | None = None,
     command: str | None = None,
     notes: list[str] | None = None,
+    compare_to: str | None = None,
+    confidence: float = 0.95,
+    bootstrap: int = 2000,
 ) -> Path:
     """Write ``output_dir/report.md`` (and its figures) from the results files; return the report's path.
 
     ``baseline``: the recipe each model's rows are compared with (default: the rows marked baseline, 16-bit).
     ``command``: the command line shown in the report. ``notes``: extra lines (e.g. recipes that could not run).
+    ``compare_to``: the recipe every compressed row is also compared with by the paired test (default: see
+    :func:`mcmoe_vl.report.comparisons.paired_baseline`). ``confidence``: level of intervals and significance marks;
+    ``bootstrap``: resamples per interval (seeded from the names compared: the same files give the same bytes).
     """
+    settings = Settings(confidence=confidence, iters=bootstrap)
     paths = expand_results_paths(list(results_paths))
     if not paths:
         raise ReportError("no results files given")
     out = Path(output_dir)
     files: list[ResultsFile] = [load_results(p) for p in paths]  # every file validated before anything is written
     origin = {id(f): p for f, p in zip(files, paths)}
+    # every row with its per-item outputs, read (and their digests checked) before anything is written
+    columns = {m: task_columns(files, m) for m in sorted({f.model for f in files})}
+    built = {m: build_rows(files, m, cols) for m, cols in columns.items()}
+    for rows in built.values():
+        for r in rows:
+            r.items = row_items(r.files, [origin[id(f)] for f in r.files])
     fig_dir = out / "figures"
     if fig_dir.exists():
         shutil.rmtree(fig_dir)
@@ -152,8 +197,7 @@ def build_report(
 
     rows_by_model: dict[str, list[Row]] = {}
     for model in models:
-        cols = task_columns(files, model)
-        rows = build_rows(files, model, cols)
+        cols, rows = columns[model], built[model]
         if baseline:
             from .tables import reference_row
 
@@ -168,25 +212,36 @@ def build_report(
         rows_by_model[model] = rows
         base_label = baseline or next((r.recipe for r in rows if r.baseline), "baseline")
         lines += [f"## {model}", ""]
-        lines += _task_table(rows, cols, base_label)
-        lines += ["", _metric_legend(cols, rows), ""]
-        seeds = sorted({s for r in rows for s in r.seeds})
-        if len(seeds) > 1:
-            lines += [f"Scores are means over seeds {seeds} (± population standard deviation).", ""]
+        lines += _task_table(rows, cols, base_label, files, settings)
+        lines += ["", _metric_legend(cols, rows, settings), ""]
+        spread = seed_spread_table(rows, cols)
+        if spread:
+            lines += ["Spread over calibration seeds (sample standard deviation of each task's score, display "
+                      "units); the intervals above and below include it.", ""] + spread + [""]
+        ptab = paired_table(rows, cols, baseline, compare_to, settings)
+        if ptab:
+            lines += [f"**Paired differences** (row minus the recipe it is compared with; accuracies in points, "
+                      f"perplexities in % of the other recipe's), with {settings.pct} intervals from a paired "
+                      f"bootstrap over the same documents ({settings.iters} resamples; seeds resampled too). "
+                      f"**Bold** ▲ / ▼: significantly better / worse at {settings.pct} (the interval excludes 0); "
+                      "anything else is within noise.", ""] + ptab + [""]
         lines += _details(rows)
 
     lines += ["## Accuracy against bits", ""]
     pareto = pareto_plot(rows_by_model, fig_dir / "pareto.png")
     lines += [f"![accuracy against bits]({_rel(pareto, out)})", "",
-              "Average over the higher-is-better tasks of each model against nominal bits; the line joins each "
-              "model's Pareto-optimal recipes (no recipe with fewer bits scores higher).", ""]
+              "One panel per model: its average over the higher-is-better tasks (± standard error) against nominal "
+              "bits; the line joins the model's Pareto-optimal recipes (no recipe with fewer bits scores higher).", ""]
 
-    lines += ["## Active experts per layer", ""]
-    for model in models:
-        p = active_experts_plot(rows_by_model[model], model, fig_dir / f"active-experts-{_slug(model)}.png")
+    active = [(m, [r for r in rows_by_model[m] if r.files[0].compression.prune]) for m in models]
+    active = [(m, rs) for m, rs in active if rs]
+    if active:
+        lines += ["## Active experts per layer", "", "The pruned recipes only (every other recipe runs top-k).", ""]
+    for model, pruned in active:
+        p = active_experts_plot(pruned, model, fig_dir / f"active-experts-{_slug(model)}.png")
         if p is not None:
             lines += [f"![active experts per layer, {model}]({_rel(p, out)})", ""]
-        lines += _activity_table(rows_by_model[model])
+        lines += _activity_table(pruned)
 
     heat = _heatmaps(files, origin, fig_dir, out)
     if heat:
@@ -197,13 +252,37 @@ def build_report(
     for f, p in sorted(zip(files, paths), key=lambda fp: (fp[0].model, fp[0].recipe, fp[0].seed, fp[0].date)):
         digest = hashlib.sha256(p.read_bytes()).hexdigest()[:12]
         lines.append(f"| `{_rel(p, out)}` | {f.suite} | {f.model} | {f.recipe} | {f.seed} | {f.date} | {digest} |")
-    soft = sorted({(k, v) for f in files for k, v in f.software.items()})
-    if soft:
-        lines += ["", "Software: " + ", ".join(f"{k} {v}" for k, v in soft) + "."]
+    lines += [""] + _provenance(files)
     report = out / REPORT_NAME
     write_text_atomic(report, "\n".join(lines) + "\n")
     log.info("wrote %s (%d results files, %d models)", report, len(files), len(models))
     return report
+
+
+def _provenance(files: list[ResultsFile]) -> list[str]:
+    """Every distinct value of the results files' provenance and software, listed once."""
+    def distinct(get) -> str:  # type: ignore[no-untyped-def]
+        vals = sorted({json.dumps(v, sort_keys=True) if not isinstance(v, str) else v
+                       for f in files if (v := get(f)) is not None})
+        return "; ".join(f"`{v}`" for v in vals) if vals else "not recorded"
+
+    def lock(f: ResultsFile) -> str | None:
+        if "lock" not in f.provenance:
+            return None
+        lk = f.provenance["lock"]
+        return "none found (null)" if lk is None else f"{lk['path']} sha256 {lk['sha256'][:16]}"
+
+    lines = ["## Provenance", "", "| what | value |", "|---|---|",
+             f"| dependency lock | {distinct(lock)} |",
+             f"| CPU | {distinct(lambda f: f.provenance.get('cpu'))} |",
+             f"| GPU | {distinct(lambda f: f.provenance.get('gpu'))} |",
+             f"| Python | {distinct(lambda f: f.provenance.get('python'))} |",
+             f"| seeds | {distinct(lambda f: f.provenance.get('seeds'))} |",
+             f"| command | {distinct(lambda f: f.provenance.get('command'))} |"]
+    soft = sorted({(k, v) for f in files for k, v in f.software.items()})
+    for k in sorted({k for k, _ in soft}):
+        lines.append(f"| {k} | {'; '.join(v for kk, v in soft if kk == k)} |")
+    return lines
 
 
 def _details(rows: list[Row]) -> list[str]:
@@ -248,20 +327,40 @@ def _activity_table(rows: list[Row]) -> list[str]:
 
 
 def _heatmaps(files: list[ResultsFile], origin: dict[int, Path], fig_dir: Path, out: Path) -> list[str]:
+    """Per model, the first seed's expert-significance map (named after the model), then the bit-allocation map of
+    each recipe whose plan is not uniform (a uniform plan's map is one colour and says nothing)."""
     lines: list[str] = []
     seen: set[str] = set()
-    for f in sorted(files, key=lambda f: (f.model, f.recipe, f.seed, f.date)):
-        for name, rel in sorted(f.compression.artifacts.items()):
+    first_seed = {m: min(f.seed for f in files if f.model == m) for m in {f.model for f in files}}
+    for f in sorted(files, key=lambda f: (f.model, "significance" not in "".join(f.compression.artifacts), f.recipe,
+                                          f.seed, f.date)):
+        if f.seed != first_seed[f.model]:
+            continue
+        for name, rel in sorted(f.compression.artifacts.items(), key=lambda kv: ("significance" not in kv[0], kv[0])):
             src = (origin[id(f)].parent / rel)
+            significance = "significance" in name
+            if not significance and _uniform_plan(f):
+                continue
             if not src.is_file():
                 log.warning("%s: artifact %s not found at %s; left out of the report", origin[id(f)], name, src)
                 continue
             digest = hashlib.sha256(src.read_bytes()).hexdigest()[:12]
-            if digest in seen:  # the same picture (e.g. one model's significance map) is shown once
+            key = f"{f.model}/significance" if significance else digest
+            if key in seen or digest in seen:  # one significance map per model; the same picture once
                 continue
-            seen.add(digest)
-            dst = fig_dir / f"{_slug(f.model)}-{_slug(f.recipe)}-{_slug(name)}{src.suffix}"
+            seen.update({key, digest})
+            stem = f"{_slug(f.model)}-{_slug(name)}" if significance else \
+                f"{_slug(f.model)}-{_slug(f.recipe)}-{_slug(name)}"
+            dst = fig_dir / f"{stem}{src.suffix}"
             shutil.copyfile(src, dst)
-            caption = f"{f.model}: {name.replace('_', ' ')}" + ("" if "significance" in name else f", {f.recipe}")
+            caption = (f"{f.model}: expert significance (calibration seed {f.seed})" if significance
+                       else f"{f.model}: {name.replace('_', ' ')}, {f.recipe}")
             lines += [f"**{caption}**", "", f"![{caption}]({_rel(dst, out)})", ""]
     return lines
+
+
+def _uniform_plan(f: ResultsFile) -> bool:
+    """Every expert of the plan has the same width (or there is no plan)."""
+    plan = (f.compression.quant or {}).get("plan") or {}
+    widths = {b for layer in plan.values() for b in (layer if isinstance(layer, list) else [layer])}
+    return len(widths) <= 1

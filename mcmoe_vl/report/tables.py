@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import statistics
 from dataclasses import dataclass, field
+from typing import Any
 
 from mcmoe_vl.evaluation.results import ResultsFile
 
@@ -40,7 +41,7 @@ class Row:
     baseline: bool
     seeds: list[int]
     scores: dict[str, float | None]  # task -> mean over seeds of the primary metric (as stored, not x100)
-    spread: dict[str, float | None]  # task -> population std over seeds (None with one seed)
+    spread: dict[str, float | None]  # task -> sample standard deviation over seeds (None with one seed)
     nominal_bits: float
     effective_bits: float | None
     size_bytes: int | None
@@ -49,6 +50,7 @@ class Row:
     tokens_per_second: float | None
     measured_speedup: float | None = None  # against the original model timed in alternation (same minutes)
     files: list[ResultsFile] = field(default_factory=list)
+    items: dict[str, Any] = field(default_factory=dict)  # task -> ItemTable (per-item values, .items)
     average: float | None = None  # over higher-is-better tasks, in display units
     delta: float | None = None
     speedup: float | None = None
@@ -61,7 +63,7 @@ def _mean(xs: list[float | None]) -> float | None:
 
 def _std(xs: list[float | None]) -> float | None:
     vals = [x for x in xs if x is not None]
-    return statistics.pstdev(vals) if len(vals) == len(xs) and len(vals) > 1 else None
+    return statistics.stdev(vals) if len(vals) == len(xs) and len(vals) > 1 else None
 
 
 def task_columns(files: list[ResultsFile], model: str) -> list[TaskColumn]:
@@ -143,6 +145,17 @@ def reference_row(rows: list[Row], row: Row, baseline: str | None = None) -> Row
         return None
     same = [r for r in cands if r.run == row.run]
     return (same or sorted(cands, key=lambda r: r.run))[-1]
+
+
+def task_n(files: list[ResultsFile], rows: list[Row], col: TaskColumn) -> int | None:
+    """Documents of a task: from the per-item outputs, else the harness's ``n-samples`` (the most any row has)."""
+    ns = [r.items[col.task].n for r in rows if col.task in r.items]
+    if not ns:
+        for f in files:
+            eff = (f.n_samples.get(col.task) or {}).get("effective")
+            if isinstance(eff, int):
+                ns.append(eff)
+    return max(ns) if ns else None
 
 
 def display(v: float | None, col: TaskColumn) -> float | None:

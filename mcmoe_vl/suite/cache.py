@@ -20,12 +20,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from mcmoe_vl.io import write_json_atomic
+from mcmoe_vl.io import checkpoint_fingerprint, file_sha256, write_json_atomic
 
 log = logging.getLogger(__name__)
 
 CACHE_VERSION = 1
 RECORD = "stage.json"
+
+__all__ = ["StageCache", "canonical_json", "checkpoint_fingerprint", "file_sha256", "stage_key"]
 
 
 def canonical_json(obj: Any) -> str:
@@ -36,24 +38,6 @@ def stage_key(stage: str, inputs: Any) -> str:
     """16 hex digits of SHA-256 over the stage name, the cache version and the inputs (canonical JSON)."""
     payload = canonical_json({"cache_version": CACHE_VERSION, "stage": stage, "inputs": inputs})
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:16]
-
-
-def file_sha256(path: Path, *, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def checkpoint_fingerprint(path: Path, *, hash_limit: int = 64 << 20) -> dict[str, Any]:
-    """Identify a local checkpoint directory: config and small files by content, large files by size and mtime."""
-    files = {}
-    for f in sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")):
-        st = f.stat()
-        rel = f.relative_to(path).as_posix()
-        files[rel] = file_sha256(f) if st.st_size <= hash_limit else f"size={st.st_size},mtime={st.st_mtime_ns}"
-    return {"path": str(path), "files": files}
 
 
 class StageCache:

@@ -281,6 +281,37 @@ def check_components(loaded: LoadedSuite) -> None:
                     raise SuiteError(f"recipe {r.name!r}: {exc}") from None
 
 
+def check_recipes_feasible(loaded: LoadedSuite, locations: dict[str, tuple[str, bool]]) -> None:
+    """Every quantized recipe's allocation is feasible for its model's MoE layout (read from the local checkpoint's
+    config; Hub models are checked once loaded) and its GPTQ settings are valid: no statistics needed."""
+    from mcmoe_vl.allocation.allocate import check_feasible
+    from mcmoe_vl.allocation.budget import AllocationError
+    from mcmoe_vl.calibration.workflow import moe_layout
+
+    from . import stages
+
+    for m in loaded.suite.models:
+        recipes = [r for r in loaded.suite.recipes_for(m) if r.quant is not None]
+        loc, local = locations.get(m.name, (m.checkpoint, False))
+        if not recipes:
+            continue
+        layout = moe_layout(loc) if local else None
+        for r in recipes:
+            where = f"model {m.name!r}, recipe {r.name!r}"
+            try:
+                stages.quantize_config(r.quant, min_tokens=loaded.suite.calibration.min_tokens, progress=False)
+            except stages.StageUnavailable:
+                pass  # reported per recipe when the run reaches it
+            except ValueError as exc:
+                raise SuiteError(f"{where}: {exc}") from None
+            try:
+                config = stages.allocation_config(r.quant, seed=0)
+                if layout is not None:
+                    check_feasible(layout, config)
+            except (AllocationError, ValueError) as exc:
+                raise SuiteError(f"{where}: {exc}") from None
+
+
 def preflight(loaded: LoadedSuite, *, check_checkpoints: bool = True) -> dict[str, tuple[str, bool]]:
     """Check the suite against this installation before any long work.
 
@@ -298,4 +329,5 @@ def preflight(loaded: LoadedSuite, *, check_checkpoints: bool = True) -> dict[st
             locations[m.name] = (m.checkpoint, False)
     check_tasks(loaded)
     check_calibration_data(loaded)
+    check_recipes_feasible(loaded, locations)
     return locations

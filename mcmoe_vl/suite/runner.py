@@ -14,6 +14,7 @@ Layout of a run directory (``runs/<suite>/`` unless the suite or the caller name
     prune/<key>/pruning.json            ODP thresholds or OTP predictors
     evaluate/<key>/results.json         one (model, recipe, seed) in the results schema
     results/<model>/<recipe>-seed<k>.json   the results files the report reads
+    results.stale/...                   results of recipes that failed or left the suite (moved aside, not read)
 
 ``<key>`` hashes the stage's inputs, including the keys of the stages before it (:mod:`.cache`), so a re-run does
 only what changed and an interrupted run resumes; a stage directory without its completion record is redone.
@@ -37,17 +38,21 @@ from tqdm.auto import tqdm
 from mcmoe_vl.evaluation.results import (
     CompressionBlock,
     LayerActivity,
+    Memory,
     ResultsFile,
     TaskInfo,
     load_results,
     primary_metric,
     save_results,
 )
-from mcmoe_vl.io import read_json, write_json_atomic
+from mcmoe_vl.evaluation.memory import PeakMemory
+from mcmoe_vl.evaluation.provenance import provenance
+from mcmoe_vl.evaluation.samples import samples_path_for, write_samples
+from mcmoe_vl.io import check_output_outside, read_json, write_bytes_atomic, write_json_atomic
 
 from . import stages
 from .cache import StageCache, checkpoint_fingerprint, stage_key
-from .load import LoadedSuite, include_dirs, is_image_source, preflight
+from .load import LoadedSuite, SuiteError, include_dirs, is_image_source, preflight
 from .schema import Harness, ModelSpec, RecipeSpec, Suite, TaskSpec, slug
 
 log = logging.getLogger(__name__)
@@ -63,6 +68,8 @@ class RunSummary:
     results: list[Path] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
+    not_run: list[str] = field(default_factory=list)  # recipes whose stage was unavailable
+    kept_report: Path | None = None  # an existing report left in place because the run was incomplete
     reused: dict[str, int] = field(default_factory=dict)  # stage -> cache hits
     computed: dict[str, int] = field(default_factory=dict)  # stage -> runs
 
@@ -187,8 +194,10 @@ class SuiteRunner:
 
     def __init__(self, loaded: LoadedSuite, *, run_dir: str | os.PathLike[str] | None = None,
                  report_dir: str | os.PathLike[str] | None = None, progress: bool = True,
-                 command: str | None = None) -> None:
+                 command: str | None = None, overwrite_report: bool = False) -> None:
         self.loaded = loaded
+        self.overwrite_report = overwrite_report
+        self._subset = False
         self.suite: Suite = loaded.suite
         self.run_dir = Path(run_dir or self.suite.run_dir or Path("runs") / slug(self.suite.name))
         self.report_dir = Path(report_dir or self.suite.report.output_dir or Path("reports") / slug(self.suite.name))
@@ -278,11 +287,15 @@ class SuiteRunner:
             self._hit("calibrate")
             return load_stats(d / "stats.json"), d
         self._status("calibrate", ctx, recipe)
-        d.mkdir(parents=True, exist_ok=True)  # not cleared: calibration resumes from its own partial file
-        (d / "stage.json").unlink(missing_ok=True)
+        if (d / "stage.json").exists():  # finished once, changed since: redone from scratch, nothing kept
+            d = self.cache.begin("calibrate", key)
+        # else not cleared: an interrupted pass resumes from its own partial file once the file proves intact
+        d.mkdir(parents=True, exist_ok=True)
         group = recipe.quant.group_size if recipe.quant else 128
         stats = stages.calibrate(ctx.model, ctx.calibration_batches(), self.suite.calibration, group_size=group,
-                                 output=d / "stats.json", model_name=ctx.spec.name, progress=self.progress)
+                                 output=d / "stats.json", model_name=ctx.spec.name,
+                                 model_fingerprint=ctx.fingerprint.get("files", ctx.fingerprint),
+                                 progress=self.progress)
         files = ["stats.json"]
         if self.suite.report.heatmaps:
             stages.significance_plot(stats, d / "significance.png")
@@ -386,21 +399,24 @@ class SuiteRunner:
         artifact = self.prune(ctx, recipe, keys, model) if recipe.prune is not None else None
 
         self._status("evaluate", ctx, recipe)
-        results, speed, activity = self._evaluate_model(ctx, recipe, model, artifact, tasks)
+        results, speed, activity, memory = self._evaluate_model(ctx, recipe, model, artifact, tasks)
         if model is not ctx.model:
             del model
         d = self.cache.begin("evaluate", key)
         res = self._results_file(ctx, recipe, keys, results, tasks, speed, activity, acct, artifact, artifacts, d,
                                  plan_path=(self.cache.dir("allocate", keys["allocate"]) / "plan.json"
                                             if keys["allocate"] else None))
+        res.compression.memory = memory
+        res.samples = write_samples(samples_path_for(d / "results.json"), results.get("samples") or {})
+        res.provenance = provenance(command=self.command, seeds=self.suite.seeds_for(recipe))
         save_results(res, d / "results.json")
         self.cache.commit("evaluate", key, inputs={"recipe": recipe.name, "model": ctx.spec.name, "seed": ctx.seed},
-                          files=["results.json"])
+                          files=["results.json", res.samples.file])
         self._miss("evaluate")
         return d / "results.json"
 
     def _evaluate_model(self, ctx: _ModelContext, recipe: RecipeSpec, model: torch.nn.Module, artifact: Any,
-                        tasks: list[TaskSpec]) -> tuple[dict[str, Any], Any, Any]:
+                        tasks: list[TaskSpec]) -> tuple[dict[str, Any], Any, Any, Memory]:
         from mcmoe_vl.moe import ExpertInterface
         from mcmoe_vl.evaluation.lm_eval_backend import TaskRequest, evaluate_lm_eval
         from mcmoe_vl.pruning.artifact import apply_pruning
@@ -429,30 +445,37 @@ class SuiteRunner:
                             stages.set_runtime(model, ev.runtime.value)
                     if recipe.quant is not None:
                         speed = speed.model_copy(update={"workload": f"{speed.workload}, {timed_rt} runtime"})
-                for harness in Harness:
-                    reqs = [TaskRequest(t.name, t.num_fewshot, t.limit, t.id) for t in tasks if t.harness is harness]
-                    if not reqs:
-                        continue
+                mem_rt = (ev.speed_runtime or ev.runtime).value if recipe.quant is not None else "16-bit"
+                resident = _resident_bytes(model, mem_rt if recipe.quant is not None else None, ev.runtime.value)
+                with PeakMemory(str(ctx.device)) as peak:
+                    for harness in Harness:
+                        reqs = [TaskRequest(t.name, t.num_fewshot, t.limit, t.id) for t in tasks
+                                if t.harness is harness]
+                        if not reqs:
+                            continue
 
-                    def on_task(name: str, _h: str = harness.value) -> None:
-                        self._status(f"evaluate ({_h})", ctx, recipe, name)
+                        def on_task(name: str, _h: str = harness.value) -> None:
+                            self._status(f"evaluate ({_h})", ctx, recipe, name)
 
-                    common = dict(include_paths=include_dirs(self.loaded, harness),
-                                  include_defaults=ev.include_default_tasks, batch_size=ev.batch_size,
-                                  seed=ctx.seed, bootstrap_iters=ev.bootstrap_iters, on_task=on_task)
-                    if harness is Harness.LM_EVAL:
-                        out = evaluate_lm_eval(model, ctx.tokenizer, reqs, max_length=ctx.spec.max_length, **common)
-                    else:
-                        from mcmoe_vl.evaluation.lmms_eval_backend import evaluate_lmms_eval
+                        common = dict(include_paths=include_dirs(self.loaded, harness),
+                                      include_defaults=ev.include_default_tasks, batch_size=ev.batch_size,
+                                      seed=ctx.seed, bootstrap_iters=ev.bootstrap_iters, on_task=on_task)
+                        if harness is Harness.LM_EVAL:
+                            out = evaluate_lm_eval(model, ctx.tokenizer, reqs, max_length=ctx.spec.max_length,
+                                                   **common)
+                        else:
+                            from mcmoe_vl.evaluation.lmms_eval_backend import evaluate_lmms_eval
 
-                        out = evaluate_lmms_eval(model, stages.vl2_processor(ctx.tokenizer, model), reqs, **common)
-                    for k, v in out.items():
-                        merged.setdefault(k, {}).update(v)
+                            out = evaluate_lmms_eval(model, stages.vl2_processor(ctx.tokenizer, model), reqs,
+                                                     **common)
+                        for k, v in out.items():
+                            merged.setdefault(k, {}).update(v)
             finally:
                 if rule is not None:
                     rule.remove()
         model.train(was_training)
-        return merged, speed, activity
+        memory = Memory(resident_bytes=resident, runtime=mem_rt, peak_bytes=peak.bytes, peak_what=peak.what)
+        return merged, speed, activity, memory
 
     def _results_file(self, ctx: _ModelContext, recipe: RecipeSpec, keys: dict[str, str | None],
                       results: dict[str, Any], tasks: list[TaskSpec], speed: Any, activity: Any,
@@ -515,16 +538,37 @@ class SuiteRunner:
         return self.run_dir / "results" / slug(model.name) / f"{slug(recipe.name)}-seed{seed}.json"
 
     def _prune_published(self) -> None:
-        """Remove published results of (model, recipe, seed) no longer in the suite (the cache keeps them)."""
+        """Move aside published results of (model, recipe, seed) no longer in the suite, or whose recipe was changed
+        under the same name (the cache keeps them)."""
         root = self.run_dir / "results"
         if not root.exists():
             return
-        keep = {self.published_path(m, r, s).resolve() for m in self.suite.models for r in self.suite.recipes_for(m)
-                for s in self.suite.seeds}
+        keep = {self.published_path(m, r, s).resolve(): r for m in self.suite.models for r in self.suite.recipes_for(m)
+                for s in self.suite.seeds_for(r)}
         for f in sorted(root.rglob("*.json")):
-            if f.resolve() not in keep:
-                log.info("removing %s: not part of the suite any more", f)
-                f.unlink()
+            recipe = keep.get(f.resolve())
+            if recipe is None:
+                self._set_aside(f, "not part of the suite any more")
+                continue
+            try:
+                recorded = (read_json(f, what="results file").get("config") or {}).get("recipe")
+            except (ValueError, AttributeError):
+                recorded = None
+            if recorded != recipe.model_dump(mode="json"):
+                self._set_aside(f, f"recipe {recipe.name!r} is defined differently now (or the file is unreadable)")
+
+    def _set_aside(self, published: Path, reason: str) -> None:
+        """Move a published results file out of ``results/`` (which reports read) into ``results.stale/``."""
+        if not published.is_file():
+            return
+        dst = self.run_dir / "results.stale" / published.relative_to(self.run_dir / "results")
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        samples = samples_path_for(published)
+        if samples.is_file():
+            os.replace(samples, samples_path_for(dst))
+        os.replace(published, dst)
+        log.warning("moved %s to %s: %s", published, dst, reason)
+
     def publish(self, ctx: _ModelContext, recipe: RecipeSpec, src: Path) -> Path:
         """Copy a cached results file to ``results/<model>/<recipe>-seed<k>.json`` with artifact paths rebased."""
         res = load_results(src)
@@ -534,17 +578,30 @@ class SuiteRunner:
             target = (src.parent / rel).resolve()
             rebased[name] = os.path.relpath(target, dst.parent.resolve())
         res.compression.artifacts = rebased
+        if res.samples is not None:
+            write_bytes_atomic(samples_path_for(dst), (src.parent / res.samples.file).read_bytes())
+            res.samples = res.samples.model_copy(update={"file": samples_path_for(dst).name})
         save_results(res, dst)
         return dst
 
     # -- the whole suite --------------------------------------------------------------------------------------------
     def run(self, *, models: list[str] | None = None, recipes: list[str] | None = None,
             write_report: bool = True) -> RunSummary:
-        locations = preflight(self.loaded)
+        try:
+            locations = preflight(self.loaded)
+        except SuiteError:
+            # refused before any work: results of recipes that changed or left the suite still must not be reported
+            if int(os.environ.get("RANK", "0")) == 0:
+                self._prune_published()
+            raise
+        models_dirs = {f"checkpoint directory of model {n!r}": loc for n, (loc, local) in locations.items() if local}
+        check_output_outside(self.run_dir, models_dirs, what="run directory")
+        check_output_outside(self.report_dir, models_dirs, what="report directory")
         unknown = sorted(set(models or []) - {m.name for m in self.suite.models}) + \
             sorted(set(recipes or []) - {r.name for r in self.suite.recipes})
         if unknown:
             raise ValueError(f"--model / --recipe name(s) {unknown} are not in the suite")
+        self._subset = bool(models or recipes)
         dist = _Distributed.from_env()
         if dist.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -552,7 +609,8 @@ class SuiteRunner:
             self._prune_published()
         dist.barrier()
         todo = [(m, seed, r) for m in self.suite.models if not models or m.name in models
-                for seed in self.suite.seeds for r in self.suite.recipes_for(m) if not recipes or r.name in recipes]
+                for seed in self.suite.all_seeds for r in self.suite.recipes_for(m) if not recipes or r.name in recipes
+                if seed in self.suite.seeds_for(r)]
         # data-parallel over the (model, seed, recipe) grid: each process takes every world_size-th item
         todo = todo[dist.rank::dist.world_size]
         contexts: dict[tuple[str, int], _ModelContext] = {}
@@ -573,13 +631,17 @@ class SuiteRunner:
                     self.summary.results.append(self.publish(ctx, r, src))
                 except stages.StageUnavailable as exc:
                     log.warning("%s: not run: %s", label, exc)
+                    self.summary.not_run.append(label)
                     self.summary.notes.append(f"{label}: not run: {exc}")
+                    self._set_aside(self.published_path(m, r, seed), f"{label} was not run")
                 except (KeyboardInterrupt, SystemExit):
                     raise
                 except Exception as exc:  # one broken recipe must not stop the others; it is reported
                     log.exception("%s failed", label)
                     self.summary.failed.append(label)
                     self.summary.notes.append(f"{label}: FAILED: {type(exc).__name__}: {exc}")
+                    # an earlier result under the same name describes another recipe: never report it as current
+                    self._set_aside(self.published_path(m, r, seed), f"{label} failed")
         finally:
             self._bar.close()
             self._bar = None
@@ -591,10 +653,23 @@ class SuiteRunner:
         if write_report and self.summary.results:
             from mcmoe_vl.report.build import build_report
 
-            self.summary.report = build_report(self.summary.results, self.report_dir, baseline=self.suite.report.baseline,
+            rs = self.suite.report
+            self.summary.report = build_report(self.summary.results, self._report_destination(), baseline=rs.baseline,
                                                command=self.command, notes=sorted(self.summary.notes),
-                                               title=f"Suite `{self.suite.name}`")
+                                               title=f"Suite `{self.suite.name}`", compare_to=rs.compare_to,
+                                               confidence=rs.confidence, bootstrap=rs.bootstrap)
         return self.summary
+
+    def _report_destination(self) -> Path:
+        """The suite's report directory, unless this run is incomplete (a recipe failed or was not run, or only a
+        subset was asked for) and a report is already there: that one is the last good report and is kept; this
+        run's report, with its failures listed, goes to ``<run dir>/report`` instead. ``overwrite_report`` (the
+        CLI's ``--overwrite-report``) replaces it anyway."""
+        incomplete = bool(self.summary.failed or self.summary.not_run or self._subset)
+        if incomplete and not self.overwrite_report and (self.report_dir / "report.md").exists():
+            self.summary.kept_report = self.report_dir / "report.md"
+            return self.run_dir / "report"
+        return self.report_dir
 
 
 @dataclass
@@ -653,10 +728,24 @@ class _Distributed:
             out.results += p.results
             out.notes += p.notes
             out.failed += p.failed
+            out.not_run += p.not_run
             for mine_d, theirs in ((out.reused, p.reused), (out.computed, p.computed)):
                 for k, v in theirs.items():
                     mine_d[k] = mine_d.get(k, 0) + v
         return out
+
+
+def _resident_bytes(model: torch.nn.Module, runtime: str | None, eval_runtime: str) -> int:
+    """Bytes the loaded model holds in ``runtime`` (packed: its true size), measured on its storages."""
+    from mcmoe_vl.quant.accounting import resident_bytes
+
+    if runtime is None or runtime == eval_runtime:
+        return resident_bytes(model, include_caches=True)
+    stages.set_runtime(model, runtime)
+    try:
+        return resident_bytes(model, include_caches=True)
+    finally:
+        stages.set_runtime(model, eval_runtime)
 
 
 def _check_lmms_available() -> None:
@@ -670,7 +759,10 @@ def _check_lmms_available() -> None:
 
 def run_suite(loaded: LoadedSuite, *, run_dir: str | os.PathLike[str] | None = None,
               report_dir: str | os.PathLike[str] | None = None, progress: bool = True, command: str | None = None,
-              models: list[str] | None = None, recipes: list[str] | None = None) -> RunSummary:
-    """Run (or resume) every model x recipe x seed of the suite and write its report."""
-    runner = SuiteRunner(loaded, run_dir=run_dir, report_dir=report_dir, progress=progress, command=command)
+              models: list[str] | None = None, recipes: list[str] | None = None,
+              overwrite_report: bool = False) -> RunSummary:
+    """Run (or resume) every model x recipe x seed of the suite and write its report (see
+    :meth:`SuiteRunner._report_destination` for where it goes when the run is incomplete)."""
+    runner = SuiteRunner(loaded, run_dir=run_dir, report_dir=report_dir, progress=progress, command=command,
+                         overwrite_report=overwrite_report)
     return runner.run(models=models, recipes=recipes)

@@ -210,12 +210,21 @@ class RecipeSpec(_Strict):
     quant: QuantSpec | None = None
     prune: PruneSpec | None = None
     models: list[str] | None = None  # restrict to these model names (default: every model)
+    # calibration seeds of this recipe (default: the suite's); e.g. [0] for the 16-bit row, which no seed changes
+    seeds: list[int] | None = None
 
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
         if not _NAME.match(v):
             raise ValueError(f"recipe names use letters, digits, space and ._+()-, got {v!r}")
+        return v
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and (not v or len(set(v)) != len(v)):
+            raise ValueError(f"recipe seeds must be a non-empty list without repeats, got {v}")
         return v
 
     @property
@@ -287,10 +296,20 @@ class EvaluationSpec(_Strict):
 
 
 class ReportSpec(_Strict):
-    """Where the report goes and which recipe is the reference row (default: the first baseline recipe)."""
+    """Where the report goes, which rows are compared, and at what confidence.
+
+    ``baseline``: the reference row of the Δ column and of the first paired comparison (default: the 16-bit
+    recipe). ``compare_to``: a second recipe every compressed row is compared with by the paired test (default, per
+    row: the same quantization without pruning for a pruned recipe, else the uniform recipe at the same bits, where
+    there is one). ``confidence``: level of every interval and of the significance marks. ``bootstrap``: resamples
+    of the paired and perplexity bootstraps (their seeds are fixed, so a report is reproducible to the byte).
+    """
 
     output_dir: str | None = None  # default reports/<suite name>
     baseline: str | None = None
+    compare_to: str | None = None
+    confidence: float = Field(0.95, gt=0.5, lt=1.0)
+    bootstrap: int = Field(2000, ge=100)
     heatmaps: bool = True
 
 
@@ -352,6 +371,9 @@ class Suite(_Strict):
             raise ValueError(f"seeds repeat: {self.seeds}")
         if self.report.baseline is not None and self.report.baseline not in {r.name for r in self.recipes}:
             raise ValueError(f"report.baseline {self.report.baseline!r} is not a recipe of the suite")
+        if self.report.compare_to is not None and self.report.compare_to not in {r.name for r in self.recipes}:
+            raise ValueError(f"report.compare_to {self.report.compare_to!r} is not a recipe of the suite; recipes: "
+                             f"{sorted(r.name for r in self.recipes)}")
         for m in self.models:
             if not any(self.tasks_for(m)):
                 raise ValueError(f"model {m.name!r} has no task for its harnesses "
@@ -361,6 +383,16 @@ class Suite(_Strict):
     # -- views --------------------------------------------------------------------------------------------------
     def recipes_for(self, model: ModelSpec) -> list[RecipeSpec]:
         return [r for r in self.recipes if r.models is None or model.name in r.models]
+
+    def seeds_for(self, recipe: RecipeSpec) -> list[int]:
+        """The seeds a recipe runs with: its own, else the suite's."""
+        return list(recipe.seeds) if recipe.seeds is not None else list(self.seeds)
+
+    @property
+    def all_seeds(self) -> list[int]:
+        """Every seed some recipe runs with, in the suite's order, then the recipes' own."""
+        extra = sorted({s for r in self.recipes for s in (r.seeds or [])} - set(self.seeds))
+        return list(self.seeds) + extra
 
     def tasks_for(self, model: ModelSpec) -> list[TaskSpec]:
         hs = set(model.resolved_harnesses)

@@ -173,11 +173,19 @@ def vl2_processor(tokenizer: Any, model: nn.Module) -> Any:
 
 # -- calibrate / allocate --------------------------------------------------------------------------------------------
 def calibrate(model: nn.Module, calib_batches: list[dict[str, Any]], spec: CalibrationSpec, *, group_size: int,
-              output: Path, model_name: str, progress: bool) -> Any:
-    from mcmoe_vl.calibration.calibrate import CalibrationConfig, calibrate as run
+              output: Path, model_name: str, model_fingerprint: Any, progress: bool) -> Any:
+    """Calibrate into ``output``, continuing a partial file of the same weights, data and settings; a partial
+    file that cannot be continued (truncated, edited, other weights) is removed and the pass starts over."""
+    from mcmoe_vl.calibration.calibrate import CalibrationConfig, ResumeError, calibrate as run
 
     cfg = CalibrationConfig(eps_bits=tuple(spec.eps_bits), group_size=group_size, min_tokens=spec.min_tokens)
-    return run(model, calib_batches, cfg, output=output, resume=True, model_name=model_name, progress=progress)
+    kw = dict(output=output, model_name=model_name, model_fingerprint=model_fingerprint, progress=progress)
+    try:
+        return run(model, calib_batches, cfg, resume=True, **kw)
+    except ResumeError as exc:
+        log.warning("%s; starting the calibration over", exc)
+        output.unlink(missing_ok=True)
+        return run(model, calib_batches, cfg, resume=False, **kw)
 
 
 def significance_plot(stats: Any, path: Path) -> Path:

@@ -42,6 +42,7 @@ MODEL_TYPE = "deepseek_vl_v2"
 # not change the architecture. They are kept verbatim for saving.
 GENERIC_KEYS = frozenset(
     {
+        "mcmoe_answer_prefix",  # read by the processor (processing.ANSWER_PREFIX_KEY), kept in extras
         "return_dict", "output_hidden_states", "output_attentions", "torchscript", "torch_dtype", "dtype",
         "use_bfloat16", "tf_legacy_loss", "pruned_heads", "chunk_size_feed_forward", "is_encoder_decoder",
         "is_decoder", "cross_attention_hidden_size", "add_cross_attention", "tie_encoder_decoder", "max_length",

@@ -69,8 +69,8 @@ def greedy_generate(
     embeds = model.prepare_inputs_embeds(ids, images, seq_mask, crops)  # (B, S, D), images placed once
     step_embeds = embeds
     for _ in range(max_new_tokens):
-        out = model(inputs_embeds=step_embeds, attention_mask=mask, past_key_values=cache, use_cache=use_cache,
-                     logits_to_keep=1)
+        # The cache is updated in place: the same object serves every step.
+        out = model(inputs_embeds=step_embeds, attention_mask=mask, cache=cache, use_cache=use_cache, logits_to_keep=1)
         logits = out.logits[:, -1].float()  # (B, V)
         nxt = logits.argmax(-1)
         nxt = torch.where(finished, torch.full_like(nxt, fill), nxt)
@@ -83,7 +83,6 @@ def greedy_generate(
         mask = torch.cat([mask, torch.ones(b, 1, dtype=mask.dtype, device=device)], dim=1)
         new_embed = model.get_input_embeddings()(nxt[:, None])  # (B, 1, D)
         if use_cache:
-            cache = out.past_key_values
             step_embeds = new_embed
         else:
             embeds = torch.cat([embeds, new_embed], dim=1)

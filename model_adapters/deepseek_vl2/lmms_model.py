@@ -32,6 +32,7 @@ import torch
 from lmms_eval.api.instance import GenerationResult, Instance, TokenCounts
 from lmms_eval.api.model import lmms
 from tqdm.auto import tqdm
+from transformers import DynamicCache
 
 from .generation import greedy_generate
 from .modeling import DeepseekVL2ForCausalLM
@@ -128,17 +129,65 @@ class DeepseekVL2LMMS(lmms):
     # -- lmms-eval API ------------------------------------------------------------------------------------------
     @torch.no_grad()
     def loglikelihood(self, requests: list[Instance]) -> list[GenerationResult]:
-        """``GenerationResult(text=(negative log-likelihood, is_greedy))`` per request (module docstring)."""
-        results: list[GenerationResult] = []
-        for req in tqdm(requests, desc="loglikelihood", disable=len(requests) < 8):
-            context, doc_to_target, doc_to_visual, doc_id, task, split = req.args
+        """``GenerationResult(text=(negative log-likelihood, is_greedy))`` per request (module docstring).
+
+        The requests of one question (same task, document and context: the choices of a multiple-choice item) are
+        scored together by :meth:`score_choices`: one forward over the prompt and its images, then one batched
+        forward over the continuations from the prompt's cache."""
+        conts: list[str] = []
+        items: dict[tuple[str, str, int, str], list[int]] = {}
+        for i, req in enumerate(requests):
+            context, doc_to_target, _, doc_id, task, split = req.args
             doc = self.task_dict[task][split][doc_id]
-            cont = doc_to_target if isinstance(doc_to_target, str) else doc_to_target(doc)
-            images = self._visuals(doc_to_visual, doc_id, task, split)
-            logprob, greedy = self.score(self._prompt(context, len(images)), str(cont), images)
-            # text carries the (nll, is_greedy) tuple through the evaluator, which takes the argmin (module docstring)
-            results.append(GenerationResult(text=(-logprob, greedy), token_counts=TokenCounts(output_tokens=0)))  # type: ignore
-        return results
+            conts.append(str(doc_to_target if isinstance(doc_to_target, str) else doc_to_target(doc)))
+            items.setdefault((task, split, doc_id, context), []).append(i)
+        results: list[GenerationResult | None] = [None] * len(requests)
+        for (task, split, doc_id, context), idxs in tqdm(items.items(), desc="loglikelihood", disable=len(items) < 8):
+            images = self._visuals(requests[idxs[0]].args[2], doc_id, task, split)
+            scored = self.score_choices(self._prompt(context, len(images)), [conts[i] for i in idxs], images)
+            for i, (logprob, greedy) in zip(idxs, scored, strict=True):
+                # text carries the (nll, is_greedy) tuple through the evaluator, which takes the argmin (docstring)
+                results[i] = GenerationResult(text=(-logprob, greedy),  # type: ignore[arg-type]
+                                              token_counts=TokenCounts(output_tokens=0))
+        return results  # type: ignore[return-value]
+
+    @torch.no_grad()
+    def score_choices(self, prompt: str, continuations: Sequence[str],
+                      images: Sequence[Any] = ()) -> list[tuple[float, bool]]:
+        """:meth:`score` of each continuation after one shared prompt, with the prompt (and its images) run once.
+
+        The prompt's forward fills a key/value cache and gives the first continuation token's distribution; the
+        continuations' remaining tokens run as one right-padded batch from copies of that cache. Equal to
+        :meth:`score` per continuation up to float round-off."""
+        ids = [torch.tensor(self.tokenizer.encode(c, add_special_tokens=False), dtype=torch.long)
+               for c in continuations]
+        for c, t in zip(continuations, ids, strict=True):
+            if t.numel() == 0:
+                raise ValueError(f"the continuation {c!r} encodes to no tokens")
+        sample = self.processor.process_one(prompt=prompt, images=list(images))
+        batch = self._to_model(self.processor.collate([sample]))
+        cache = DynamicCache(config=self.model.config.text_config)
+        first = self.model(**batch, cache=cache, use_cache=True, logits_to_keep=1).logits[0, -1].float()  # (V,)
+        longest = max(t.numel() for t in ids)
+        rest = None
+        if longest > 1:  # the tokens after the first, for every continuation at once
+            k = len(ids)
+            cache.batch_repeat_interleave(k)
+            inp = torch.zeros(k, longest - 1, dtype=torch.long)
+            mask = torch.zeros(k, longest - 1, dtype=torch.long)
+            for row, t in enumerate(ids):
+                inp[row, : t.numel() - 1] = t[:-1]
+                mask[row, : t.numel() - 1] = 1
+            mask = torch.cat([batch["attention_mask"].cpu().expand(k, -1), mask], dim=1)
+            rest = self.model(input_ids=inp.to(self.device), attention_mask=mask.to(self.device), cache=cache,
+                              use_cache=True).logits.float()  # (K, longest - 1, V)
+        out = []
+        for row, t in enumerate(ids):
+            logits = first[None] if t.numel() == 1 else torch.cat([first[None], rest[row, : t.numel() - 1]])
+            target = t.to(logits.device)
+            logp = torch.log_softmax(logits, dim=-1)
+            out.append((float(logp.gather(1, target[:, None]).sum()), bool((logits.argmax(-1) == target).all())))
+        return out
 
     @torch.no_grad()
     def score(self, prompt: str, continuation: str, images: Sequence[Any] = ()) -> tuple[float, bool]:

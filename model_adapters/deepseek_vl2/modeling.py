@@ -40,6 +40,8 @@ from transformers.models.deepseek_v3 import modeling_deepseek_v3 as _v3
 # implementations (e.g. the ODP token-importance capture) find it like in transformers' own modeling files.
 eager_attention_forward = _v2.eager_attention_forward
 
+from mcmoe_vl.compat import cache_kwargs, pop_cache
+
 from .configuration import DeepseekVL2Config, ProjectorConfig, VisionConfig
 
 log = logging.getLogger(__name__)
@@ -148,9 +150,9 @@ class DeepseekVL2MHAttention(nn.Module):
         hidden_states: torch.Tensor,  # (B, S, H)
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor | None = None,
-        past_key_values: Any = None,
         **kwargs: Any,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        cache = pop_cache(kwargs)  # ``cache`` from transformers 5.24, ``past_key_values`` before
         b, s, _ = hidden_states.shape
         shape = (b, s, -1, self.head_dim)
         q = self.q_proj(hidden_states).view(shape).transpose(1, 2)  # (B, nh, S, hd)
@@ -158,8 +160,8 @@ class DeepseekVL2MHAttention(nn.Module):
         v = self.v_proj(hidden_states).view(shape).transpose(1, 2)
         cos, sin = position_embeddings
         q, k = _v3.apply_rotary_pos_emb(q, k, cos, sin)
-        if past_key_values is not None:
-            k, v = past_key_values.update(k, v, self.layer_idx)
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)
         attend = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
         out, weights = attend(
             self, q, k, v, attention_mask,
@@ -388,14 +390,16 @@ class DeepseekVL2ForCausalLM(DeepseekVL2PreTrainedModel):
         images_spatial_crop: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
-        past_key_values: Any = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs: Any,
     ) -> Any:
-        """Logits (B, S, V) of the language model over the text with images placed (see the module docstring)."""
+        """Logits (B, S, V) of the language model over the text with images placed (see the module docstring).
+
+        A key/value cache is passed as ``cache`` or ``past_key_values``, whichever the installed transformers uses."""
+        cache = pop_cache(kwargs)
         if inputs_embeds is None:
             if input_ids is None:
                 raise ValueError("give input_ids or inputs_embeds")
@@ -408,9 +412,9 @@ class DeepseekVL2ForCausalLM(DeepseekVL2PreTrainedModel):
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
             labels=labels,
             use_cache=use_cache,
             logits_to_keep=logits_to_keep,
+            **cache_kwargs(cache),
             **kwargs,
         )

@@ -14,6 +14,14 @@ What the official ``DeepseekVLV2Processor`` does, step by step:
    ``h*(w+1)`` for the global view (a newline per row), 1 separator, ``(th*h) * (tw*w + 1)`` for the local tiles.
    All are the image token; ``images_seq_mask`` marks them.
 4. ``bos`` first; at inference the prompt ends after ``<|Assistant|>:`` (no eos).
+5. Conversations are tokenized turn by turn, as the official ``format_messages_v2`` does: each user turn as
+   ``"<|User|>: " question.strip() "\n\n<|Assistant|>:"`` (with its images), each assistant turn as
+   ``encode(answer.strip()) + [eos]``, directly after the colon (no space). The ``system_prompt`` is not part of
+   the ids on this path (the official processor keeps it only on the ``prompt=`` path and in the display string);
+   giving one logs a warning; pass an already formatted ``prompt=`` to have it in the ids. A checkpoint trained with
+   another answer layout declares it in its ``config.json`` (``"mcmoe_answer_prefix": " "``: the embedded tiny
+   model, trained before this layout was fixed), which :meth:`DeepseekVL2Processor.from_config` picks up.
+6. Text-only samples get one all-zero tile and a (0, 0) crop grid, like the official processor.
 
 Batches are left-padded (``pad_token_id``, attention mask 0); tiles and crop grids are zero-padded.
 """
@@ -39,6 +47,7 @@ PAD_TOKEN = "<｜▁pad▁｜>"
 USER, ASSISTANT = "<|User|>", "<|Assistant|>"
 GROUNDING_TOKENS = ("<|ref|>", "<|/ref|>", "<|det|>", "<|/det|>", "<|grounding|>")
 _ROLES = {"user": USER, USER: USER, "assistant": ASSISTANT, ASSISTANT: ASSISTANT}
+ANSWER_PREFIX_KEY = "mcmoe_answer_prefix"  # config.json key: a checkpoint's own answer layout (see answer_prefix)
 
 
 def prepare_tokenizer(tokenizer: Any, image_token: str = IMAGE_TOKEN, pad_token: str = PAD_TOKEN) -> int:
@@ -101,6 +110,9 @@ class DeepseekVL2Processor:
     image_token: str = IMAGE_TOKEN
     max_cropping_images: int = 2
     global_view_pos: str = "head"
+    # Text between "<|Assistant|>:" and a finished answer. "" is the official layout; a checkpoint trained with
+    # another one declares it in its config.json under ANSWER_PREFIX_KEY (the embedded tiny model: " ").
+    answer_prefix: str = ""
     image_token_id: int = field(init=False)
 
     def __post_init__(self) -> None:
@@ -124,6 +136,13 @@ class DeepseekVL2Processor:
         official = getattr(getattr(config, "config", config), "official", config)
         if not isinstance(official, OfficialConfig):
             raise TypeError(f"expected an OfficialConfig, a DeepseekVL2Config or a model, got {type(config).__name__}")
+        declared = official.extras.get("", {}).get(ANSWER_PREFIX_KEY)
+        if declared is not None and "answer_prefix" not in kw:
+            if not isinstance(declared, str):
+                raise ValueError(f"config.json: {ANSWER_PREFIX_KEY} must be a string, got {declared!r}")
+            log.info("answers follow '<|Assistant|>:' after %r, as the checkpoint's config declares (official: '')",
+                     declared)
+            kw["answer_prefix"] = declared
         proc = cls(
             tokenizer=tokenizer,
             candidate_resolutions=[tuple(r) for r in official.candidate_resolutions],
@@ -160,11 +179,24 @@ class DeepseekVL2Processor:
             if role != expect:
                 raise ValueError(f"message {i}: expected a {expect} turn (turns alternate, starting with the user)")
             expect = ASSISTANT if role == USER else USER
-            content = msg.get("content") or ""
+            content = (msg.get("content") or "").strip()
             out += f"{role}: {content}{seps[i % 2]}" if content else f"{role}:"
         if expect == ASSISTANT:  # ends with a user turn: open the assistant's
             out += f"{ASSISTANT}:"
         return out
+
+    def conversation_turns(self, conversation: Sequence[dict[str, Any]]) -> list[tuple[str, bool]]:
+        """The text the official processor tokenizes for each turn, with whether an eos follows it: a user turn
+        becomes its own prompt ``"<|User|>: q\n\n<|Assistant|>:"``, an assistant turn its stripped answer + eos."""
+        self.format_conversation(conversation)  # validates roles and turn order
+        turns: list[tuple[str, bool]] = []
+        for msg in conversation:
+            content = (msg.get("content") or "").strip()
+            if _ROLES[msg["role"]] == USER:
+                turns.append((f"{USER}: {content}\n\n{ASSISTANT}:" if content else f"{USER}:{ASSISTANT}:", False))
+            else:
+                turns.append((self.answer_prefix + content if content else content, True))
+        return turns
 
     def _encode(self, text: str) -> list[int]:
         return list(self.tokenizer.encode(text, add_special_tokens=False)) if text else []
@@ -217,43 +249,53 @@ class DeepseekVL2Processor:
         if prompt is None:
             images = list(images or []) + [im for m in conversation for im in m.get("images", []) or []
                                            if not isinstance(im, str)]
-            prompt = self.format_conversation(conversation, system_prompt)
+            if system_prompt:
+                log.warning("system_prompt is not part of the input ids of a conversation (as in the official "
+                            "processor); format the prompt yourself and pass prompt= to include it")
+            prompt = self.format_conversation(conversation, system_prompt)  # the display string
+            turns = self.conversation_turns(conversation)
+            ends_with_answer = turns[-1][1]
+        else:
+            turns, ends_with_answer = [(prompt, True)], True
         images = list(images or [])
-        n_tags = prompt.count(self.image_token)
+        n_tags = sum(text.count(self.image_token) for text, _ in turns)
         if n_tags != len(images):
             raise ValueError(f"the text has {n_tags} {self.image_token} tags but {len(images)} images were given")
         cropping = len(images) <= self.max_cropping_images
-        splits = prompt.split(self.image_token)
         ids: list[int] = [self.tokenizer.bos_token_id]
         mask: list[bool] = [False]
         tiles: list[torch.Tensor] = []
         crops: list[tuple[int, int]] = []
         n_tokens: list[int] = []
-        for text, image in zip(splits, images, strict=False):
-            t = self._encode(text)
-            ids += t
-            mask += [False] * len(t)
-            img_tiles, (tw, th) = self.tile_image(image, cropping)
-            tiles += img_tiles
-            crops.append((tw, th))
-            n = self.num_image_tokens(tw, th)
-            ids += [self.image_token_id] * n
-            mask += [True] * n
-            n_tokens.append(n)
-        t = self._encode(splits[-1])
-        ids += t
-        mask += [False] * len(t)
-        if not inference:
-            ids.append(self.tokenizer.eos_token_id)
-            mask.append(False)
+        pending = iter(images)
+        for text, eos_after in turns:
+            splits = text.split(self.image_token)
+            for i, piece in enumerate(splits):
+                t = self._encode(piece)
+                ids += t
+                mask += [False] * len(t)
+                if i == len(splits) - 1:
+                    break
+                img_tiles, (tw, th) = self.tile_image(next(pending), cropping)
+                tiles += img_tiles
+                crops.append((tw, th))
+                n = self.num_image_tokens(tw, th)
+                ids += [self.image_token_id] * n
+                mask += [True] * n
+                n_tokens.append(n)
+            if eos_after:
+                ids.append(self.tokenizer.eos_token_id)
+                mask.append(False)
+        if inference and ends_with_answer:  # the official processor drops the closing eos for generation
+            ids, mask = ids[:-1], mask[:-1]
         input_ids = torch.tensor(ids, dtype=torch.long)
         seq_mask = torch.tensor(mask, dtype=torch.bool)
         if tiles:
             image_tensor = torch.stack(tiles)
             crop_tensor = torch.tensor(crops, dtype=torch.long)
-        else:
-            image_tensor = torch.zeros(0, 3, self.image_size, self.image_size)
-            crop_tensor = torch.zeros(0, 2, dtype=torch.long)
+        else:  # text only: one zero tile and a (0, 0) crop grid, as the official processor returns
+            image_tensor = torch.zeros(1, 3, self.image_size, self.image_size)
+            crop_tensor = torch.zeros(1, 2, dtype=torch.long)
         target = None if inference else input_ids.masked_fill(seq_mask, -100)
         return ProcessedSample(input_ids, image_tensor, crop_tensor, seq_mask, n_tokens, prompt, target)
 

@@ -7,7 +7,6 @@ from mcmoe_vl.quant.packed import PackedTensor
 from mcmoe_vl.quant.qlinear import Kernel, QuantLinear, Runtime
 from mcmoe_vl.quant.quantizer import get_quantizer
 
-needs_native = pytest.mark.skipif(not kernels.available(), reason="no C compiler for the native kernels")
 
 
 def _packed(bits, act_order, r=33, c=328):
@@ -18,10 +17,9 @@ def _packed(bits, act_order, r=33, c=328):
                                                   get_quantizer(bits)))
 
 
-@needs_native
 @pytest.mark.parametrize("bits", [1, 2, 3, 4])
 @pytest.mark.parametrize("act_order", [False, True])
-def test_native_kernels(bits, act_order):
+def test_native_kernels(native_lib, bits, act_order):  # the fixture builds the library when it is not built
     p = _packed(bits, act_order)  # 328 columns: a partial last group, and not a multiple of 16 codes
     lin_native = QuantLinear(p, dtype=torch.bfloat16, kernel=Kernel.NATIVE)
     lin_torch = QuantLinear(p, dtype=torch.bfloat16, kernel=Kernel.TORCH)

@@ -1,0 +1,256 @@
+"""Packed low-bit kernels at real sizes: one matrix, and whole MoE layers, against dense bf16 in the same run.
+
+    .venv/bin/python -m mcmoe_vl.quant.native build          # once
+    taskset -c 0,1 .venv/bin/python benchmarks/bench_kernels.py [--threads 2] [--repeat 41] [--quick]
+
+1. ``y = x W^T`` for W of 14336 x 4096 (Mixtral's expert): dense bf16 ``F.linear``, torch's int4 CPU kernel
+   (``_weight_int4pack_mm_for_cpu``, group 128), and the native SIMD kernels at 1-4 bits on each path the CPU has
+   (AVX512-BF16 with bf16 tokens; AVX-512 and AVX2 with float32 tokens), for 1, 8 and 32 tokens; at 128 tokens the packed runtime's dequantising path (``Kernel.AUTO``).
+2. One MoE layer (routing excluded, the same random routings for every variant): Mixtral-8x7B dims (hidden 4096,
+   expert 14336, 8 experts top-2) and DeepSeek-VL2-tiny dims (hidden 1280, expert 896, 64 routed top-6, shared
+   experts as one 1792-wide MLP at 4 bits). Dense bf16 runs transformers' eager expert loop; packed runs the fused
+   native call (``FusedMoE``) or, for prefill, the eager loop over packed experts. Widths: uniform 2-bit, and a
+   PMQ-like per-expert plan averaging 2.5 bits (3,2,1,3,3,2,3,3 repeated). Decode (1 token) and prefill (128),
+   each also with 15% of the (token, expert) pairs pruned (never a token's top-1).
+
+Weights are random (codes, scales and zeros drawn at random: speed does not depend on their values). Times are the
+median over ``--repeat`` runs with the 10th-90th percentile spread, and the mean; ratios are against dense bf16
+measured in the same run. MoE rows draw a new routing every run (the same sequence for every variant), so their
+time varies with how many experts a step touches: compare pruning by the ratio of means. The CPU is shared: the
+header prints the load average before and after; ``--clock cpu --threads 1`` counts the thread's CPU time, which
+other jobs do not inflate (they still share the caches and memory bandwidth).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from mcmoe_vl.moe.fused import FusedMoE
+from mcmoe_vl.quant import kernels, native
+from mcmoe_vl.quant.packed import PackedMeta, PackedTensor
+from mcmoe_vl.quant.packing import packed_row_bytes
+from mcmoe_vl.quant.qlinear import Kernel, QuantExpert, QuantExperts, QuantLinear
+
+PMQ_25 = (3, 2, 1, 3, 3, 2, 3, 3)  # 2.5 bits on average
+
+
+CLOCK = time.perf_counter  # or time.thread_time (--clock cpu, one thread): immune to being descheduled
+
+
+def stats(fn, repeat: int) -> tuple[float, float, float, float]:
+    """(median, 10th, 90th percentile, mean) seconds over ``repeat`` calls after one warm-up."""
+    fn()
+    ts = []
+    for _ in range(repeat):
+        t = CLOCK()
+        fn()
+        ts.append(CLOCK() - t)
+    q = statistics.quantiles(ts, n=10, method="inclusive")
+    return statistics.median(ts), q[0], q[-1], statistics.fmean(ts)
+
+
+def random_packed(bits: int, r: int, c: int, g: torch.Generator, gs: int = 128) -> PackedTensor:
+    G = -(-c // gs)
+    q = torch.randint(0, 256, (r, packed_row_bytes(c, bits)), dtype=torch.uint8, generator=g)
+    s = (torch.rand(r, G, generator=g) * 0.01 + 0.001).half()
+    z = None if bits == 1 else torch.randint(0, 1 << bits, (r, G), generator=g).half()
+    return PackedTensor(q, s, z, None, PackedMeta(bits, (r, c), gs))
+
+
+def fmt(st: tuple[float, float, float, float], base: tuple[float, float, float, float]) -> str:
+    """``median [p10-p90] | mean | median ratio | mean ratio`` in ms against ``base`` (dense bf16, same run)."""
+    med, lo, hi, mean = st
+    return (f"{med * 1e3:.3f} [{lo * 1e3:.3f}-{hi * 1e3:.3f}] | {mean * 1e3:.3f} | {med / base[0]:.3f}x | "
+            f"{mean / base[3]:.3f}x")
+
+
+HEAD = "time ms: median [p10-p90] | mean | ratio of medians | ratio of means |"
+RULE = "---|---|---|---|"
+
+
+def bench_matrix(r: int, c: int, repeat: int) -> None:
+    g = torch.Generator().manual_seed(0)
+    dense = (torch.randn(r, c, generator=g) * 0.02).bfloat16()
+    q4 = torch.randint(0, 16, (r, c), dtype=torch.int32, generator=g)
+    w4 = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q4, 2)
+    sz = torch.randn(c // 128, r, 2, generator=g).bfloat16()
+    paths = [i for i in native.Isa if i <= native.cpu_isa() and i != native.Isa.SCALAR]
+    bf16 = bool(native.load().mq_cpu_bf16())
+    print(f"\n### One matrix {r} x {c}, against dense bf16 in the same run\n")
+    print(f"| tokens | kernel | bits | {HEAD}\n|---|---|---|{RULE}")
+    for t in (1, 8, 32):
+        x = torch.randn(t, c, generator=g)
+        xb = x.bfloat16()
+        base = stats(lambda: F.linear(xb, dense), repeat)
+        print(f"| {t} | dense bf16 F.linear | 16 | {fmt(base, base)} |")
+        i4 = stats(lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(xb, w4, 128, sz), repeat)
+        print(f"| {t} | torch int4 (_weight_int4pack_mm_for_cpu) | 4 | {fmt(i4, base)} |")
+        for bits in (1, 2, 3, 4):
+            p = random_packed(bits, r, c, g)
+            if bf16:  # bf16 tokens, as a bf16 model passes them: the AVX512-BF16 path
+                st = stats(lambda: kernels.packed_matmul(xb, p, isa="avx512_bf16"), repeat)
+                print(f"| {t} | native avx512_bf16 (bf16 tokens) | {bits} | {fmt(st, base)} |")
+            for isa in paths:  # float32 tokens
+                st = stats(lambda: kernels.packed_matmul(x, p, isa=isa), repeat)
+                print(f"| {t} | native {isa.name.lower()} (float32 tokens) | {bits} | {fmt(st, base)} |")
+    x = torch.randn(128, c, generator=g).bfloat16()
+    base = stats(lambda: F.linear(x, dense), max(5, repeat // 4))
+    print(f"| 128 | dense bf16 F.linear | 16 | {fmt(base, base)} |")
+    for bits in (2, 3):
+        for kern, label in ((Kernel.AUTO, "packed AUTO: torch-order dequantise + bf16 F.linear"),
+                            (Kernel.SIMD, "packed SIMD: SIMD dequantise into reused buffer + bf16 F.linear")):
+            lin = QuantLinear(random_packed(bits, r, c, g), dtype=torch.bfloat16, kernel=kern)
+            st = stats(lambda: lin(x), max(5, repeat // 4))
+            print(f"| 128 | {label} | {bits} | {fmt(st, base)} |")
+
+
+def dense_moe(gu: torch.Tensor, down: torch.Tensor, shared, x, idx, w):
+    """transformers 5's eager experts loop in bf16; pruned pairs carry the sentinel index E."""
+    E = gu.shape[0]
+    out = torch.zeros_like(x)
+    mask = F.one_hot(idx, num_classes=E + 1).permute(2, 1, 0)
+    for e in torch.greater(mask.sum(dim=(-1, -2)), 0).nonzero():
+        e = int(e[0])
+        if e == E:
+            continue
+        pos, tok = torch.where(mask[e])
+        gt, up = F.linear(x[tok], gu[e]).chunk(2, dim=-1)
+        y = F.linear(F.silu(gt) * up, down[e]) * w[tok, pos, None]
+        out.index_add_(0, tok, y)
+    if shared is not None:
+        sg, su, sd = shared
+        out = out + F.linear(F.silu(F.linear(x, sg)) * F.linear(x, su), sd)
+    return out
+
+
+def packed_expert(bits: int, h: int, i: int, g: torch.Generator, kernel: Kernel) -> QuantExpert:
+    mk = lambda p: QuantLinear(p, dtype=torch.bfloat16, kernel=kernel)  # noqa: E731
+    return QuantExpert(mk(random_packed(bits, h, i, g)), F.silu, gate_up=mk(random_packed(bits, 2 * i, h, g)))
+
+
+class _Shared(torch.nn.Module):
+    def __init__(self, h, i, g, kernel):
+        super().__init__()
+        mk = lambda r, c: QuantLinear(random_packed(4, r, c, g), dtype=torch.bfloat16, kernel=kernel)  # noqa: E731
+        self.gate_proj, self.up_proj, self.down_proj = mk(i, h), mk(i, h), mk(h, i)
+        self.act_fn = F.silu
+
+    def forward(self, x):
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+def routings(n: int, T: int, E: int, k: int, prune: float, g: torch.Generator):
+    out = []
+    for _ in range(n):
+        idx = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)])  # slot 0 = top-1
+        w = torch.rand(T, k, generator=g).bfloat16()
+        keep = torch.rand(T, k, generator=g) >= prune * k / max(k - 1, 1)
+        keep[:, 0] = True
+        out.append((idx, w, keep))
+    return out
+
+
+def bench_moe(name: str, h: int, i: int, E: int, k: int, shared_i: int, repeat: int) -> None:
+    g = torch.Generator().manual_seed(1)
+    print(f"\n### MoE layer, {name}: hidden {h}, expert {i}, {E} experts top-{k}"
+          f"{f', shared MLP {shared_i} at 4 bits' if shared_i else ''}; against dense bf16 in the same run\n")
+    gu = (torch.randn(E, 2 * i, h, generator=g) * 0.02).bfloat16()
+    down = (torch.randn(E, h, i, generator=g) * 0.02).bfloat16()
+    sh_d = None
+    if shared_i:
+        sh_d = tuple((torch.randn(*s, generator=g) * 0.02).bfloat16() for s in ((shared_i, h), (shared_i, h),
+                                                                               (h, shared_i)))
+    plans = {"uniform 2-bit": [2] * E, "PMQ-like 2.5-bit": [PMQ_25[e % 8] for e in range(E)]}
+    print(f"| tokens | pruned | variant | {HEAD}\n|---|---|---|{RULE}")
+    for T in (1, 128):
+        rep = repeat if T == 1 else max(5, repeat // 4)
+        for prune in (0.0, 0.15):
+            rs = routings(rep + 1, T, E, k, prune, g)
+            x = torch.randn(T, h, generator=g).bfloat16()
+            it = iter(range(10**9))
+
+            def nxt():
+                idx, w, keep = rs[next(it) % len(rs)]
+                return idx, w, keep
+
+            def run_dense():
+                idx, w, keep = nxt()
+                dense_moe(gu, down, sh_d, x, idx.masked_fill(~keep, E), w)
+
+            base = stats(run_dense, rep)
+            tag = f"{int(prune * 100)}%"
+            print(f"| {T} | {tag} | dense bf16 eager loop | {fmt(base, base)} |")
+            for pname, widths in plans.items():
+                experts = [packed_expert(b, h, i, g, Kernel.SIMD) for b in widths]
+                shared = [_Shared(h, shared_i, g, Kernel.SIMD)] if shared_i else []
+                if T == 1:
+                    fused = FusedMoE.build(experts, shared)
+
+                    def run():
+                        idx, w, keep = nxt()
+                        fused(x, idx, w, keep)
+                    label = "packed, fused native call"
+                else:
+                    qe = QuantExperts(experts, F.silu)
+
+                    def run():
+                        idx, w, keep = nxt()
+                        y = qe(x, idx.masked_fill(~keep, E), w)
+                        for s in shared:
+                            y = y + s(x)
+                    label = "packed, eager loop: SIMD dequantise once per expert + bf16 GEMM"
+                st = stats(run, rep)
+                print(f"| {T} | {tag} | {pname}: {label} | {fmt(st, base)} |")
+                del experts, shared
+
+
+def cpu_model() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeat", type=int, default=41)
+    ap.add_argument("--quick", action="store_true", help="small shapes (a smoke run)")
+    ap.add_argument("--only", choices=["matrix", "moe"], default=None)
+    ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                    help="cpu: the calling thread's CPU time (needs --threads 1; not inflated by other jobs)")
+    args = ap.parse_args()
+    global CLOCK
+    if args.clock == "cpu":
+        if args.threads != 1:
+            raise SystemExit("--clock cpu measures the calling thread only: use it with --threads 1")
+        CLOCK = time.thread_time
+    torch.set_num_threads(args.threads)
+    if not kernels.available():
+        raise SystemExit("native kernels are not built: run `python -m mcmoe_vl.quant.native build` first")
+    print(f"CPU: {cpu_model()}, best SIMD path {native.cpu_isa().name}; torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, {args.clock} clock; load average before: {os.getloadavg()}")
+    if args.only in (None, "matrix"):
+        bench_matrix(*((1024, 512) if args.quick else (14336, 4096)), args.repeat)
+    if args.only in (None, "moe"):
+        if args.quick:
+            bench_moe("quick", 256, 384, 8, 2, 0, args.repeat)
+            bench_moe("quick shared", 256, 128, 16, 6, 256, args.repeat)
+        else:
+            bench_moe("Mixtral-8x7B", 4096, 14336, 8, 2, 0, args.repeat)
+            bench_moe("DeepSeek-VL2-tiny", 1280, 896, 64, 6, 1792, args.repeat)
+    print(f"\nload average after: {os.getloadavg()}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,154 @@
+/* AVX512-BF16 path for bfloat16 tokens, compiled with -mavx512f -mavx512bw -mavx512bf16 -mf16c; called only when
+ * the CPU reports AVX512-BF16 and the token is bfloat16 (then every product q * x is exact in float32, and
+ * vdpbf16ps accumulates pairs of them in float32).
+ *
+ * Codes are decoded into 32 16-bit lanes; one vpermw looks each code up in a table of the integers 0..2^bits-1 as
+ * bfloat16 (repeated to 32 entries, so only the code's low bits matter and no mask is needed), and one vdpbf16ps
+ * multiplies the 32 weights with 32 arranged token values, adding pairs into 16 float32 lanes.
+ *   1 bit:  16 bytes duplicated into both halves, lanes 0-15 take bit p, lanes 16-31 bit p + 4 (p = 0..3)
+ *   2 bits: 32 bytes, pass p takes code p of each byte            (lane l = column 4 l + p)
+ *   4 bits: 32 bytes, pass p takes nibble p                      (lane l = column 2 l + p)
+ *   3 bits: 48 bytes as 16 24-bit words in 32-bit lanes; pass p: the low 16-bit lane takes code 2p of the word,
+ *           the high one code 2p + 1                                (lane 2i + h = column 8 i + 2p + h)
+ * mq_bf16_column gives the column of (pass, lane) for the token's arrangement. */
+#include <immintrin.h>
+#include <string.h>
+
+#include "mq.h"
+
+#define NT_MAX 8
+
+const int mq_bf16_built = 1;
+
+/* static inline so that the row loop sees constants (an exported function is called through the PLT) */
+static inline int passes(int bits) { return bits == 4 ? 2 : 4; }
+static inline int block(int bits) { return bits == 4 ? 64 : 128; }
+int mq_bf16_passes(int bits) { return passes(bits); }
+int mq_bf16_block(int bits) { return block(bits); }
+
+int mq_bf16_column(int bits, int pass, int lane) {
+    switch (bits) {
+        case 1: return lane < 16 ? 8 * lane + pass : 8 * (lane - 16) + pass + 4;
+        case 2: return 4 * lane + pass;
+        case 3: return 8 * (lane / 2) + 2 * pass + (lane & 1);
+        default: return 2 * lane + pass;
+    }
+}
+
+static inline __m512i load_words3(const uint8_t *p) {
+    __m512i v = _mm512_castsi128_si512(_mm_loadu_si128((const __m128i *)p));
+    v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(p + 12)), 1);
+    v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(p + 24)), 2);
+    v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(p + 32)), 3);
+    const __m512i sh = _mm512_setr_epi32(0xff020100, 0xff050403, 0xff080706, 0xff0b0a09,
+                                         0xff020100, 0xff050403, 0xff080706, 0xff0b0a09,
+                                         0xff020100, 0xff050403, 0xff080706, 0xff0b0a09,
+                                         0xff060504, 0xff090807, 0xff0c0b0a, 0xff0f0e0d);
+    return _mm512_shuffle_epi8(v, sh);
+}
+
+/* the 16-bit code indices of pass p (only the low bits matter: the table repeats) */
+static inline __attribute__((always_inline)) __m512i indices(__m512i v, const int bits, const int p) {
+    if (bits == 1) {
+        const __m512i cnt = _mm512_set_epi64(0x0004000400040004LL + 0x0001000100010001LL * p,
+                                             0x0004000400040004LL + 0x0001000100010001LL * p,
+                                             0x0004000400040004LL + 0x0001000100010001LL * p,
+                                             0x0004000400040004LL + 0x0001000100010001LL * p,
+                                             0x0001000100010001LL * p, 0x0001000100010001LL * p,
+                                             0x0001000100010001LL * p, 0x0001000100010001LL * p);
+        return _mm512_srlv_epi16(v, cnt);
+    }
+    if (bits == 3) {
+        const __m512i t = _mm512_srli_epi32(v, 6 * p);
+        return _mm512_mask_blend_epi16(0xAAAAAAAA, t, _mm512_slli_epi32(t, 13));
+    }
+    return _mm512_srli_epi16(v, bits * p);
+}
+
+static inline __attribute__((always_inline)) __m512i decode(const uint8_t *p, const int bits) {
+    if (bits == 3) return load_words3(p);
+    if (bits == 1) {
+        const __m256i b = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)p));
+        return _mm512_inserti64x4(_mm512_castsi256_si512(b), b, 1);
+    }
+    return _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)p));
+}
+
+static inline __attribute__((always_inline)) void rows_nt(const mq_mat *m, const uint16_t *x0, const float *xs0,
+                                                          float *y0, int ldy, int r0, int r1, const int bits,
+                                                          const int NT) {
+    const int B = block(bits), NP = passes(bits), G = mq_groups(m), C = m->C;
+    uint16_t tab16[32];
+    for (int i = 0; i < 32; i++) {
+        float f = (float)(i & ((1 << bits) - 1));
+        uint32_t u;
+        memcpy(&u, &f, 4);
+        tab16[i] = (uint16_t)(u >> 16); /* small integers are exact in bfloat16 */
+    }
+    const __m512i tab = _mm512_loadu_si512(tab16);
+    for (int r = r0; r < r1; r++) {
+        const uint8_t *qr = m->q + (size_t)r * m->row_bytes;
+        __m512 acc[NT_MAX];
+        float sacc[NT_MAX];
+        for (int t = 0; t < NT; t++) {
+            acc[t] = _mm512_setzero_ps();
+            sacc[t] = 0.0f;
+        }
+        for (int g = 0; g < G; g++) {
+            const size_t gi = (size_t)r * G + g;
+            float s = _cvtsh_ss(m->sc[gi]), z = 0.5f;
+            if (m->zr) z = _cvtsh_ss(m->zr[gi]); else s *= 2.0f;
+            const int k0 = g * m->gs, k1 = k0 + m->gs < C ? k0 + m->gs : C;
+            const int kb = k0 + ((k1 - k0) / B) * B;
+            __m512 part[NT_MAX][2];
+            for (int t = 0; t < NT; t++) part[t][0] = part[t][1] = _mm512_setzero_ps();
+            for (int k = k0; k < kb; k += B) {
+                const __m512i v = decode(qr + (size_t)k * bits / 8, bits);
+#pragma GCC unroll 4
+                for (int p = 0; p < NP; p++) {
+                    const __m512bh w = (__m512bh)_mm512_permutexvar_epi16(indices(v, bits, p), tab);
+#pragma GCC unroll 8
+                    for (int t = 0; t < NT; t++) {
+                        const __m512bh xv = (__m512bh)_mm512_loadu_si512(x0 + (size_t)t * C + k + 32 * p);
+                        part[t][p & 1] = _mm512_dpbf16_ps(part[t][p & 1], w, xv);
+                    }
+                }
+            }
+            const __m512 vs = _mm512_set1_ps(s);
+            for (int t = 0; t < NT; t++) {
+                acc[t] = _mm512_fmadd_ps(vs, _mm512_add_ps(part[t][0], part[t][1]), acc[t]);
+                const uint16_t *xt = x0 + (size_t)t * C;
+                float tail = 0.0f;
+                for (int k = kb; k < k1; k++) {
+                    uint32_t u = (uint32_t)xt[k] << 16;
+                    float xf;
+                    memcpy(&xf, &u, 4);
+                    tail += (float)mq_code_at(qr, k, bits, m->row_bytes) * xf;
+                }
+                sacc[t] += s * (tail - z * xs0[(size_t)t * G + g]);
+            }
+        }
+        for (int t = 0; t < NT; t++) y0[(size_t)t * ldy + r] = _mm512_reduce_add_ps(acc[t]) + sacc[t];
+    }
+}
+
+static inline __attribute__((always_inline)) void rows_bits(const mq_mat *m, const uint16_t *xp, const float *xs,
+                                                            int T, float *y, int ldy, int r0, int r1,
+                                                            const int bits) {
+    const int G = mq_groups(m);
+    int t = 0;
+    for (; t + NT_MAX <= T; t += NT_MAX)
+        rows_nt(m, xp + (size_t)t * m->C, xs + (size_t)t * G, y + (size_t)t * ldy, ldy, r0, r1, bits, NT_MAX);
+    for (; t + 2 <= T; t += 2)
+        rows_nt(m, xp + (size_t)t * m->C, xs + (size_t)t * G, y + (size_t)t * ldy, ldy, r0, r1, bits, 2);
+    if (t < T) rows_nt(m, xp + (size_t)t * m->C, xs + (size_t)t * G, y + (size_t)t * ldy, ldy, r0, r1, bits, 1);
+}
+
+void mq_rows_bf16(const mq_mat *m, const uint16_t *xp, const float *xs, int T, float *y, int ldy, int r0, int r1) {
+    switch (m->bits) {
+        case 1: rows_bits(m, xp, xs, T, y, ldy, r0, r1, 1); break;
+        case 2: rows_bits(m, xp, xs, T, y, ldy, r0, r1, 2); break;
+        case 3: rows_bits(m, xp, xs, T, y, ldy, r0, r1, 3); break;
+        default: rows_bits(m, xp, xs, T, y, ldy, r0, r1, 4); break;
+    }
+}
