@@ -119,3 +119,10 @@ def test_allocate_pmq_plus(saved, tmp_path, capsys):
         run_cli(allocate_cli, [a if a != "4" else "5" for a in argv])
     with pytest.raises(ValueError, match="give --model and --data"):
         run_cli(allocate_cli, ["allocate", str(stats_path), "-o", str(plan_path), "--method", "pmq+"])
+
+
+def test_allocate_pmq_plus_refuses_to_overwrite_an_input(saved, tmp_path):
+    ids = saved / "ids.json"
+    with pytest.raises(ValueError, match="is the calibration data"):
+        run_cli(allocate_cli, ["allocate", str(tmp_path / "stats.json"), "-o", str(ids), "--method", "pmq+",
+                               "--model", str(saved / "model"), "--data", str(ids)])

@@ -87,6 +87,11 @@ def allocate_plus_files(stats_path: str | os.PathLike[str], output: str | os.Pat
     from mcmoe_vl.dtypes import parse_dtype
 
     plus = plus or PlusConfig()
+    inputs = {"statistics file": stats_path, "model directory": data.model, "calibration data": data.data,
+              **({"selection data": data.select_data} if data.select_data else {})}
+    for out in (output, heatmap):
+        if out is not None:
+            check_output_outside(out, inputs)
     stats = load_stats(stats_path)
     build_candidates(stats, config, plus)  # a bad request fails before the model is loaded
     fit, sel = plus_batches(data)
