@@ -94,3 +94,35 @@ def test_text_data_is_tokenized_with_the_model_tokenizer(tmp_path):
     with pytest.raises(ValueError, match="unknown embedded split"):
         calibrate_files(CalibrationRun(model=str(tmp_path / "model"), data="embedded:nope",
                                        output=str(tmp_path / "t.json")))
+
+
+def test_allocate_pmq_plus(saved, tmp_path, capsys):
+    stats_path = tmp_path / "stats.json"
+    assert run_cli(calibrate_cli, ["calibrate", str(saved / "model"), "--data", str(saved / "ids.json"),
+                                   "-o", str(stats_path), "--batch-size", "3", "--group-size", "16",
+                                   "--num-sequences", "4", "--eps-quantizer", "gptq", "--refit-1bit",
+                                   "--no-progress"]) == 0
+    assert load_stats(stats_path).config["quantizer"] == "gptq"
+    sel = tmp_path / "select.json"
+    g = torch.Generator().manual_seed(9)
+    sel.write_text(json.dumps(torch.randint(0, 96, (3, 12), generator=g).tolist()))
+    plan_path = tmp_path / "plan.json"
+    argv = ["allocate", str(stats_path), "-o", str(plan_path), "--method", "pmq+", "--target-bits", "2.0",
+            "--group-size", "16", "--model", str(saved / "model"), "--data", str(saved / "ids.json"),
+            "--num-sequences", "4", "--batch-size", "3", "--select-data", str(sel), "--max-candidates", "3"]
+    assert run_cli(allocate_cli, argv) == 0
+    plan = BitPlan.load(plan_path)
+    assert plan.allocator == "pmq+" and len(plan.selection["candidates"]) == 3
+    assert f"pmq+: chose {plan.selection['chosen']}" in capsys.readouterr().out
+    # the plan-building data must be the statistics' data
+    with pytest.raises(ValueError, match="not the data the statistics"):
+        run_cli(allocate_cli, [a if a != "4" else "5" for a in argv])
+    with pytest.raises(ValueError, match="give --model and --data"):
+        run_cli(allocate_cli, ["allocate", str(stats_path), "-o", str(plan_path), "--method", "pmq+"])
+
+
+def test_allocate_pmq_plus_refuses_to_overwrite_an_input(saved, tmp_path):
+    ids = saved / "ids.json"
+    with pytest.raises(ValueError, match="is the calibration data"):
+        run_cli(allocate_cli, ["allocate", str(tmp_path / "stats.json"), "-o", str(ids), "--method", "pmq+",
+                               "--model", str(saved / "model"), "--data", str(ids)])

@@ -58,7 +58,12 @@ def check_feasible(layout: Mapping[int, int], config: AllocationConfig) -> None:
     """Run the allocator on stand-in statistics of the model's layout (decoder layer -> routed experts), so that
     every check that does not depend on the statistics (the target's reachable range for the bit set and width
     constraints, uniform needing a target equal to a width, the block widths) fails now, before calibration.
-    Raises :class:`AllocationError` naming the layer and the valid range."""
+    Raises :class:`AllocationError` naming the layer and the valid range. ``pmq+``: some default candidate must
+    reach the target (:func:`mcmoe_vl.allocation.plus.check_feasible_plus`)."""
+    if config.method == "pmq+":
+        from .plus import check_feasible_plus
+
+        return check_feasible_plus(layout, config)
     stand_in = [
         LayerInputs(index=i, path=f"{n} experts", counts=np.ones(n, dtype=np.int64), weight_sum=np.ones(n),
                     eps={b: np.full(n, 2.0 ** -b) for b in config.bits},

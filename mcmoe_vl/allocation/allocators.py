@@ -230,6 +230,15 @@ def uniform(layers: list[LayerInputs], config: AllocationConfig) -> list[np.ndar
     return [np.full(la.n, match[0], dtype=np.int64) for la in layers]
 
 
+@ALLOCATORS.register("pmq+")
+def pmq_plus(layers: list[LayerInputs], config: AllocationConfig) -> list[np.ndarray]:
+    """Candidate plans chosen by measured calibration loss: needs the model and data, not statistics alone."""
+    raise AllocationError(
+        "pmq+ measures candidate plans on the model: call mcmoe_vl.allocation.plus.allocate_plus(model, stats, "
+        "fit_batches, select_batches, config), or mcmoe-vl allocate STATS --method pmq+ --model DIR --data DATA"
+    )
+
+
 @ALLOCATORS.register("block")
 def block(layers: list[LayerInputs], config: AllocationConfig) -> list[np.ndarray]:
     """BSP-like: whole layers at the high width, the rest at the low width, within the model-wide budget."""

@@ -17,6 +17,9 @@
 
 ``layers[*].bits[i]`` is expert i's width. ``other_bits`` is the width of every other linear layer of the language
 model (attention, router, dense MLPs); ``shared_experts_bits`` that of shared experts (not in the program).
+``refit_1bit``: quantize 1-bit experts with the Hessian-weighted scale refit (the quantization engine follows it
+unless told otherwise). ``selection`` (the ``pmq+`` allocator): the candidate plans, their measured calibration
+losses, the data they were measured on and the choice (:mod:`mcmoe_vl.allocation.plus`).
 """
 
 from __future__ import annotations
@@ -64,6 +67,8 @@ class BitPlan(BaseModel):
     # what the statistics were measured on: {"model_fingerprint": ..., "data_fingerprint": ...} (quantizing another
     # model's weights with this plan is refused, see mcmoe_vl.quant.workflow)
     source: dict = Field(default_factory=dict)
+    refit_1bit: bool = False
+    selection: dict | None = None
 
     @model_validator(mode="after")
     def _check(self) -> BitPlan:

@@ -28,14 +28,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torch import nn
 
 from mcmoe_vl.moe.checks import check_finite_weights, weights_fingerprint
 from mcmoe_vl.moe.interface import ExpertInterface, MoELayer, RoutingEvent
 from mcmoe_vl.moe.layerwise import LayerInput, iterate_layers
 
-from .eps import CapturedBatch, expert_errors, rtn_quantizer
+from .eps import CapturedBatch, expert_errors, gptq_quantizer, rtn_quantizer
 from .significance import SignificanceAccumulator
 from .stats import FORMAT_VERSION, CalibrationStats, LayerStats, load_stats, save_stats
 
@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 
 TOKEN_INFO = "_mcmoe_token_info"  # batch key carrying the padding / image masks through layer caching
 IMAGE_MASK_KEY = "image_token_mask"
+EPS_QUANTIZERS = ("rtn", "gptq")
 
 
 class CalibrationConfig(BaseModel):
@@ -50,13 +51,18 @@ class CalibrationConfig(BaseModel):
 
     ``eps_bits``: widths of the eps table (empty: no eps, no HAWQ; frequencies, weights and Hessian traces only).
     ``min_tokens``: experts with fewer calibration tokens are listed as starved.
+    ``quantizer``: what eps is measured with: ``"rtn"`` (round-to-nearest, the paper) or ``"gptq"`` (the
+    quantization engine's GPTQ on each expert's own Hessian, starved experts by round-to-nearest, as the checkpoint
+    will hold them; ``refit_1bit`` adds the 1-bit scale refit, ``damp`` is GPTQ's damping). Recorded in the file.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     eps_bits: tuple[int, ...] = (1, 2, 3)
     group_size: int = Field(128, ge=1)
-    quantizer: str = "rtn"  # round-to-nearest of mcmoe_vl.quant (METHOD.md section 2)
+    quantizer: str = "rtn"  # "rtn": round-to-nearest of mcmoe_vl.quant (METHOD.md section 2); "gptq"
+    refit_1bit: bool = False  # with quantizer "gptq": the 1-bit scale refit
+    damp: float = Field(0.01, gt=0)  # with quantizer "gptq"
     ratio_quantiles: tuple[float, ...] = (0.05, 0.1, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.9, 0.95)
     min_tokens: int = Field(16, ge=0)
 
@@ -70,9 +76,22 @@ class CalibrationConfig(BaseModel):
     @field_validator("quantizer")
     @classmethod
     def _quantizer(cls, v: str) -> str:
-        if v != "rtn":
-            raise ValueError(f"unknown eps quantizer {v!r}; valid: rtn")
+        if v not in EPS_QUANTIZERS:
+            raise ValueError(f"unknown eps quantizer {v!r}; valid: {', '.join(EPS_QUANTIZERS)}")
         return v
+
+    @model_validator(mode="after")
+    def _refit_needs_gptq(self) -> CalibrationConfig:
+        if self.refit_1bit and self.quantizer != "gptq":
+            raise ValueError("refit_1bit refits the scales for GPTQ's signs: it needs quantizer = 'gptq'")
+        return self
+
+    def eps_quantizer(self):
+        """The quantizer eps is measured with (see the class docstring)."""
+        if self.quantizer == "gptq":
+            return gptq_quantizer(self.group_size, min_tokens=self.min_tokens, refit_1bit=self.refit_1bit,
+                                  damp=self.damp)
+        return rtn_quantizer(self.group_size)
 
     @field_validator("ratio_quantiles")
     @classmethod
@@ -150,7 +169,7 @@ def layer_statistics(layer: MoELayer, rec: _Recorder, config: CalibrationConfig,
         raise AssertionError(f"{layer.path}: counts sum to {sum(all_.counts)}, expected {k} x {N}")
     errs = expert_errors(
         rec.batches, layer.expert_weights, layer.storage.act_fn, layer.num_experts, config.eps_bits,
-        rtn_quantizer(config.group_size), progress=progress, desc=f"eps layer {layer.index}",
+        config.eps_quantizer(), progress=progress, desc=f"eps layer {layer.index}",
     )
     stats = LayerStats(
         index=layer.index,

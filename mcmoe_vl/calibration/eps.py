@@ -8,6 +8,12 @@ expert at most once), and there by ``g_t * (E_i(x_t) - E_i^Q(x_t))`` with ``g_t`
 So the difference is computed from expert i's own tokens -- exact, and ``n`` times cheaper than re-running the
 block per expert. ``tests/test_calibration_eps.py`` checks it against the full-block difference.
 
+``Q`` is the quantizer the model will really be quantized with: round-to-nearest (:func:`rtn_quantizer`, the
+paper's choice) or GPTQ on the expert's own Hessians (:func:`gptq_quantizer`: ``H = 2 X^T X / n`` of the expert's
+tokens for gate / up, of ``act(gate x) * up x`` for down, through the quantization engine's own
+``mcmoe_vl.quant.model.quantize_expert``; experts with fewer than ``min_tokens`` tokens take the engine's
+round-to-nearest fallback, as they will in the checkpoint).
+
 HAWQ-v2 (Dong et al. 2020), per expert and width: ``sum_m Tr(H_m) / d_m * ||W_m - Q_j(W_m)||_F^2`` over the
 expert's matrices m, where ``H = 2 X X^T`` is the Hessian of the layer-wise reconstruction loss for the inputs X
 the matrix sees (gate and up: the expert's tokens; down: ``act(gate x) * up x``), so ``Tr(H) = 2 sum ||x||^2``.
@@ -27,6 +33,49 @@ from mcmoe_vl.moe.interface import ExpertWeights
 
 
 Quantizer = Callable[[torch.Tensor, int], torch.Tensor]  # (W, bits) -> dequantized W
+
+
+class ExpertQuantizer:
+    """Quantizes a whole expert at a width; ``needs_hessians``: it wants the expert's input Hessians."""
+
+    needs_hessians = False
+
+    def __call__(self, w: ExpertWeights, bits: int, *, h_in: torch.Tensor | None = None,
+                 h_down: torch.Tensor | None = None, tokens: int = 0) -> ExpertWeights:
+        raise NotImplementedError
+
+
+class _PerMatrix(ExpertQuantizer):
+    def __init__(self, quantizer: Quantizer) -> None:
+        self.quantizer = quantizer
+
+    def __call__(self, w: ExpertWeights, bits: int, **_: object) -> ExpertWeights:
+        return quantize_expert(w, bits, self.quantizer)
+
+
+class _GPTQ(ExpertQuantizer):
+    needs_hessians = True
+
+    def __init__(self, group_size: int, min_tokens: int, refit_1bit: bool, damp: float) -> None:
+        from mcmoe_vl.quant.model import QuantizeConfig
+
+        self.group_size, self.min_tokens = group_size, min_tokens
+        self.config = QuantizeConfig(damp=damp, refit_1bit=refit_1bit, min_tokens=min_tokens, progress=False)
+
+    def __call__(self, w: ExpertWeights, bits: int, *, h_in: torch.Tensor | None = None,
+                 h_down: torch.Tensor | None = None, tokens: int = 0) -> ExpertWeights:
+        from mcmoe_vl.quant.model import quantize_expert as engine_quantize_expert
+
+        starved = tokens < max(self.min_tokens, 1)  # the engine's rule: round-to-nearest fallback
+        res = engine_quantize_expert(w, bits, self.config, group_size=self.group_size,
+                                     h_in=None if starved else h_in, h_down=None if starved else h_down)
+        return ExpertWeights(gate=res["gate"].weight, up=res["up"].weight, down=res["down"].weight)
+
+
+def gptq_quantizer(group_size: int = 128, *, min_tokens: int = 16, refit_1bit: bool = False,
+                   damp: float = 0.01) -> ExpertQuantizer:
+    """GPTQ of the quantization engine on the expert's own Hessians (RTN for starved experts)."""
+    return _GPTQ(group_size, min_tokens, refit_1bit, damp)
 
 
 @dataclass
@@ -90,12 +139,16 @@ def expert_errors(
     act_fn: Callable[[torch.Tensor], torch.Tensor],
     num_experts: int,
     bits: tuple[int, ...],
-    quantizer: Quantizer,
+    quantizer: Quantizer | ExpertQuantizer,
     *,
     progress: bool = False,
     desc: str = "experts",
 ) -> ExpertErrors:
-    """eps, ||W - Q(W)||^2, HAWQ sensitivities and Hessian traces for every expert of one layer (float32)."""
+    """eps, ||W - Q(W)||^2, HAWQ sensitivities and Hessian traces for every expert of one layer (float32).
+
+    ``quantizer``: a per-matrix ``(W, bits) -> W_hat`` (round-to-nearest) or an :class:`ExpertQuantizer`."""
+    if not isinstance(quantizer, ExpertQuantizer):
+        quantizer = _PerMatrix(quantizer)
     out = ExpertErrors(
         eps={b: [] for b in bits}, weight_error={b: [] for b in bits}, hawq={b: [] for b in bits}
     )
@@ -106,6 +159,7 @@ def expert_errors(
         sel: list[tuple[torch.Tensor, torch.Tensor]] = []
         tr_in = tr_mid = 0.0
         ys: list[torch.Tensor] = []
+        hess = _ExpertHessians(w32) if quantizer.needs_hessians else None
         for cb in batches:
             tok, slot = (cb.topk_idx == i).nonzero(as_tuple=True)
             x = cb.hidden[tok].float()  # (t, H)
@@ -113,13 +167,17 @@ def expert_errors(
             sel.append((x, g))
             y, h = expert_forward(w32, act_fn, x)
             ys.append(y)
+            if hess is not None:
+                hess.add(x, h)
             tr_in += 2.0 * float(x.double().pow(2).sum())
             tr_mid += 2.0 * float(h.double().pow(2).sum())
         out.hessian_trace_in.append(tr_in)
         out.hessian_trace_mid.append(tr_mid)
         d_in, d_mid = w32.gate.shape[1], w32.down.shape[1]
+        kw = {} if hess is None else {"h_in": hess.h_in.hessian(), "h_down": hess.h_down.hessian(),
+                                      "tokens": hess.h_in.n}
         for b in bits:
-            q = quantize_expert(w32, b, quantizer)
+            q = quantizer(w32, b, **kw)
             e = 0.0
             for (x, g), y in zip(sel, ys):
                 if x.shape[0]:
@@ -130,3 +188,17 @@ def expert_errors(
             out.weight_error[b].append(dg + du + dd)
             out.hawq[b].append(tr_in / d_in * (dg + du) + tr_mid / d_mid * dd)
     return out
+
+
+class _ExpertHessians:
+    """``H = 2 X^T X / n`` of one expert's gate/up input and down input, as the quantization engine collects them."""
+
+    def __init__(self, w: ExpertWeights) -> None:
+        from mcmoe_vl.quant.gptq import HessianAccumulator
+
+        self.h_in = HessianAccumulator(w.gate.shape[1])
+        self.h_down = HessianAccumulator(w.down.shape[1])
+
+    def add(self, x: torch.Tensor, h: torch.Tensor) -> None:
+        self.h_in.add(x)
+        self.h_down.add(h)

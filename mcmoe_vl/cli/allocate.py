@@ -2,6 +2,13 @@
 
     mcmoe-vl allocate runs/stats.json --output runs/plan.json --target-bits 2.54 [--method pmq] [--scope global]
     mcmoe-vl allocate runs/stats.json -o plan.json --config alloc.yaml --target-bits 2.0   # flag beats file
+    mcmoe-vl allocate runs/stats.json -o plan.json --method pmq+ --target-bits 2.0 --model MODEL_DIR \
+        --data calib.txt [--num-sequences 128 --seq-len 2048 --data-seed 0] [--select-sequences 32] \
+        [--candidates pmq pmq-global uniform] [--max-candidates 3] [--preview gptq|rtn] [--no-refit-1bit]
+
+``pmq+`` measures candidate plans on the model: ``--data`` (with ``--num-sequences``, ``--seq-len``,
+``--data-seed``) must be the calibration run's data; the selection split (``--select-data``, default other
+windows of the same source) is held apart from it. Never give evaluation data.
 
 Precedence: flags, then ``--config`` (YAML or JSON with :class:`AllocationConfig` fields), then defaults. Calls
 :func:`mcmoe_vl.allocation.workflow.allocate_files`.
@@ -49,6 +56,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--per-layer-uniform", action="store_true", default=None,
                    help="one width for all experts of a layer (what serving engines need; model-wide budget)")
     p.add_argument("--heatmap", default=None, help="also write the bit-allocation heatmap (PNG)")
+    g = p.add_argument_group("pmq+ (candidate plans chosen by measured calibration loss)")
+    g.add_argument("--model", default=None, help="model directory")
+    g.add_argument("--data", default=None, help="the calibration run's data (plan building and GPTQ preview)")
+    g.add_argument("--num-sequences", type=int, default=128)
+    g.add_argument("--seq-len", type=int, default=2048)
+    g.add_argument("--data-seed", type=int, default=0, help="the calibration run's --seed")
+    g.add_argument("--select-data", default=None, help="selection split source (default: --data, other windows)")
+    g.add_argument("--select-sequences", type=int, default=32)
+    g.add_argument("--select-seed", type=int, default=1)
+    g.add_argument("--batch-size", type=int, default=1)
+    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    g.add_argument("--candidates", nargs="*", default=None, help="candidate plans (default: pmq pmq-global "
+                   "uniform eps-global pmq-global-free; unreachable ones skipped)")
+    g.add_argument("--max-candidates", type=int, default=None, help="evaluate at most this many")
+    g.add_argument("--preview", default="gptq", choices=["gptq", "rtn"])
+    g.add_argument("--no-refit-1bit", action="store_true", help="the paper's 1-bit scales (no refit)")
+    g.add_argument("--min-tokens", type=int, default=16, help="fewer tokens: round-to-nearest fallback")
     p.set_defaults(func=run)
 
 
@@ -81,7 +105,29 @@ def run(args: argparse.Namespace) -> int:
     from mcmoe_vl.allocation.workflow import allocate_files
 
     config = resolve_config(args)
-    plan = allocate_files(args.stats, args.output, config, heatmap=args.heatmap)
+    if config.method == "pmq+":
+        plan = _run_plus(args, config)
+    else:
+        plan = allocate_files(args.stats, args.output, config, heatmap=args.heatmap)
     print(f"wrote {args.output}: {plan.allocator}, target {config.target_bits:g} {config.budget.value} bits, "
           f"achieved {plan.achieved['nominal']:.4f} nominal / {plan.achieved['effective']:.4f} effective")
     return 0
+
+
+def _run_plus(args: argparse.Namespace, config):
+    from mcmoe_vl.allocation.plus import PlusConfig
+    from mcmoe_vl.allocation.workflow import PlusData, allocate_plus_files
+
+    if not args.model or not args.data:
+        raise ValueError("--method pmq+ measures candidate plans on the model: give --model and --data (the "
+                         "calibration run's data)")
+    plus = PlusConfig(candidates=None if args.candidates is None else tuple(args.candidates),
+                      max_candidates=args.max_candidates, preview=args.preview, refit_1bit=not args.no_refit_1bit,
+                      min_tokens=args.min_tokens)
+    data = PlusData(model=args.model, data=args.data, num_sequences=args.num_sequences, seq_len=args.seq_len,
+                    seed=args.data_seed, select_data=args.select_data, select_sequences=args.select_sequences,
+                    select_seed=args.select_seed, batch_size=args.batch_size, dtype=args.dtype)
+    plan = allocate_plus_files(args.stats, args.output, config, data, plus, heatmap=args.heatmap)
+    losses = ", ".join(f"{c['name']} {c['loss']:.4f}" for c in plan.selection["candidates"])
+    print(f"pmq+: chose {plan.selection['chosen']} (calibration loss: {losses})")
+    return plan

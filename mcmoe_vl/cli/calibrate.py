@@ -28,6 +28,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--eps-bits", type=int, nargs="*", default=[1, 2, 3],
                    help="widths of the eps table (none: skip eps and HAWQ)")
     p.add_argument("--group-size", type=int, default=128, help="quantization group size for eps")
+    p.add_argument("--eps-quantizer", default="rtn", choices=["rtn", "gptq"],
+                   help="eps measured with round-to-nearest (the paper) or GPTQ on each expert's Hessian")
+    p.add_argument("--refit-1bit", action="store_true", help="with --eps-quantizer gptq: the 1-bit scale refit")
     p.add_argument("--min-tokens", type=int, default=16, help="experts with fewer tokens are listed as starved")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cpu")
@@ -47,7 +50,8 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, seed=args.seed, dtype=args.dtype, device=args.device,
         resume=not args.no_resume, significance_plot=args.plot, progress=not args.no_progress,
         calibration=CalibrationConfig(eps_bits=tuple(args.eps_bits), group_size=args.group_size,
-                                      min_tokens=args.min_tokens),
+                                      min_tokens=args.min_tokens, quantizer=args.eps_quantizer,
+                                      refit_1bit=args.refit_1bit),
     ))
     starved = {la.index: la.starved for la in stats.layers if la.starved}
     print(f"wrote {args.output}: {len(stats.layers)} MoE layers, {stats.num_tokens} tokens"

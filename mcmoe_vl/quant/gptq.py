@@ -25,6 +25,10 @@ parameters are instead computed up front from the unquantized ``W`` in natural c
 returned in natural order (no permutation is needed at run time).
 
 gate and up projections of an expert see the same input: compute one :class:`GPTQInverse` and pass it to both.
+
+At 1 bit with a refitting quantizer (``BinaryQuantizer(refit=True)``), once every sign is fixed the scales are
+re-solved by Hessian-weighted least squares (:func:`mcmoe_vl.quant.quantizer.refit_binary_scales`, on the
+undamped ``H`` kept in the :class:`GPTQInverse`); codes and storage are unchanged.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .quantizer import QParams, Quantizer
+from .quantizer import QParams, Quantizer, refit_binary_scales
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +83,7 @@ class GPTQInverse:
     perm: torch.Tensor | None  # (C,) visiting order (act-order), None = natural
     dead: torch.Tensor  # (C,) bool: input features that never fired (diag H == 0); their weights are zeroed
     damp: float  # the damping actually added to the diagonal
+    h: torch.Tensor | None = None  # (C, C) the undamped Hessian, natural order (the 1-bit scale refit needs it)
 
 
 @torch.no_grad()
@@ -89,6 +94,7 @@ def prepare_inverse(h: torch.Tensor, *, damp: float = 0.01, act_order: bool = Fa
     If the Cholesky factorisation fails (a numerically indefinite Hessian) the damping is raised tenfold, up to
     three times, with a warning.
     """
+    h_given = h
     h = h.to(dtype).clone()
     c = h.shape[0]
     if h.shape != (c, c):
@@ -112,7 +118,7 @@ def prepare_inverse(h: torch.Tensor, *, damp: float = 0.01, act_order: bool = Fa
             if int(info) == 0:
                 if attempt:
                     log.warning("Hessian needed damping %.3g (asked %.3g) to be positive definite", d, damp)
-                return GPTQInverse(hinv_u=hinv_u, perm=perm, dead=dead, damp=d)
+                return GPTQInverse(hinv_u=hinv_u, perm=perm, dead=dead, damp=d, h=h_given)
         d *= 10
     raise ValueError(f"the Hessian is not positive definite even with damping {d / 10:.3g} x mean(diag)")
 
@@ -221,8 +227,29 @@ def gptq_quantize(
             nat = torch.empty_like(codes)
             nat[:, perm] = codes
             codes, perm = nat, None
+    if quantizer.bits == 1 and getattr(quantizer, "refit", False) and inv.h is not None:
+        scales, weight = _refit(w, codes, scales, inv, perm, g, quantizer.param_dtype)
     return QuantResult(codes=codes, scale=scales, zero=zero_out, perm=perm, weight=weight.float(),
                        bits=quantizer.bits, group_size=g, loss=float(losses.sum()))
+
+
+def _refit(w: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, inv: GPTQInverse, perm: torch.Tensor | None,
+           g: int, param_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """1-bit scales re-solved for GPTQ's final signs; returns (scales (R, G), dequantized weight natural order).
+
+    Groups are consecutive in storage order (``perm`` order, or natural), so the refit works in that order."""
+    h = inv.h.to(inv.hinv_u.dtype)
+    target = w.detach().to(h.dtype).clone()
+    target[:, inv.dead] = 0  # what GPTQ quantized: dead input features are zeroed
+    if perm is not None:
+        target, h = target[:, perm], h[perm][:, perm]
+    scales = refit_binary_scales(target, codes, scales, h, group_size=g, param_dtype=param_dtype)
+    deq = scales.repeat_interleave(g, dim=1)[:, : codes.shape[1]] * (codes.float() * 2 - 1)
+    if perm is None:
+        return scales, deq
+    weight = torch.empty_like(deq)
+    weight[:, perm] = deq
+    return scales, weight
 
 
 @torch.no_grad()

@@ -77,6 +77,9 @@ class QuantizeConfig(BaseModel):
     runtime: Runtime = Runtime.PACKED
     dtype: ModelDtype | None = None  # compute dtype of quantized modules; None = the model's parameter dtype
     quantize_router: bool = True  # the router weight at the plan's default width (stored dequantised)
+    # 1-bit scales re-solved by Hessian-weighted least squares after GPTQ (quantizer.refit_binary_scales).
+    # None: as the plan says (metadata "refit_1bit", set by the pmq+ allocator), else off (the paper).
+    refit_1bit: bool | None = None
     progress: bool = True
 
 
@@ -119,7 +122,7 @@ class QuantReport(BaseModel):
 def quantize_weight(w: torch.Tensor, bits: int, cfg: QuantizeConfig, *, group_size: int,
                     inv: Any = None) -> QuantResult:
     """GPTQ with a prepared inverse, or round-to-nearest when ``inv`` is None."""
-    quant = get_quantizer(bits, range_search=cfg.range_search)
+    quant = get_quantizer(bits, range_search=cfg.range_search, refit_1bit=bool(cfg.refit_1bit))
     if inv is None:
         return rtn_quantize(w, quant, group_size=group_size)
     return gptq_quantize(w, inv, quant, group_size=group_size, block_size=cfg.block_size,
@@ -245,6 +248,8 @@ def quantize_model(
     from mcmoe_vl.moe.layerwise import iterate_layers
 
     cfg = config or QuantizeConfig()
+    if cfg.refit_1bit is None:
+        cfg = cfg.model_copy(update={"refit_1bit": bool(plan.metadata.get("refit_1bit", False))})
     if cfg.static_groups and not cfg.act_order:
         log.info("static_groups without act_order changes nothing")
     if adapter is None:

@@ -158,6 +158,7 @@ class QuantPlan(BaseModel):
             group_size=int(group),
             metadata={"allocator": plan.allocator, "target": dict(plan.target), "achieved": dict(plan.achieved),
                       "starved": {la.index: list(la.starved) for la in plan.layers if la.starved},
+                      "refit_1bit": bool(getattr(plan, "refit_1bit", False)),
                       **({"source": dict(plan.source)} if getattr(plan, "source", None) else {})},
         )
 

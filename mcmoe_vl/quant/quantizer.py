@@ -12,6 +12,8 @@ A quantizer maps a slice of columns ``w`` (R, c) to integer codes with parameter
   for 101 factors ``f`` in [0.9, 1.1] and, per row, the one minimising ``sum |w_hat - w|^2.4`` is kept.
 - :class:`BinaryQuantizer` (1 bit, MC-MoE Appendix A.2): ``B = sign(W)`` (0 counts as +1), stored as
   ``q = (B + 1) / 2``, dequantised ``w_hat = s * B = s * (2q - 1)`` with ``s = mean |w|`` per (row, group).
+  With ``refit`` (beyond the paper), once GPTQ has fixed the signs the scales of each row are re-solved to
+  minimise the Hessian-weighted output error (:func:`refit_binary_scales`); storage and dequantisation unchanged.
 
 Scales and zeros are rounded to their storage dtype (16-bit, ``param_dtype``) when they are computed, so the
 values GPTQ feeds back are exactly the ones a checkpoint stores and the runtimes dequantise.
@@ -127,8 +129,9 @@ class BinaryQuantizer(Quantizer):
     kind = QuantKind.BINARY
     bits = 1
 
-    def __init__(self, *, param_dtype: torch.dtype = torch.float16) -> None:
+    def __init__(self, *, param_dtype: torch.dtype = torch.float16, refit: bool = False) -> None:
         self.param_dtype = param_dtype
+        self.refit = refit  # GPTQ re-solves the scales for its final signs (refit_binary_scales)
 
     def params(self, w: torch.Tensor) -> QParams:
         s = w.float().abs().mean(dim=1).to(self.param_dtype).float()  # (R,)
@@ -141,13 +144,64 @@ class BinaryQuantizer(Quantizer):
         return dequantize_binary(q, _bcast(p.scale, q))
 
 
+def _group_sum(t: torch.Tensor, group_size: int) -> torch.Tensor:
+    """(R, C) -> (R, G): sums over consecutive groups of ``group_size`` columns (the last may be short)."""
+    r, c = t.shape
+    idx = torch.arange(c, device=t.device) // group_size
+    return torch.zeros(r, (c + group_size - 1) // group_size, dtype=t.dtype, device=t.device).index_add_(1, idx, t)
+
+
+def weighted_error(w: torch.Tensor, w_hat: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """Per row ``(w - w_hat)^T H (w - w_hat)`` (R,), in ``h``'s dtype: the layer-output error GPTQ minimises."""
+    d = (w - w_hat).to(h.dtype)  # (R, C)
+    return ((d @ h) * d).sum(dim=1)
+
+
+@torch.no_grad()
+def refit_binary_scales(w: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, h: torch.Tensor, *,
+                        group_size: int, param_dtype: torch.dtype = torch.float16) -> torch.Tensor:
+    """Scales (R, G) minimising the Hessian-weighted error of ``w`` (R, C) for fixed 1-bit ``codes`` (R, C).
+
+    With ``B = 2 codes - 1`` and ``M_r`` (C, G) the matrix whose column g is ``B_r`` on group g and 0 elsewhere, each
+    row solves ``min_s (w_r - M_r s)^T H (w_r - M_r s)``, i.e. the G x G normal equations
+    ``(M_r^T H M_r) s = M_r^T H w_r`` (closed form; one unknown per group). Entry (g, j) of ``M_r^T H M_r`` is
+    ``B_rg^T H_gj B_rj``, built group by group with one (R, g) x (g, C) product each: R C^2 work in all, the
+    cost of one GPTQ error evaluation. The solution is rounded to ``param_dtype`` as stored; a row keeps its
+    previous ``scale`` unless the rounded refit lowers its weighted error, so the refit never increases it.
+    Computed in ``h``'s dtype (pass a float64 Hessian for a float64 solve).
+    """
+    dt = h.dtype
+    g = group_size
+    r, c = w.shape
+    b = codes.to(dt) * 2 - 1  # (R, C) signs
+    wd = w.to(dt)
+    n_groups = (c + g - 1) // g
+    a = torch.empty(r, n_groups, n_groups, dtype=dt)  # (R, G, G) normal matrices
+    for j in range(n_groups):
+        cols = slice(j * g, min((j + 1) * g, c))
+        a[:, :, j] = _group_sum((b[:, cols] @ h[cols, :]) * b, g)  # B_rg^T H_gj B_rj for every g
+    rhs = _group_sum(b * (wd @ h), g)  # (R, G)
+    diag = torch.diagonal(a, dim1=1, dim2=2)
+    ridge = 1e-9 * diag.mean(dim=1).clamp_min(torch.finfo(dt).tiny)  # (R,) keeps dead groups solvable
+    a = a + torch.diag_embed(ridge[:, None].expand(r, n_groups))
+    new = torch.linalg.solve(a, rhs.unsqueeze(-1)).squeeze(-1)  # (R, G)
+    new = new.to(param_dtype).to(torch.float32)
+    new = torch.where(torch.isfinite(new), new, scale.float())
+
+    def expand(s: torch.Tensor) -> torch.Tensor:  # (R, G) -> (R, C)
+        return s.repeat_interleave(g, dim=1)[:, :c].to(dt)
+
+    better = weighted_error(wd, expand(new) * b, h) < weighted_error(wd, expand(scale) * b, h)
+    return torch.where(better[:, None], new, scale.float())
+
+
 def _bcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return v.reshape(v.shape[0], *([1] * (like.dim() - 1))) if like.dim() > 1 else v
 
 
 QuantizerFactory = Callable[..., Quantizer]
 QUANTIZERS: dict[int, QuantizerFactory] = {
-    1: lambda **kw: BinaryQuantizer(param_dtype=kw.get("param_dtype", torch.float16)),
+    1: lambda **kw: BinaryQuantizer(param_dtype=kw.get("param_dtype", torch.float16), refit=kw.get("refit", False)),
     2: lambda **kw: MinMaxQuantizer(2, **kw),
     3: lambda **kw: MinMaxQuantizer(3, **kw),
     4: lambda **kw: MinMaxQuantizer(4, **kw),
@@ -161,10 +215,12 @@ def register_quantizer(bits: int, factory: QuantizerFactory, *, replace: bool = 
     QUANTIZERS[bits] = factory
 
 
-def get_quantizer(bits: int, *, range_search: bool = False, param_dtype: torch.dtype = torch.float16) -> Quantizer:
-    """The quantizer for ``bits`` (1 -> binarisation, 2-4 -> min-max)."""
+def get_quantizer(bits: int, *, range_search: bool = False, param_dtype: torch.dtype = torch.float16,
+                  refit_1bit: bool = False) -> Quantizer:
+    """The quantizer for ``bits`` (1 -> binarisation, with the Hessian-weighted scale refit if asked; 2-4 ->
+    min-max)."""
     if bits not in QUANTIZERS:
         raise ValueError(f"no quantizer for {bits} bits; valid widths: {sorted(QUANTIZERS)}")
     if bits == 1:
-        return QUANTIZERS[1](param_dtype=param_dtype)
+        return QUANTIZERS[1](param_dtype=param_dtype, refit=refit_1bit)
     return QUANTIZERS[bits](range_search=range_search, param_dtype=param_dtype)

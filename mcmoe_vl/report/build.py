@@ -296,6 +296,10 @@ def _details(rows: list[Row]) -> list[str]:
             bits.append(f"{q.get('allocator', '?')} allocator, target {q.get('target_bits', '?')} "
                         f"{q.get('budget', 'nominal')} bits over widths {q.get('bit_set', '?')}, experts at "
                         f"{fmt_num(c.expert_nominal_bits, 3)} nominal bits, {q.get('runtime', '?')} runtime")
+            if q.get("scope") == "global":
+                bits.append("one global budget over all layers")
+            if q.get("chosen"):
+                bits.append(f"pmq+ chose the {q['chosen']} candidate by calibration loss")
             if q.get("starved_experts"):
                 bits.append(f"{q['starved_experts']} starved expert(s) fell back to round-to-nearest")
         if c.prune:

@@ -153,6 +153,17 @@ class _ModelContext:
                 self._calib = stages.batches(ids, c.batch_size, self.device)
         return self._calib
 
+    def selection_batches(self) -> list[dict[str, torch.Tensor]]:
+        """pmq+'s selection split: other windows of the calibration text (seed 20000 + seed), never evaluation data."""
+        c = self.r.suite.calibration
+        if is_image_source(self.calibration_source):
+            raise ValueError(f"{self.spec.name}: pmq+ in suites needs a text calibration source for its selection "
+                             f"split, got {self.calibration_source!r}; use allocate_plus from Python for images")
+        text = stages.source_text(self.calibration_source, base=self.r.loaded.base_dir, text_field=c.text_field)
+        ids = stages.token_windows(self.tokenizer, text, seq_len=c.seq_len, num=max(8, c.num_sequences // 2),
+                                   seed=20_000 + self.seed)
+        return stages.batches(ids, c.batch_size, self.device)
+
     def counts(self) -> tuple[dict[int, int], int]:
         """Parameter counts of the original model (activated parameters are counted in original weights)."""
         if self._counts is None:
@@ -304,9 +315,11 @@ class SuiteRunner:
         self._status("allocate", ctx, recipe)
         d = self.cache.begin("allocate", key)
         stages.allocate(stats, recipe.quant, ctx.seed, plan_path=d / "plan.json", heatmap_path=d / "allocation.png",
-                        title=f"{recipe.quant.allocator} allocation, {ctx.spec.name}, {recipe.quant.bits:g} bits")
+                        title=f"{recipe.quant.allocator} allocation, {ctx.spec.name}, {recipe.quant.bits:g} bits",
+                        plus_data=lambda: (ctx.model, ctx.calibration_batches(), ctx.selection_batches()))
+        files = ["plan.json", "allocation.png"] + (["stats_gptq.json"] if recipe.quant.allocator == "pmq+" else [])
         self.cache.commit("allocate", key, inputs={"calibrate": keys["calibrate"], "recipe": recipe.name},
-                          files=["plan.json", "allocation.png"])
+                          files=files)
         self._miss("allocate")
         return d
 
@@ -489,6 +502,7 @@ class SuiteRunner:
                           "plan": {str(la["index"]): la["bits"] for la in plan["layers"]},
                           "plan_achieved": plan.get("achieved", {}),
                           "starved_experts": sum(len(v) for v in (acct.get("starved") or {}).values()),
+                          "chosen": (plan.get("selection") or {}).get("chosen"),
                           "accounting": acct}
             nominal = float(acct["nominal_bits"])
             expert_nominal = float(acct.get("expert_nominal_bits") or plan.get("achieved", {}).get("nominal", nominal))

@@ -156,6 +156,7 @@ class QuantSpec(_Strict):
     other_bits: int = Field(4, ge=1, le=16)
     shared_experts_bits: int = Field(4, ge=1, le=16)
     gptq: dict[str, Any] = Field(default_factory=dict)
+    plus: dict[str, Any] = Field(default_factory=dict)  # allocator "pmq+": PlusConfig settings (validated by it)
 
     @model_validator(mode="after")
     def _check(self) -> QuantSpec:

@@ -193,15 +193,34 @@ def allocation_config(q: QuantSpec, seed: int) -> Any:
                             require_widths=() if len(q.resolved_bit_set) == 1 else None)
 
 
-def allocate(stats: Any, q: QuantSpec, seed: int, *, plan_path: Path, heatmap_path: Path, title: str) -> Any:
+def allocate(stats: Any, q: QuantSpec, seed: int, *, plan_path: Path, heatmap_path: Path, title: str,
+             plus_data: Any = None) -> Any:
+    """The recipe's plan; ``pmq+`` also needs ``plus_data()`` -> (model, plan-building batches, selection batches)."""
     from mcmoe_vl.allocation.allocate import allocate as run
     from mcmoe_vl.plots import allocation_heatmap
 
-    plan = run(stats, allocation_config(q, seed))
+    if q.allocator == "pmq+":
+        plan = allocate_plus(stats, q, seed, plus_data, stats_path=plan_path.with_name("stats_gptq.json"))
+    else:
+        plan = run(stats, allocation_config(q, seed))
     plan.save(plan_path)
     allocation_heatmap([lp.bits for lp in plan.layers], heatmap_path,
                        layer_labels=[str(lp.index) for lp in plan.layers], title=title)
     return plan
+
+
+def allocate_plus(stats: Any, q: QuantSpec, seed: int, plus_data: Any, *, stats_path: Path) -> Any:
+    """pmq+: eps re-measured with GPTQ (and the 1-bit refit) on the same data, then candidates chosen by loss."""
+    from mcmoe_vl.allocation.plus import PlusConfig, allocate_plus as run, build_candidates
+    from mcmoe_vl.calibration.calibrate import CalibrationConfig, calibrate as measure
+
+    plus = PlusConfig(**{"min_tokens": stats.config.get("min_tokens", 16), **dict(q.plus)})
+    config = allocation_config(q, seed)
+    build_candidates(stats, config, plus)  # a bad request fails before any model work
+    model, fit, select = plus_data()
+    cfg = CalibrationConfig(**{**stats.config, "quantizer": "gptq", "refit_1bit": plus.refit_1bit})
+    stats_gptq = measure(model, fit, cfg, output=stats_path, model_name=stats.model_name, progress=False)
+    return run(model, stats_gptq, fit, select, config, plus)
 
 
 # -- quantize --------------------------------------------------------------------------------------------------------
