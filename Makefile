@@ -12,9 +12,16 @@ $(STAMP): pyproject.toml requirements/lock.txt scripts/setup.sh scripts/lmms-eva
 	bash scripts/setup.sh
 	touch $(STAMP)
 
-# The embedded default reads only files in this repository: run it offline.
+# The embedded default reads only files in this repository: run it offline. RUN_PROCS processes split the suite's
+# (model, recipe, seed) grid (torchrun, one thread each; RUN_PROCS=1 runs it in this process).
+RUN_PROCS ?= 2
 run: $(STAMP)
+ifeq ($(RUN_PROCS),1)
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(VENV)/bin/mcmoe-vl run
+else
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(VENV)/bin/torchrun --standalone --nproc_per_node $(RUN_PROCS) \
+		$(VENV)/bin/mcmoe-vl run
+endif
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q

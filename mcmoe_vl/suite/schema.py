@@ -49,8 +49,10 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._+()\-]*$")
 
 
 def slug(name: str) -> str:
-    """A file-system name for a model or recipe name ("PMQ 2.0 + ODP" -> "pmq-2.0-odp")."""
-    s = re.sub(r"[^a-z0-9.]+", "-", name.lower()).strip("-")
+    """A file-system name for a model or recipe name ("PMQ 2.0 + ODP" -> "pmq-2.0-odp"; a "+" that ends a word is
+    "plus": "pmq+ 2.0" -> "pmqplus-2.0")."""
+    s = re.sub(r"(?<=[a-z0-9])\+", "plus", name.lower())
+    s = re.sub(r"[^a-z0-9.]+", "-", s).strip("-")
     return s or "x"
 
 
