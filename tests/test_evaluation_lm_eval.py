@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import json
 import math
 import re
@@ -78,3 +79,24 @@ def test_a_task_can_run_twice_under_its_own_key(setup) -> None:
     out = evaluate_lm_eval(model, tok, reqs, include_paths=[tasks], batch_size=4)
     assert set(out["results"]) == {"t8_parity", "t8_parity_2shot"}
     assert out["n-shot"] == {"t8_parity": 0, "t8_parity_2shot": 2}
+
+
+def test_harnesses_see_no_process_group_or_rank(tmp_path, monkeypatch) -> None:
+    """Under torchrun each process evaluates its own recipe: the harnesses must not see the runner's process group
+    (lmms-eval's evaluator would barrier with processes busy on other recipes) nor its rank variables."""
+    import torch.distributed as dist
+
+    from mcmoe_vl.evaluation.lm_eval_backend import single_process_view
+
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        assert dist.is_initialized()
+        with single_process_view():
+            assert not dist.is_initialized()
+            assert "RANK" not in os.environ and "WORLD_SIZE" not in os.environ
+        assert dist.is_initialized() and os.environ["RANK"] == "1"
+    finally:
+        dist.destroy_process_group()

@@ -178,3 +178,11 @@ def test_recipe_seeds_override_the_suite_seeds(workdir: Path) -> None:
     assert s.seeds_for(s.recipes[2]) == [0, 1, 2]
     assert s.all_seeds == [0, 1, 2, 7]
     assert s.report.confidence == 0.95 and s.report.compare_to is None
+
+
+def test_recipe_slugs_keep_pmq_plus_apart_from_pmq() -> None:
+    from mcmoe_vl.suite.schema import slug
+
+    assert slug("PMQ 2.0 + ODP") == "pmq-2.0-odp"
+    assert slug("pmq+ 2.0") == "pmqplus-2.0" != slug("PMQ 2.0")
+    assert slug("pmq+ 2.0 + OTP") == "pmqplus-2.0-otp"

@@ -42,12 +42,19 @@ def single_process_view() -> Iterator[None]:
 
     Under ``accelerate launch`` / ``torchrun`` the suite runner splits *recipes* over processes and each process
     evaluates its own in-memory model alone; the harnesses, seeing ``LOCAL_RANK != 0``, would otherwise return no
-    results from every process but the first of a node.
+    results from every process but the first of a node. The runner's process group is hidden too
+    (``torch.distributed.is_initialized()`` answers False inside): lmms-eval's evaluator calls ``barrier`` and
+    ``all_gather`` whenever a group exists, which would wait forever for processes evaluating other recipes.
     """
+    import torch.distributed as dist
+
     saved = {k: os.environ.pop(k, None) for k in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")}
+    is_initialized = dist.is_initialized
+    dist.is_initialized = lambda: False  # type: ignore[assignment]
     try:
         yield
     finally:
+        dist.is_initialized = is_initialized  # type: ignore[assignment]
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
