@@ -127,3 +127,28 @@ def test_eval_and_export_help_examples_run(tmp_path, monkeypatch, capsys):
     assert out.count("mcmoe_docstring_cloze") >= 2 and "mcmoe_vqa_colour" in out  # the harnesses' result tables
     assert (tmp_path / "runs/q-ct/config.json").is_file() and (tmp_path / "runs/q-gptq/model.safetensors").is_file()
     assert list((tmp_path / "runs/q-eval").rglob("*results*.json"))
+
+
+@pytest.mark.slow
+def test_the_workflow_examples_in_the_help_run_as_written(tmp_path, monkeypatch):
+    """The calibrate -> allocate -> quantize -> prune examples of `--help`, run in order as written (optional parts
+    included, first alternatives), with MODEL_DIR the embedded tiny Mixtral and calib.txt real training text."""
+    from mcmoe_vl.data.text import stdlib_splits
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "calib.txt").write_text(stdlib_splits().train_text()[:400_000])
+    (tmp_path / "alloc.yaml").write_text("method: pmq\nscope: layer\n")
+    ran = []
+    for name in ("calibrate", "allocate", "quantize", "prune"):
+        doc = importlib.import_module(f"mcmoe_vl.cli.{name}").__doc__
+        for line in examples(re.sub(r"\\\n\s*", " ", doc or "")):
+            argv = [str(EMBEDDED) if a == "MODEL_DIR" else a for a in _example_argv(line)]
+            if name == "calibrate" or "--model" in argv:  # keep it short: fewer windows than the default
+                argv += ["--num-sequences", "8"]
+            if name != "allocate":
+                argv.append("--no-progress")
+            rc = main(argv)
+            assert rc == 0, f"`{line}` exited {rc}"
+            ran.append(line)
+    assert len(ran) == 7
+    assert (tmp_path / "runs" / "q" / "pruning.json").is_file() and (tmp_path / "plan.json").is_file()

@@ -80,7 +80,8 @@ def make_results(recipe: str, acc: tuple[float, float], ppl: float, *, bits: flo
             activated_params_reduction=1 - active / 2,
             active_experts=[LayerActivity(index=i, top_k=2, avg_active_experts=active) for i in range(2)],
             speed=Speed(tokens=256, seconds=256 / tps, tokens_per_second=tps, workload="prefill", device="cpu"),
-            quant=None if baseline else {"allocator": "uniform" if recipe.startswith("uniform") else "pmq",
+            quant=None if baseline else {"allocator": "uniform" if recipe.startswith("uniform") else
+                                         "pmq+" if recipe.startswith("pmq+") else "pmq",
                                          "target_bits": bits, "bit_set": [1, 2, 3]},
             prune={"method": "odp"} if "ODP" in recipe else None,
         ),
@@ -301,3 +302,14 @@ def test_results_without_per_item_outputs_still_report_and_say_so(tmp_path: Path
     assert table_rows(md, "tiny")["PMQ 2.5"]["Cloze"] == "75.00"
     assert "carry no per-item outputs, so no uncertainty is shown" in md
     assert "Paired differences" not in md
+
+
+def test_pmq_plus_rows_are_also_compared_with_the_papers_pmq_at_the_same_bits(tmp_path: Path) -> None:
+    run = RUN + [make_results("pmq+ 2.5", (0.78, 0.68), 3.2, bits=2.5), make_results("pmq+ 1.5", (0.6, 0.5), 5.0,
+                                                                                      bits=1.5)]
+    md = build_report(write_all(tmp_path, run), tmp_path / "report").read_text()
+    paired = [[c.strip() for c in ln.split("|")[1:3]] for ln in md.splitlines()
+              if ln.startswith("| ") and ln.count("|") > 3 and not ln.split("|")[2].strip().isdigit()]
+    assert [p for p in paired if p[0].startswith("pmq+")] == [["pmq+ 2.5", "16-bit"], ["pmq+ 2.5", "PMQ 2.5"],
+                                                              ["pmq+ 1.5", "16-bit"]]  # no PMQ 1.5 row to compare
+    assert ["PMQ 2.5", "pmq+ 2.5"] not in paired  # one direction only

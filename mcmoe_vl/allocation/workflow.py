@@ -29,7 +29,7 @@ def allocate_files(
     for out in (output, heatmap):
         if out is not None:
             check_output_outside(out, {"statistics file": stats_path})
-    stats = load_stats(stats_path)
+    stats = load_stats(stats_path, verify=True)  # an edited or corrupted file is refused, never allocated from
     plan = allocate(stats, config)
     plan.save(output)
     if heatmap is not None:
@@ -92,7 +92,7 @@ def allocate_plus_files(stats_path: str | os.PathLike[str], output: str | os.Pat
     for out in (output, heatmap):
         if out is not None:
             check_output_outside(out, inputs)
-    stats = load_stats(stats_path)
+    stats = load_stats(stats_path, verify=True)  # an edited or corrupted file is refused, never allocated from
     build_candidates(stats, config, plus)  # a bad request fails before the model is loaded
     fit, sel = plus_batches(data)
     fp = prepare_batches(fit)[1]

@@ -206,8 +206,11 @@ def load_stats(path: str | os.PathLike[str], *, verify: bool = False) -> Calibra
     data = read_json(path, what="calibration statistics")
     if not isinstance(data, dict) or data.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{path}: not a calibration statistics file of format version {FORMAT_VERSION}")
-    if verify and data.get("checksum") != content_checksum(data):
-        what = "has no checksum" if data.get("checksum") is None else "does not match its checksum"
-        raise StatsIntegrityError(f"{path} {what}: it was edited or corrupted after it was written")
-    data.pop("checksum", None)  # a property of the file, not of the statistics
-    return CalibrationStats.model_validate(data)
+    recorded = data.pop("checksum", None)  # a property of the file, not of the statistics
+    intact = recorded == content_checksum(data)
+    stats = CalibrationStats.model_validate(data)  # invalid values are named first, whatever the checksum says
+    if verify and not intact:
+        what = "has no checksum" if recorded is None else "does not match its checksum"
+        raise StatsIntegrityError(f"{path} {what}: it was edited or corrupted after it was written; "
+                                  "re-run mcmoe-vl calibrate to measure it again")
+    return stats

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import argparse
 
-from mcmoe_vl.cli.common import help_style
+from mcmoe_vl.cli.common import help_style, seq_len_for
 import json
 from pathlib import Path
 
@@ -124,7 +124,9 @@ def _run_plus(args: argparse.Namespace, config):
     plus = PlusConfig(candidates=None if args.candidates is None else tuple(args.candidates),
                       max_candidates=args.max_candidates, preview=args.preview, refit_1bit=not args.no_refit_1bit,
                       min_tokens=args.min_tokens)
-    data = PlusData(model=args.model, data=args.data, num_sequences=args.num_sequences, seq_len=args.seq_len,
+    # the same clamp as calibrate's, so that the same flags give the same windows
+    seq_len = seq_len_for(args.model, args.seq_len, args.data)
+    data = PlusData(model=args.model, data=args.data, num_sequences=args.num_sequences, seq_len=seq_len,
                     seed=args.data_seed, select_data=args.select_data, select_sequences=args.select_sequences,
                     select_seed=args.select_seed, batch_size=args.batch_size, dtype=args.dtype)
     plan = allocate_plus_files(args.stats, args.output, config, data, plus, heatmap=args.heatmap)

@@ -2,7 +2,8 @@
 
 Each compressed row is compared with the model's reference row (16-bit unless the suite names another) and with its
 paired baseline (:func:`paired_baseline`): the same quantization without pruning for a pruned recipe, else the
-uniform recipe at the same bits. Differences are paired bootstraps over the documents both rows were evaluated on
+uniform recipe at the same bits. A ``pmq+`` row is also compared with the paper's PMQ at the same bits
+(:func:`paper_pmq_row`), the fidelity reference it improves on. Differences are paired bootstraps over the documents both rows were evaluated on
 (:func:`mcmoe_vl.report.stats.paired_difference`), with the seed spread of both rows; a difference whose interval
 excludes 0 is marked ▲ (better) or ▼ (worse).
 """
@@ -75,6 +76,15 @@ def paired_baseline(rows: list[Row], row: Row, compare_to: str | None) -> Row | 
                  and q[1] == key[1] and q[2] == key[2] and not r.files[0].compression.prune), None)
 
 
+def paper_pmq_row(rows: list[Row], row: Row) -> Row | None:
+    """For an unpruned ``pmq+`` row: the unpruned paper-PMQ row of the same run at the same target bits and widths."""
+    key = _quant_key(row)
+    if key is None or key[0] != "pmq+" or row.files[0].compression.prune:
+        return None
+    return next((r for r in rows if r.run == row.run and r is not row and not r.files[0].compression.prune
+                 and (q := _quant_key(r)) is not None and q[0] == "pmq" and q[1:4] == key[1:4]), None)
+
+
 def _fmt_diff(d: stats.Difference, higher_is_better: bool) -> str:
     unit = "%" if d.relative else ""
     text = f"{d.estimate:+.2f}{unit} [{d.low:+.2f}, {d.high:+.2f}]"
@@ -126,9 +136,9 @@ def paired_table(rows: list[Row], columns: list[TaskColumn], reference: str | No
             continue
         ref = reference_row(rows, r, reference)
         targets = [ref] if ref is not None and ref is not r else []
-        pb = paired_baseline(rows, r, compare_to)
-        if pb is not None and pb not in targets:
-            targets.append(pb)
+        for pb in (paired_baseline(rows, r, compare_to), paper_pmq_row(rows, r)):
+            if pb is not None and pb not in targets:
+                targets.append(pb)
         for t in targets:
             cells, avg = compare(r, t, columns, s)
             lines.append("| " + " | ".join([r.recipe, t.recipe] + cells) + " |")

@@ -79,6 +79,24 @@ def test_resume_refuses_an_edited_statistics_file(calibrated, tmp_path):
         calibrate_files(_run(ckpt, edited, text))
 
 
+def test_allocate_refuses_an_edited_statistics_file(calibrated, tmp_path):
+    """A valid-looking but hand-edited statistics file is refused by allocation (its checksum), before any plan."""
+    from mcmoe_vl.allocation.config import AllocationConfig
+    from mcmoe_vl.allocation.workflow import allocate_files
+
+    _, _, stats = calibrated
+    edited = tmp_path / "stats.json"
+    data = json.loads(stats.read_text())
+    data["layers"][1]["eps"]["2"][3] *= 0.5  # still finite and non-negative
+    edited.write_text(json.dumps(data))
+    plan = tmp_path / "plan.json"
+    with pytest.raises(ValueError, match=r"does not match its checksum.*re-run mcmoe-vl calibrate"):
+        allocate_files(edited, plan, AllocationConfig(target_bits=1.5, bits=(1, 2)))
+    assert not plan.exists()
+    allocate_files(stats, plan, AllocationConfig(target_bits=1.5, bits=(1, 2)))  # the untouched file is accepted
+    assert plan.exists()
+
+
 # -- item 5: negative (or non-finite) eps --------------------------------------------------------------------------
 @pytest.mark.parametrize("value", [-0.5, float("nan"), float("inf")])
 def test_out_of_range_eps_is_refused_naming_layer_and_expert(calibrated, tmp_path, value):
