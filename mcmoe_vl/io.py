@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -137,3 +138,11 @@ def _json_default(o: Any) -> Any:
     if hasattr(o, "value"):  # enums
         return o.value
     raise TypeError(f"cannot serialise {type(o).__name__} to JSON")
+
+
+def slug(name: str) -> str:
+    """A file-system name for a model or recipe name ("PMQ 2.0 + ODP" -> "pmq-2.0-odp"; a "+" that ends a word is
+    "plus": "pmq+ 2.0" -> "pmqplus-2.0")."""
+    s = re.sub(r"(?<=[a-z0-9])\+", "plus", name.lower())
+    s = re.sub(r"[^a-z0-9.]+", "-", s).strip("-")
+    return s or "x"

@@ -313,3 +313,21 @@ def test_pmq_plus_rows_are_also_compared_with_the_papers_pmq_at_the_same_bits(tm
     assert [p for p in paired if p[0].startswith("pmq+")] == [["pmq+ 2.5", "16-bit"], ["pmq+ 2.5", "PMQ 2.5"],
                                                               ["pmq+ 1.5", "16-bit"]]  # no PMQ 1.5 row to compare
     assert ["PMQ 2.5", "pmq+ 2.5"] not in paired  # one direction only
+
+
+def test_recipes_that_differ_only_by_plus_get_their_own_figures(tmp_path: Path) -> None:
+    plan_a = {"0": [1, 3, 2, 2], "1": [2, 2, 2, 2]}
+    plan_b = {"0": [3, 1, 2, 2], "1": [2, 2, 2, 2]}
+    files = []
+    for recipe, plan in (("PMQ 1.5", plan_a), ("pmq+ 1.5", plan_b)):
+        f = make_results(recipe, (0.6, 0.5), 5.0, bits=1.5)
+        png = tmp_path / "art" / f"{recipe}.png"
+        png.parent.mkdir(exist_ok=True)
+        png.write_bytes(b"\\x89PNG" + recipe.encode())  # distinct pictures
+        f.compression.quant["plan"] = plan
+        f.compression.artifacts = {"allocation_heatmap": str(png)}
+        files.append(f)
+    md = build_report(write_all(tmp_path, files), tmp_path / "report").read_text()
+    figs = sorted(p.name for p in (tmp_path / "report" / "figures").glob("*allocation*"))
+    assert figs == ["tiny-pmq-1.5-allocation-heatmap.png", "tiny-pmqplus-1.5-allocation-heatmap.png"], figs
+    assert "figures/tiny-pmqplus-1.5-allocation-heatmap.png" in md

@@ -23,7 +23,7 @@ import shutil
 from pathlib import Path
 
 from mcmoe_vl.evaluation.results import ResultsFile, load_results
-from mcmoe_vl.io import write_text_atomic
+from mcmoe_vl.io import slug, write_text_atomic
 
 from .comparisons import Settings, average_se, cell, paired_table, seed_spread_table
 from .items import row_items
@@ -61,12 +61,6 @@ def expand_results_paths(paths: list[str | os.PathLike[str]]) -> list[Path]:
         else:
             raise FileNotFoundError(f"results file not found: {p}")
     return sorted(set(out), key=lambda f: f.as_posix())
-
-
-def _slug(s: str) -> str:
-    import re
-
-    return re.sub(r"[^a-z0-9.]+", "-", s.lower()).strip("-") or "x"
 
 
 def _rel(path: Path, start: Path) -> str:
@@ -238,7 +232,7 @@ def build_report(
     if active:
         lines += ["## Active experts per layer", "", "The pruned recipes only (every other recipe runs top-k).", ""]
     for model, pruned in active:
-        p = active_experts_plot(pruned, model, fig_dir / f"active-experts-{_slug(model)}.png")
+        p = active_experts_plot(pruned, model, fig_dir / f"active-experts-{slug(model)}.png")
         if p is not None:
             lines += [f"![active experts per layer, {model}]({_rel(p, out)})", ""]
         lines += _activity_table(pruned)
@@ -349,8 +343,8 @@ def _heatmaps(files: list[ResultsFile], origin: dict[int, Path], fig_dir: Path, 
             if key in seen or digest in seen:  # one significance map per model; the same picture once
                 continue
             seen.update({key, digest})
-            stem = f"{_slug(f.model)}-{_slug(name)}" if significance else \
-                f"{_slug(f.model)}-{_slug(f.recipe)}-{_slug(name)}"
+            stem = f"{slug(f.model)}-{slug(name)}" if significance else \
+                f"{slug(f.model)}-{slug(f.recipe)}-{slug(name)}"
             dst = fig_dir / f"{stem}{src.suffix}"
             shutil.copyfile(src, dst)
             caption = (f"{f.model}: expert significance (calibration seed {f.seed})" if significance

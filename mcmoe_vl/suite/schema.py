@@ -43,17 +43,11 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from mcmoe_vl.io import slug  # noqa: F401  (file-system names of models and recipes; re-exported)
+
 SUITE_FORMAT_VERSION = 1
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._+()\-]*$")
-
-
-def slug(name: str) -> str:
-    """A file-system name for a model or recipe name ("PMQ 2.0 + ODP" -> "pmq-2.0-odp"; a "+" that ends a word is
-    "plus": "pmq+ 2.0" -> "pmqplus-2.0")."""
-    s = re.sub(r"(?<=[a-z0-9])\+", "plus", name.lower())
-    s = re.sub(r"[^a-z0-9.]+", "-", s).strip("-")
-    return s or "x"
 
 
 class _Strict(BaseModel):
