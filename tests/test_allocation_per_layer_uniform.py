@@ -46,8 +46,9 @@ def test_cli_flag(tmp_path):
     from mcmoe_vl.cli import main
     from mcmoe_vl.allocation.plan import BitPlan
 
-    stats = synthetic_stats(layers=3, experts=4, seed=2)
-    (tmp_path / "stats.json").write_text(stats.model_dump_json())
+    from mcmoe_vl.calibration.stats import save_stats
+
+    save_stats(synthetic_stats(layers=3, experts=4, seed=2), tmp_path / "stats.json")  # with its checksum
     rc = main(["allocate", str(tmp_path / "stats.json"), "-o", str(tmp_path / "plan.json"), "--target-bits", "2.5",
                "--bits", "2", "3", "--per-layer-uniform"])
     assert rc == 0
