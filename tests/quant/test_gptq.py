@@ -16,6 +16,7 @@ from mcmoe_vl.quant.gptq import (
 )
 from mcmoe_vl.quant.quantizer import BinaryQuantizer, MinMaxQuantizer, get_quantizer
 from mcmoe_vl.quant.reference import reference_gptq
+from tiny import correlated
 
 DATA = Path(__file__).parent.parent / "data" / "gptq_reference"
 REF = json.loads((DATA / "reference.json").read_text())
@@ -25,15 +26,6 @@ def _case(file: str) -> tuple[torch.Tensor, torch.Tensor]:
     d = load_file(str(DATA / file))
     return d["weight"].float(), d["inputs"].float()
 
-
-def _correlated(r: int, c: int, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    w = torch.randn(r, c, generator=g) * 0.05
-    z = torch.randn(n, c, generator=g)
-    L = torch.tril(torch.randn(c, c, generator=g)) / math.sqrt(c) + torch.eye(c)
-    x = z @ L.t()
-    x[:, :3] *= 10  # outlier channels
-    return w, x
 
 
 @pytest.mark.parametrize("case", [0, 1, 2])
@@ -59,7 +51,7 @@ def test_matches_gptqmodel_on_fixture(case):
 @pytest.mark.parametrize("bits", [1, 2, 3])
 def test_blocked_core_equals_float64_textbook_gptq(bits, act_order):
     # group 64 and block 32: groups span blocks, and the last group is partial (C = 160)
-    w, x = _correlated(24, 160, 300, seed=bits)
+    w, x = correlated(24, 160, 300, seed=bits)
     h = hessian_from_inputs(x, dtype=torch.float64)
     quant = get_quantizer(bits)
     inv = prepare_inverse(h, act_order=act_order, dtype=torch.float64)
@@ -73,7 +65,7 @@ def test_blocked_core_equals_float64_textbook_gptq(bits, act_order):
 
 
 def test_gptq_not_worse_than_rtn_and_monotone_in_bits():
-    w, x = _correlated(64, 256, 512, seed=7)
+    w, x = correlated(64, 256, 512, seed=7)
     h = hessian_from_inputs(x)
     inv = prepare_inverse(h)
     errs = {}
@@ -104,7 +96,7 @@ def test_hessian_incremental_equals_one_shot_and_convention():
 
 
 def test_dead_inputs_and_static_groups():
-    w, x = _correlated(16, 256, 400, seed=3)
+    w, x = correlated(16, 256, 400, seed=3)
     x[:, 5] = 0  # a feature that never fires
     h = hessian_from_inputs(x)
     res = gptq_quantize(w, prepare_inverse(h), get_quantizer(4))

@@ -1,7 +1,6 @@
 """The 1-bit scale refit: Hessian-weighted least squares for GPTQ's fixed signs."""
 
 import itertools
-import math
 
 import numpy as np
 import pytest
@@ -9,16 +8,7 @@ import torch
 
 from mcmoe_vl.quant.gptq import gptq_quantize, hessian_from_inputs, output_error, prepare_inverse
 from mcmoe_vl.quant.quantizer import BinaryQuantizer, get_quantizer, refit_binary_scales, weighted_error
-
-
-def _correlated(r: int, c: int, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    w = torch.randn(r, c, generator=g) * 0.05
-    z = torch.randn(n, c, generator=g)
-    lower = torch.tril(torch.randn(c, c, generator=g)) / math.sqrt(c) + torch.eye(c)
-    x = z @ lower.t()
-    x[:, :3] *= 10  # outlier channels
-    return w, x
+from tiny import correlated
 
 
 def _brute_force(w: np.ndarray, b: np.ndarray, h: np.ndarray, g: int, grid: np.ndarray) -> np.ndarray:
@@ -75,7 +65,7 @@ def test_refit_is_the_weighted_least_squares_optimum(seed):
 @pytest.mark.parametrize("act_order,static", [(False, False), (True, False), (True, True)])
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])
 def test_refit_never_increases_the_weighted_error(seed, act_order, static):
-    w, x = _correlated(48, 256, 600, seed)
+    w, x = correlated(48, 256, 600, seed)
     h = hessian_from_inputs(x, dtype=torch.float64)
     inv = prepare_inverse(h, act_order=act_order, dtype=torch.float64)
     plain = gptq_quantize(w, inv, BinaryQuantizer(), group_size=64, static_groups=static)
@@ -95,7 +85,7 @@ def test_refit_never_increases_the_weighted_error(seed, act_order, static):
 
 
 def test_refit_lowers_the_output_error_and_is_an_option():
-    w, x = _correlated(64, 256, 800, 7)
+    w, x = correlated(64, 256, 800, 7)
     inv = prepare_inverse(hessian_from_inputs(x))
     base = output_error(w, gptq_quantize(w, inv, get_quantizer(1), group_size=128).weight, x)
     better = output_error(w, gptq_quantize(w, inv, get_quantizer(1, refit_1bit=True), group_size=128).weight, x)

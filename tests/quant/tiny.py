@@ -1,4 +1,7 @@
-"""Tiny random Mixtral with expert dims 128/256 so group 128 is real (shared by the quant tests)."""
+"""Shared by the quant tests: a tiny random Mixtral with expert dims 128/256 so group 128 is real, and a weight with
+correlated, outlier-heavy inputs for GPTQ checks."""
+
+import math
 
 import torch
 from transformers import MixtralConfig, MixtralForCausalLM
@@ -23,3 +26,14 @@ def tiny_mixtral_q(seed: int = 0, *, experts: int = 4, layers: int = 2, dtype=to
 def batches(n: int = 2, seq: int = 24, seed: int = 0) -> list[dict]:
     g = torch.Generator().manual_seed(seed)
     return [{"input_ids": torch.randint(0, 96, (1, seq), generator=g)} for _ in range(n)]
+
+
+def correlated(r: int, c: int, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A weight (r, c) and n inputs with correlated channels and three outlier channels."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(r, c, generator=g) * 0.05
+    z = torch.randn(n, c, generator=g)
+    lower = torch.tril(torch.randn(c, c, generator=g)) / math.sqrt(c) + torch.eye(c)
+    x = z @ lower.t()
+    x[:, :3] *= 10  # outlier channels
+    return w, x

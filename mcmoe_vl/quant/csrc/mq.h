@@ -66,6 +66,22 @@ void mq_rows_scalar(const mq_mat *m, const float *xp, const float *xs, int T, fl
 void mq_rows_avx2(const mq_mat *m, const float *xp, const float *xs, int T, float *y, int ldy, int r0, int r1);
 void mq_rows_avx512(const mq_mat *m, const float *xp, const float *xs, int T, float *y, int ldy, int r0, int r1);
 
+/* The row kernel of an ISA (the MQ_* values). */
+static inline mq_rows_fn mq_rows_for(int isa) {
+#if defined(__x86_64__) || defined(__i386__)
+    if (isa == MQ_AVX512) return mq_rows_avx512;
+    if (isa == MQ_AVX2) return mq_rows_avx2;
+#endif
+    return mq_rows_scalar;
+}
+
+/* Threads only where there is work for them: at least about 64k weights x tokens per thread. */
+static inline int mq_threads_for(double work, int nthreads) {
+    int nt = nthreads < 1 ? 1 : nthreads;
+    if (work < 65536.0 * nt) nt = work < 65536.0 ? 1 : (int)(work / 65536.0);
+    return nt;
+}
+
 /* W rows r0..r1-1 dequantised into out (R, C), float32 (bf16 = 0) or bfloat16 bits (bf16 = 1), in the arranged
  * column order of the path (natural order on the scalar path) */
 typedef void (*mq_deq_fn)(const mq_mat *m, void *out, int bf16, int r0, int r1);

@@ -30,14 +30,6 @@ int mq_resolve_isa(const mq_mat *m, int isa) {
     return isa;
 }
 
-static mq_rows_fn rows_fn(int isa) {
-#if defined(__x86_64__) || defined(__i386__)
-    if (isa == MQ_AVX512) return mq_rows_avx512;
-    if (isa == MQ_AVX2) return mq_rows_avx2;
-#endif
-    return mq_rows_scalar;
-}
-
 /* xp (C): x in stored column order (perm), each full block of B columns arranged as [plane j][lane i] =
  * x[k0 + P i + j] * 2^-(bits j); columns after the group's last full block stay in place. xs (G): group sums. */
 void mq_prepare_token(const mq_mat *m, int isa, const float *x, float *xp, float *xs) {
@@ -77,11 +69,8 @@ int mq_gemm(const mq_mat *m, const float *x, int T, float *y, int ldy, int isa, 
         return -2;
     }
     for (int t = 0; t < T; t++) mq_prepare_token(m, isa, x + (size_t)t * m->C, xp + (size_t)t * m->C, xs + (size_t)t * G);
-    const mq_rows_fn fn = rows_fn(isa);
-    /* threads only where there is work for them: about 64k weights x tokens per thread at least */
-    const double work = (double)m->R * m->C * T;
-    int nt = nthreads < 1 ? 1 : nthreads;
-    if (work < 65536.0 * nt) nt = work < 65536.0 ? 1 : (int)(work / 65536.0);
+    const mq_rows_fn fn = mq_rows_for(isa);
+    const int nt = mq_threads_for((double)m->R * m->C * T, nthreads);
     const int RB = 16, nblk = (m->R + RB - 1) / RB;
 #pragma omp parallel for schedule(dynamic, 8) num_threads(nt) if (nt > 1)
     for (int b = 0; b < nblk; b++) {
@@ -196,9 +185,7 @@ int mq_gemm_bf16(const mq_mat *m, const uint16_t *x, int T, float *y, int ldy, i
     }
     for (int t = 0; t < T; t++)
         mq_prepare_token_bf16(m, x + (size_t)t * C, xp + (size_t)t * C, nat, xs + (size_t)t * G);
-    const double work = (double)m->R * C * T;
-    int nt = nthreads < 1 ? 1 : nthreads;
-    if (work < 65536.0 * nt) nt = work < 65536.0 ? 1 : (int)(work / 65536.0);
+    const int nt = mq_threads_for((double)m->R * C * T, nthreads);
     const int RB = 16, nblk = (m->R + RB - 1) / RB;
 #pragma omp parallel for schedule(dynamic, 8) num_threads(nt) if (nt > 1)
     for (int b = 0; b < nblk; b++) {

@@ -38,14 +38,6 @@ static uint16_t f2bf(float f) { /* round to nearest even, as torch rounds */
     return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
 }
 
-static mq_rows_fn rows_of(int isa) {
-#if defined(__x86_64__) || defined(__i386__)
-    if (isa == MQ_AVX512) return mq_rows_avx512;
-    if (isa == MQ_AVX2) return mq_rows_avx2;
-#endif
-    return mq_rows_scalar;
-}
-
 #define RB 16
 
 /* rows of every job, as one loop over (job, block of RB rows) */
@@ -63,7 +55,7 @@ static void run_jobs(job *jobs, int nj, int nthreads) {
         if (jb->isa == ISA_BF16)
             mq_rows_bf16(jb->m, (const uint16_t *)jb->xp, jb->xs, jb->T, jb->y, jb->ldy, r0, r1);
         else
-            rows_of(jb->isa)(jb->m, jb->xp, jb->xs, jb->T, jb->y, jb->ldy, r0, r1);
+            mq_rows_for(jb->isa)(jb->m, jb->xp, jb->xs, jb->T, jb->y, jb->ldy, r0, r1);
     }
     free(start);
 }
