@@ -162,6 +162,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--stage", type=int, default=1, help="stage number: seeds the batch order of a continued run")
     ap.add_argument("--stop-step", type=int, default=None,
                     help="end at this step (the schedule still spans --steps); reproduces a --max-minutes stop")
+    ap.add_argument("--task-weights", default="",
+                    help="comma-separated task=weight for the task mix (default: every task weight 1), e.g. reading=4")
+    ap.add_argument("--heldout", type=int, default=24, help="held-out samples per task for the evaluations")
     ap.add_argument("--max-minutes", type=float, default=70,
                     help="wall-clock budget: end early (logging the step reached) when exceeded")
     args = ap.parse_args(argv)
@@ -198,7 +201,12 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     tasks = list(VQATask)
     pool = {t: vqa_samples(t, "train", args.pool, seed=args.seed) for t in tasks}
-    held = {t: vqa_samples(t, "heldout", 24, seed=args.seed) for t in tasks}
+    held = {t: vqa_samples(t, "heldout", args.heldout, seed=args.seed) for t in tasks}
+    weights = {t: 1.0 for t in tasks}
+    for item in filter(None, args.task_weights.split(",")):
+        name, _, w = item.partition("=")
+        weights[VQATask(name.strip())] = float(w)
+    uniform_mix = len(set(weights.values())) == 1  # the committed stages 1-3 drew tasks with rng.choice
     log.info("data pools ready (%.1fs)", time.time() - t0)
 
     top_k = cfg["language_config"]["num_experts_per_tok"]
@@ -210,7 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     model.train()
     t_train = time.time()
     for step in range(1, args.steps + 1):
-        samples = [rng.choice(pool[rng.choice(tasks)]) for _ in range(args.batch)]
+        samples = [rng.choice(pool[rng.choice(tasks) if uniform_mix else rng.choices(
+            tasks, weights=[weights[t] for t in tasks])[0]]) for _ in range(args.batch)]
         batch = encode(processor, samples)
         labels = batch.pop("labels")
         tap.pop()
