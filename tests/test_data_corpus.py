@@ -121,3 +121,24 @@ def test_the_text_tasks_held_out_modules_never_train_on_the_real_stdlib():
     reserved_texts = {f.text for f in c.reserved}
     assert not any(f.text in reserved_texts for f in c.train)
     assert len(c.train) > 300 and c.heldout  # not vacuous
+
+
+def test_shipped_corpus_task_files_match_their_manifest_and_stay_apart():
+    from mcmoe_vl.data import calibration_token_ids
+    from mcmoe_vl.data.tasks import LM_EVAL_TASKS_DIR, text_task_manager
+
+    data = LM_EVAL_TASKS_DIR / "data"
+    m = json.loads((data / "corpus_manifest.json").read_text())
+    rows = {}
+    for name, rec in m["files"].items():
+        raw = (data / name).read_bytes()
+        assert hashlib.sha256(raw).hexdigest() == rec["sha256"], name
+        rows[name] = [json.loads(line) for line in raw.decode().splitlines()]
+        assert len(rows[name]) == rec["rows"] > 50, name
+    assert len(rows["source_heldout.jsonl"]) == m["corpus"]["splits"]["heldout"]["documents"]  # every held-out file
+    train = {r["module"] for r in rows["source_train_sample.jsonl"]}
+    assert not train & {r["module"] for r in rows["source_heldout.jsonl"]}
+    assert not train & {f"stdlib/{d.name}" for d in stdlib_splits().heldout}
+    ids = calibration_token_ids("source")
+    assert int((ids == EOS_ID).sum()) == len(rows["source_train_sample.jsonl"])
+    assert {"mcmoe_source_ppl", "mcmoe_prose_ppl"} <= set(text_task_manager().all_tasks)

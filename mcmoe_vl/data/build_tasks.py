@@ -1,6 +1,7 @@
 """Rebuild the shipped offline task data: ``python -m mcmoe_vl.data.build_tasks [--only text|vqa]``.
 
-Writes ``tasks/lm_eval/data`` (:func:`.lm_tasks.build_text_task_files`, plus the training split's unigram counts)
+Writes ``tasks/lm_eval/data`` (:func:`.lm_tasks.build_text_task_files`, plus the training split's unigram counts;
+:func:`.lm_tasks.build_corpus_task_files` for the source-code corpus)
 and ``tasks/lmms_eval/data`` (:func:`.vqa_tasks.build_vqa_task_files`). The shipped files were built on the Python
 recorded in each ``manifest.json``; another Python release has a slightly different standard library, hence
 different files (and numbers that are not comparable with the recorded ones).
@@ -16,7 +17,7 @@ import torch
 from mcmoe_vl.io import write_json_atomic
 
 from . import calibration_token_ids
-from .lm_tasks import build_text_task_files
+from .lm_tasks import build_corpus_task_files, build_text_task_files
 from .tasks import LM_EVAL_TASKS_DIR, LMMS_EVAL_TASKS_DIR
 from .tokenizer import VOCAB_SIZE
 from .vqa_tasks import build_vqa_task_files
@@ -24,7 +25,7 @@ from .vqa_tasks import build_vqa_task_files
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--only", choices=["text", "vqa"], default=None)
+    ap.add_argument("--only", choices=["text", "source", "vqa"], default=None)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.only in (None, "text"):
@@ -34,6 +35,8 @@ def main(argv: list[str] | None = None) -> int:
         write_json_atomic(out / "unigram_train_counts.json", {
             "description": "byte-token counts of the training split (stdlib docstrings, end-of-text between "
                            "documents) for the unigram baseline", "counts": counts})
+    if args.only in (None, "source"):
+        build_corpus_task_files(LM_EVAL_TASKS_DIR / "data")
     if args.only in (None, "vqa"):
         build_vqa_task_files(LMMS_EVAL_TASKS_DIR / "data")
     return 0

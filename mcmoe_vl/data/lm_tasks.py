@@ -246,3 +246,46 @@ def build_text_task_files(out_dir: str | Path, *, seed: int = 0, max_doc_bytes: 
         logger.info("%s: %d rows", name, len(rows))
     write_json_atomic(out / "manifest.json", manifest)
     return manifest
+
+
+SOURCE_SAMPLE_FRACTION = 0.006  # of the training files: the shipped calibration sample (about 1 MB)
+
+
+def build_corpus_task_files(out_dir: str | Path, *, seed: int = 0, max_doc_bytes: int = 1024) -> dict[str, Any]:
+    """Write the task data of the source-code corpus (:mod:`.corpus`) into ``out_dir``; returns its manifest.
+
+    * ``source_heldout.jsonl``: ``{"module", "text"}``, every held-out source file (in-domain perplexity), its first
+      ``max_doc_bytes`` cut at blank lines (:func:`chunk_paragraphs`);
+    * ``prose_ood.jsonl``: every out-of-domain document (package READMEs), cut the same way;
+    * ``source_train_sample.jsonl``: the training files whose seeded path hash falls below
+      ``SOURCE_SAMPLE_FRACTION`` (:func:`.text.is_heldout` with seed ``seed + 1``), whole: calibration text from the
+      model's training distribution (``embedded:source``).
+    """
+    from .corpus import DEFAULT_HELDOUT_FRACTION, corpus_splits, manifest_of
+    from .text import is_heldout
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    corpus = corpus_splits(seed=seed)
+
+    def first(docs):
+        rows = []
+        for d in docs:
+            pieces = chunk_paragraphs(d.text, max_doc_bytes)
+            if pieces:
+                rows.append({"module": d.name, "text": pieces[0]})
+        return rows
+
+    files = {
+        "source_heldout.jsonl": first(corpus.heldout),
+        "prose_ood.jsonl": first(corpus.ood),
+        "source_train_sample.jsonl": [{"module": d.name, "text": d.text} for d in corpus.train
+                                      if is_heldout(d.name, seed=seed + 1, fraction=SOURCE_SAMPLE_FRACTION)],
+    }
+    manifest: dict[str, Any] = {"corpus": manifest_of(corpus, seed=seed, heldout_fraction=DEFAULT_HELDOUT_FRACTION),
+                                "max_doc_bytes": max_doc_bytes, "files": {}}
+    for name, rows in files.items():
+        manifest["files"][name] = {"rows": len(rows), "sha256": _write_jsonl(out / name, rows)}
+        logger.info("%s: %d rows", name, len(rows))
+    write_json_atomic(out / "corpus_manifest.json", manifest)
+    return manifest

@@ -33,6 +33,16 @@ def code(**kwargs: Any) -> dict[str, Any]:
     return _load("code_heldout.jsonl")
 
 
+def source(**kwargs: Any) -> dict[str, Any]:
+    """Held-out Python source files of the corpus (in-domain perplexity of the source-trained model)."""
+    return _load("source_heldout.jsonl")
+
+
+def prose(**kwargs: Any) -> dict[str, Any]:
+    """Installed distributions' READMEs (out-of-domain English prose)."""
+    return _load("prose_ood.jsonl")
+
+
 def cloze(**kwargs: Any) -> dict[str, Any]:
     """Next-word cloze over held-out docstrings."""
     return _load("cloze.jsonl")
