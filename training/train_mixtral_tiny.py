@@ -140,9 +140,15 @@ def main(argv: list[str] | None = None) -> int:
     Path(args.log).parent.mkdir(parents=True, exist_ok=True)
     ckpt_path = Path(args.checkpoint)
     resuming = ckpt_path.exists()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s",
-                        handlers=[logging.FileHandler(args.log, mode="a" if resuming else "w"),
-                                  logging.StreamHandler()])
+    fmt = logging.Formatter("%(asctime)s %(message)s")
+    for h in list(log.handlers):
+        log.removeHandler(h)
+        h.close()
+    for h in (logging.FileHandler(args.log, mode="a" if resuming else "w"), logging.StreamHandler()):
+        h.setFormatter(fmt)
+        log.addHandler(h)
+    log.setLevel(logging.INFO)
+    log.propagate = False
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
