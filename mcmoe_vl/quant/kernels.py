@@ -6,10 +6,13 @@
   tokens on AVX512-BF16: codes looked up as bfloat16 integers and multiplied by ``vdpbf16ps``) and multiplied with
   the token, which is arranged once per call into the lanes' column order. It reads 1-4 bits per
   weight and agrees with the dequantise-then-matmul product to float32 round-off (not bitwise: summation order).
+- :func:`blocked_matmul`: bfloat16 tokens on AVX512-BF16, a few to a few dozen: tiles of 4 rows x 4 tokens with
+  the weights dequantised in registers by a per-(row, group) bfloat16 table lookup, ``vdpbf16ps`` products.
 - :func:`cpu_matmul`: what ``Kernel.SIMD`` runs on the CPU: :func:`packed_matmul` up to ``DECODE_MAX_TOKENS``
-  tokens (``DECODE_MAX_TOKENS_BF16`` for bfloat16 tokens on AVX512-BF16), else (prefill) :func:`prefill_matmul`: the weight dequantised once, by the SIMD path, into a reused
-  buffer in the path's column order (the token is arranged to match), block of rows by block, each block one
-  dense ``F.linear`` while it is in cache.
+  tokens (``DECODE_MAX_TOKENS_BF16`` for bfloat16 tokens on AVX512-BF16), then :func:`blocked_matmul` up to
+  ``BLOCKED_MAX_TOKENS`` (bfloat16 tokens on AVX512-BF16), else (prefill) :func:`prefill_matmul`: the weight
+  dequantised once, by the SIMD path, into a reused buffer in the path's column order (the token is arranged to
+  match), block of rows by block, each block one dense ``F.linear``.
 - :func:`dequantize_native`: the packed weight to float32, element for element the values of
   :meth:`PackedTensor.dequantize` (``scale * (q - zero)`` in float32).
 - :func:`lut_matmul`: the earlier scalar table-lookup product (256-entry tables of partial sums per byte).
@@ -147,7 +150,11 @@ def packed_matmul(x: torch.Tensor, p: PackedTensor, *, isa: Isa | str | None = N
 # bench_kernels.py, 14336 x 4096, one thread, CPU time, against bf16 F.linear): float32 tokens 0.3x at 1 token,
 # 0.7x at 2, 1.3-2x at 4; bf16 tokens on AVX512-BF16 0.17-0.23x at 1, 0.5x at 2, 0.8-1.1x at 4, 1.4x at 8.
 DECODE_MAX_TOKENS = 2
-DECODE_MAX_TOKENS_BF16 = 4
+DECODE_MAX_TOKENS_BF16 = 2
+# bfloat16 tokens on AVX512-BF16, above DECODE_MAX_TOKENS_BF16 and up to this many: the register-blocked product
+# (blocked_matmul). Measured at 14336 x 4096, 2 bits, one thread, against bf16 F.linear in the same run: 0.38x at 4
+# tokens, 0.65x at 8, 0.85x at 16, 1.02x at 32, 1.33x at 128 (dequantise + GEMM: 1.35x at 32, 1.10x at 128).
+BLOCKED_MAX_TOKENS = 32
 
 _SCRATCH: dict[torch.dtype, torch.Tensor] = {}
 
@@ -194,9 +201,10 @@ def arrange(x: torch.Tensor, p: PackedTensor, isa: Isa) -> torch.Tensor:
     return out
 
 
-# Prefill dequantises this many weights at a time (2 MiB of bf16): the block stays in cache between
-# the dequantisation and the GEMM that reads it, instead of a whole matrix going through memory twice.
-PREFILL_BLOCK = 1 << 20
+# Prefill dequantises this many weights at a time (32 MiB of bf16), then one GEMM per block: large GEMMs run closer
+# to the CPU's peak than cache-sized ones (4096 x 4096 at 128 tokens, against dense bf16 in the same run: 1.25x with
+# blocks of 2^20 weights, 1.13x with 2^22, 1.07x with 2^24).
+PREFILL_BLOCK = 1 << 24
 
 
 def prefill_matmul(x: torch.Tensor, p: PackedTensor) -> torch.Tensor:
@@ -225,11 +233,47 @@ def lib_resolve(st: MqMat, isa: Isa | str | None = None) -> int:
     return used
 
 
+def blocked_matmul(x: torch.Tensor, p: PackedTensor) -> torch.Tensor:
+    """``x bf16(W)^T`` (..., R) float32 for bfloat16 ``x`` on AVX512-BF16: tiles of 4 rows x 4 tokens, each
+    (row, group) dequantised by a 32-entry bfloat16 table lookup into registers and multiplied with ``vdpbf16ps``
+    (``csrc/mq_avx512bf16.c``); no weight goes through memory. Raises when the CPU has no AVX512-BF16 or the
+    group size is not a multiple of the path's block (128 columns; 64 at 4 bits)."""
+    lib = _need_lib()
+    st, keep = mat(p)
+    m = p.meta
+    if x.dtype != torch.bfloat16:
+        raise ValueError(f"the blocked product takes bfloat16 tokens, got {x.dtype}")
+    if x.shape[-1] != m.cols:
+        raise ValueError(f"input has {x.shape[-1]} features, the packed weight {m.cols} columns")
+    xb = x.reshape(-1, m.cols).contiguous()
+    y = torch.empty(xb.shape[0], m.rows, dtype=torch.float32)
+    if xb.shape[0]:
+        rc = lib.mq_prefill_bf16(ctypes.byref(st), xb.data_ptr(), xb.shape[0], y.data_ptr(), m.rows,
+                                 torch.get_num_threads())
+        if rc == -2:
+            raise MemoryError("native packed product: out of memory")
+        if rc < 0:
+            raise RuntimeError("the blocked product needs a CPU with AVX512-BF16 and a group size divisible by 128 "
+                               f"(64 at 4 bits); got group {m.group_size}" if rc == -4 else
+                               "this CPU has no AVX512-BF16")
+    del keep
+    return y.reshape(*x.shape[:-1], m.rows)
+
+
+def _blocked_ok(x: torch.Tensor, p: PackedTensor) -> bool:
+    return (x.dtype == torch.bfloat16 and bool(_lib().mq_cpu_bf16())
+            and p.meta.group_size % (64 if p.meta.bits == 4 else 128) == 0)
+
+
 def cpu_matmul(x: torch.Tensor, p: PackedTensor) -> torch.Tensor:
-    """``x W^T`` from packed storage: the SIMD product for decode-sized batches, dequantise + GEMM for prefill."""
-    limit = DECODE_MAX_TOKENS_BF16 if x.dtype == torch.bfloat16 and _lib().mq_cpu_bf16() else DECODE_MAX_TOKENS
-    if x.numel() // p.meta.cols <= limit:
+    """``x W^T`` from packed storage: the SIMD product for decode-sized batches; for bfloat16 tokens on
+    AVX512-BF16 the register-blocked product up to ``BLOCKED_MAX_TOKENS``; dequantise + GEMM beyond."""
+    n = x.numel() // p.meta.cols
+    blocked = _blocked_ok(x, p)
+    if n <= (DECODE_MAX_TOKENS_BF16 if blocked else DECODE_MAX_TOKENS):
         return packed_matmul(x, p)
+    if blocked and n <= BLOCKED_MAX_TOKENS:
+        return blocked_matmul(x, p)
     return prefill_matmul(x, p)
 
 

@@ -183,6 +183,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.mq_cpu_bf16.argtypes = []
     lib.mq_gemm_bf16.restype = i
     lib.mq_gemm_bf16.argtypes = [p, p, i, p, i, i]
+    lib.mq_prefill_bf16.restype = i
+    lib.mq_prefill_bf16.argtypes = [p, p, i, p, i, i]
     lib.mq_dequant_arranged.restype = i
     lib.mq_dequant_arranged.argtypes = [p, p, i, i, i, i, i]
     lib.mq_arrange.argtypes = [p, i, p, i, p]

@@ -227,3 +227,43 @@ def test_build_without_a_compiler_says_so(monkeypatch, tmp_path):
     with pytest.raises(RuntimeError, match="no C compiler found"):
         native.build(tmp_path / "out")
     assert native.main(["build", "--out", str(tmp_path / "out")]) == 1
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4])
+@pytest.mark.parametrize("perm", [False, True], ids=["natural", "act-order"])
+def test_blocked_product_is_the_bf16_weight_product(native_lib, bits, perm):
+    """Register-blocked product (bf16 tokens, AVX512-BF16): x @ bf16(W)^T in float32, for every token count that
+    exercises the 4-token tiles and the 2 / 1 remainders, row counts with a partial 4-row tile, and a partial last
+    group (a tail shorter than the block)."""
+    if not native_lib.mq_cpu_bf16():
+        pytest.skip("this CPU has no AVX512-BF16")
+    for r, c in ((33, 328), (16, 256), (7, 640)):
+        p = _packed(bits, r, c, 128, perm=perm)
+        wb = p.dequantize(torch.bfloat16).double()  # torch's bf16 rounding of the dequantised weight
+        for t in (1, 2, 3, 5, 9, 32):
+            x = torch.randn(t, c).bfloat16()
+            y = kernels.blocked_matmul(x, p)
+            ref = x.double() @ wb.t()
+            bound = x.double().abs() @ wb.abs().t()
+            assert y.dtype == torch.float32 and y.shape == (t, r) and ref.abs().max() > 1
+            assert ((y.double() - ref).abs() <= 2e-6 * bound + 1e-30).all(), (r, c, t, (y.double() - ref).abs().max())
+    with pytest.raises(ValueError, match="bfloat16"):
+        kernels.blocked_matmul(torch.randn(3, 256), _packed(bits, 8, 256, 128))
+    with pytest.raises(RuntimeError, match="group size"):
+        kernels.blocked_matmul(torch.randn(3, 256).bfloat16(), _packed(bits, 8, 256, 32))
+
+
+def test_cpu_matmul_dispatch_by_token_count(native_lib, monkeypatch):
+    calls = []
+    for name in ("packed_matmul", "blocked_matmul", "prefill_matmul"):
+        real = getattr(kernels, name)
+        monkeypatch.setattr(kernels, name, (lambda n, f: lambda *a, **k: calls.append(n) or f(*a, **k))(name, real))
+    p = _packed(2, 40, 256, 128)
+    bf16 = bool(native_lib.mq_cpu_bf16())
+    for t, dtype, want in ((1, torch.bfloat16, "packed_matmul"), (3, torch.bfloat16,
+                           "blocked_matmul" if bf16 else "prefill_matmul"),
+                           (kernels.BLOCKED_MAX_TOKENS + 1, torch.bfloat16, "prefill_matmul"),
+                           (3, torch.float32, "prefill_matmul"), (2, torch.float32, "packed_matmul")):
+        calls.clear()
+        kernels.cpu_matmul(torch.randn(t, 256).to(dtype), p)
+        assert calls == [want], (t, dtype, calls)

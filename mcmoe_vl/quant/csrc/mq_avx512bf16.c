@@ -152,3 +152,126 @@ void mq_rows_bf16(const mq_mat *m, const uint16_t *xp, const float *xs, int T, f
         default: rows_bits(m, xp, xs, T, y, ldy, r0, r1, 4); break;
     }
 }
+
+/* -- Prefill: many bfloat16 tokens, weights dequantised in registers ---------------------------------------------
+ * Per (row, group) a table of the 2^bits dequantised values s (q - z) (1 bit: s (2q - 1)), computed in float32 and
+ * rounded to bfloat16 (round to nearest even, as torch rounds PackedTensor.dequantize), repeated to 32 entries; the
+ * code indices of a pass look it up with one vpermw, giving 32 dequantised weights. A tile of RB rows x TB tokens
+ * keeps its float32 accumulators in registers over the whole row, so every decoded weight vector serves TB tokens
+ * and every token vector RB rows, and no weight is written to memory. The result equals x @ bf16(W)^T accumulated
+ * in float32 (summation order aside). Columns after a group's last full block run a scalar loop. */
+
+static inline __attribute__((always_inline)) __m512bh value_table(const mq_mat *m, size_t gi, const int bits) {
+    const float s1 = _cvtsh_ss(m->sc[gi]);
+    const float s = m->zr ? s1 : 2.0f * s1, z = m->zr ? _cvtsh_ss(m->zr[gi]) : 0.5f;
+    const int mask = (1 << bits) - 1;
+    const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __m512 lo = _mm512_cvtepi32_ps(_mm512_and_si512(iota, _mm512_set1_epi32(mask)));
+    const __m512 hi = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_add_epi32(iota, _mm512_set1_epi32(16)),
+                                                          _mm512_set1_epi32(mask)));
+    __m512 wl, wh;
+    if (m->zr) {
+        wl = _mm512_mul_ps(_mm512_set1_ps(s), _mm512_sub_ps(lo, _mm512_set1_ps(z)));
+        wh = _mm512_mul_ps(_mm512_set1_ps(s), _mm512_sub_ps(hi, _mm512_set1_ps(z)));
+    } else { /* s1 (2q - 1), as PackedTensor.dequantize computes it */
+        const __m512 one = _mm512_set1_ps(1.0f), two = _mm512_set1_ps(2.0f), vs = _mm512_set1_ps(s1);
+        wl = _mm512_mul_ps(vs, _mm512_sub_ps(_mm512_mul_ps(two, lo), one));
+        wh = _mm512_mul_ps(vs, _mm512_sub_ps(_mm512_mul_ps(two, hi), one));
+    }
+    (void)s;
+    (void)z;
+    return _mm512_cvtne2ps_pbh(wh, wl);
+}
+
+static inline float bf16_round(float w) {
+    uint32_t u;
+    memcpy(&u, &w, 4);
+    u += 0x7FFFu + ((u >> 16) & 1u);
+    u &= 0xFFFF0000u;
+    memcpy(&w, &u, 4);
+    return w;
+}
+
+static inline float bf16_to_f(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline __attribute__((always_inline)) void prefill_tile(const mq_mat *m, const uint16_t *x0, float *y0,
+                                                               int ldy, int r0, const int bits, const int RB,
+                                                               const int TB) {
+    const int B = block(bits), NP = passes(bits), G = mq_groups(m), C = m->C;
+    __m512 acc[4][4];
+    float sacc[4][4];
+    for (int r = 0; r < RB; r++)
+        for (int t = 0; t < TB; t++) {
+            acc[r][t] = _mm512_setzero_ps();
+            sacc[r][t] = 0.0f;
+        }
+    for (int g = 0; g < G; g++) {
+        const int k0 = g * m->gs, k1 = k0 + m->gs < C ? k0 + m->gs : C;
+        const int kb = k0 + ((k1 - k0) / B) * B;
+        __m512i tab[4];
+        for (int r = 0; r < RB; r++) tab[r] = (__m512i)value_table(m, (size_t)(r0 + r) * G + g, bits);
+        for (int k = k0; k < kb; k += B) {
+            __m512i v[4];
+            for (int r = 0; r < RB; r++) v[r] = decode(m->q + (size_t)(r0 + r) * m->row_bytes + (size_t)k * bits / 8, bits);
+#pragma GCC unroll 4
+            for (int p = 0; p < NP; p++) {
+#pragma GCC unroll 4
+                for (int r = 0; r < RB; r++) {
+                    const __m512bh w = (__m512bh)_mm512_permutexvar_epi16(indices(v[r], bits, p), tab[r]);
+#pragma GCC unroll 8
+                    for (int t = 0; t < TB; t++)
+                        acc[r][t] = _mm512_dpbf16_ps(acc[r][t], w,
+                                                     (__m512bh)_mm512_loadu_si512(x0 + (size_t)t * C + k + 32 * p));
+                }
+            }
+        }
+        for (int k = kb; k < k1; k++)
+            for (int r = 0; r < RB; r++) {
+                const size_t gi = (size_t)(r0 + r) * G + g;
+                const float q = (float)mq_code_at(m->q + (size_t)(r0 + r) * m->row_bytes, k, bits, m->row_bytes);
+                const float s1 = _cvtsh_ss(m->sc[gi]);
+                const float w = bf16_round(m->zr ? s1 * (q - _cvtsh_ss(m->zr[gi])) : s1 * (2.0f * q - 1.0f));
+                for (int t = 0; t < TB; t++) sacc[r][t] += w * bf16_to_f(x0[(size_t)t * C + k]);
+            }
+    }
+    for (int r = 0; r < RB; r++)
+        for (int t = 0; t < TB; t++) y0[(size_t)t * ldy + r0 + r] = _mm512_reduce_add_ps(acc[r][t]) + sacc[r][t];
+}
+
+#define PF_RB 4
+#define PF_TB 4
+
+static inline __attribute__((always_inline)) void prefill_rows_tb(const mq_mat *m, const uint16_t *x0, float *y0,
+                                                                  int ldy, int r0, int r1, const int bits,
+                                                                  const int TB) {
+    int r = r0;
+    for (; r + PF_RB <= r1; r += PF_RB) prefill_tile(m, x0, y0, ldy, r, bits, PF_RB, TB);
+    for (; r < r1; r++) prefill_tile(m, x0, y0, ldy, r, bits, 1, TB);
+}
+
+/* token tiles of PF_TB, then one of 2 and one of 1 for the remainder */
+static inline __attribute__((always_inline)) void prefill_bits(const mq_mat *m, const uint16_t *xp, int T, float *y,
+                                                               int ldy, int r0, int r1, const int bits) {
+    int t = 0;
+    for (; t + PF_TB <= T; t += PF_TB)
+        prefill_rows_tb(m, xp + (size_t)t * m->C, y + (size_t)t * ldy, ldy, r0, r1, bits, PF_TB);
+    if (t + 2 <= T) {
+        prefill_rows_tb(m, xp + (size_t)t * m->C, y + (size_t)t * ldy, ldy, r0, r1, bits, 2);
+        t += 2;
+    }
+    if (t < T) prefill_rows_tb(m, xp + (size_t)t * m->C, y + (size_t)t * ldy, ldy, r0, r1, bits, 1);
+}
+
+void mq_prefill_rows_bf16(const mq_mat *m, const uint16_t *xp, int T, float *y, int ldy, int r0, int r1) {
+    switch (m->bits) {
+        case 1: prefill_bits(m, xp, T, y, ldy, r0, r1, 1); break;
+        case 2: prefill_bits(m, xp, T, y, ldy, r0, r1, 2); break;
+        case 3: prefill_bits(m, xp, T, y, ldy, r0, r1, 3); break;
+        default: prefill_bits(m, xp, T, y, ldy, r0, r1, 4); break;
+    }
+}

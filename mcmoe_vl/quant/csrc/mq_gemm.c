@@ -198,3 +198,35 @@ int mq_gemm_bf16(const mq_mat *m, const uint16_t *x, int T, float *y, int ldy, i
     return -1;
 #endif
 }
+
+void mq_prefill_rows_bf16(const mq_mat *m, const uint16_t *xp, int T, float *y, int ldy, int r0, int r1);
+
+/* y (T, ldy) = x (T, C) bf16(W)^T for bfloat16 x and many tokens: the weights dequantised in registers
+ * (mq_avx512bf16.c). Returns 0, or -1 (no AVX512-BF16), -2 (out of memory), -4 (block does not divide the group). */
+int mq_prefill_bf16(const mq_mat *m, const uint16_t *x, int T, float *y, int ldy, int nthreads) {
+#if defined(__x86_64__) || defined(__i386__)
+    if (!mq_cpu_bf16()) return -1;
+    const int C = m->C, G = mq_groups(m);
+    if (m->gs % mq_bf16_block(m->bits)) return -4;
+    uint16_t *xp = (uint16_t *)malloc(sizeof(uint16_t) * ((size_t)T * C + 32));
+    uint16_t *nat = (uint16_t *)malloc(sizeof(uint16_t) * ((size_t)C + 1));
+    float *xs = (float *)malloc(sizeof(float) * ((size_t)G + 1));
+    if (!xp || !nat || !xs) {
+        free(xp); free(nat); free(xs);
+        return -2;
+    }
+    for (int t = 0; t < T; t++) mq_prepare_token_bf16(m, x + (size_t)t * C, xp + (size_t)t * C, nat, xs);
+    const int nt = mq_threads_for((double)m->R * C * T, nthreads);
+    const int RB = 16, nblk = (m->R + RB - 1) / RB;
+#pragma omp parallel for schedule(dynamic, 4) num_threads(nt) if (nt > 1)
+    for (int b = 0; b < nblk; b++) {
+        int r0 = b * RB, r1 = r0 + RB < m->R ? r0 + RB : m->R;
+        mq_prefill_rows_bf16(m, xp, T, y, ldy, r0, r1);
+    }
+    free(xp); free(nat); free(xs);
+    return 0;
+#else
+    (void)m; (void)x; (void)T; (void)y; (void)ldy; (void)nthreads;
+    return -1;
+#endif
+}

@@ -9,3 +9,6 @@ int mq_bf16_column(int bits, int pass, int lane) { (void)bits; return 32 * pass 
 void mq_rows_bf16(const mq_mat *m, const uint16_t *xp, const float *xs, int T, float *y, int ldy, int r0, int r1) {
     (void)m; (void)xp; (void)xs; (void)T; (void)y; (void)ldy; (void)r0; (void)r1;
 }
+void mq_prefill_rows_bf16(const mq_mat *m, const uint16_t *xp, int T, float *y, int ldy, int r0, int r1) {
+    (void)m; (void)xp; (void)T; (void)y; (void)ldy; (void)r0; (void)r1;
+}
