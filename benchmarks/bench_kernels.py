@@ -205,7 +205,8 @@ def bench_moe(name: str, h: int, i: int, E: int, k: int, shared_i: int, repeat: 
                         y = qe(x, idx.masked_fill(~keep, E), w)
                         for s in shared:
                             y = y + s(x)
-                    label = "packed, eager loop: SIMD dequantise once per expert + bf16 GEMM"
+                    label = ("packed, eager loop: per expert the blocked SIMD product (<= 32 tokens) or SIMD "
+                             "dequantise + bf16 GEMM")
                 st = stats(run, rep)
                 print(f"| {T} | {tag} | {pname}: {label} | {fmt(st, base)} |")
                 del experts, shared

@@ -103,8 +103,10 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--log", default=str(ROOT / "training" / "logs" / "mixtral_tiny.log"))
     ap.add_argument("--corpus", default=str(ROOT / ".cache" / "corpus"),
                     help="corpus directory (built by mcmoe_vl.data.corpus when absent)")
-    ap.add_argument("--checkpoint", default=str(ROOT / ".cache" / "mixtral_tiny_checkpoint.pt"),
-                    help="resumable training state; an existing one is resumed")
+    ap.add_argument("--checkpoint", default=str(ROOT / "training" / "checkpoints" / "mixtral_tiny.pt"),
+                    help="resumable training state (model, optimizer, schedule, generator); an existing one is "
+                         "resumed. The default path is tracked, so that a stage can be committed and resumed on "
+                         "another machine; it is deleted when the model is saved")
     ap.add_argument("--steps", type=int, default=17000)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=256)
@@ -235,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
                  args.steps, train_s)
         return 0
     log.info("trained %d steps in %.1f s", step, train_s)
+    if ckpt_path.exists():
+        ckpt_path.unlink()  # the finished model replaces the training state
 
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
