@@ -161,6 +161,14 @@ void mq_rows_bf16(const mq_mat *m, const uint16_t *xp, const float *xs, int T, f
  * and every token vector RB rows, and no weight is written to memory. The result equals x @ bf16(W)^T accumulated
  * in float32 (summation order aside). Columns after a group's last full block run a scalar loop. */
 
+/* tile shape: rows x tokens (16 float32 accumulators in registers) */
+#ifndef PF_RB
+#define PF_RB 4
+#endif
+#ifndef PF_TB
+#define PF_TB 4
+#endif
+
 static inline __attribute__((always_inline)) __m512bh value_table(const mq_mat *m, size_t gi, const int bits) {
     const float s1 = _cvtsh_ss(m->sc[gi]);
     const float s = m->zr ? s1 : 2.0f * s1, z = m->zr ? _cvtsh_ss(m->zr[gi]) : 0.5f;
@@ -203,8 +211,8 @@ static inline __attribute__((always_inline)) void prefill_tile(const mq_mat *m, 
                                                                int ldy, int r0, const int bits, const int RB,
                                                                const int TB) {
     const int B = block(bits), NP = passes(bits), G = mq_groups(m), C = m->C;
-    __m512 acc[4][4];
-    float sacc[4][4];
+    __m512 acc[PF_RB][PF_TB];
+    float sacc[PF_RB][PF_TB];
     for (int r = 0; r < RB; r++)
         for (int t = 0; t < TB; t++) {
             acc[r][t] = _mm512_setzero_ps();
@@ -213,10 +221,10 @@ static inline __attribute__((always_inline)) void prefill_tile(const mq_mat *m, 
     for (int g = 0; g < G; g++) {
         const int k0 = g * m->gs, k1 = k0 + m->gs < C ? k0 + m->gs : C;
         const int kb = k0 + ((k1 - k0) / B) * B;
-        __m512i tab[4];
+        __m512i tab[PF_RB];
         for (int r = 0; r < RB; r++) tab[r] = (__m512i)value_table(m, (size_t)(r0 + r) * G + g, bits);
         for (int k = k0; k < kb; k += B) {
-            __m512i v[4];
+            __m512i v[PF_RB];
             for (int r = 0; r < RB; r++) v[r] = decode(m->q + (size_t)(r0 + r) * m->row_bytes + (size_t)k * bits / 8, bits);
 #pragma GCC unroll 4
             for (int p = 0; p < NP; p++) {
@@ -243,8 +251,6 @@ static inline __attribute__((always_inline)) void prefill_tile(const mq_mat *m, 
         for (int t = 0; t < TB; t++) y0[(size_t)t * ldy + r0 + r] = _mm512_reduce_add_ps(acc[r][t]) + sacc[r][t];
 }
 
-#define PF_RB 4
-#define PF_TB 4
 
 static inline __attribute__((always_inline)) void prefill_rows_tb(const mq_mat *m, const uint16_t *x0, float *y0,
                                                                   int ldy, int r0, int r1, const int bits,
