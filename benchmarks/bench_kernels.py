@@ -97,6 +97,9 @@ def bench_matrix(r: int, c: int, repeat: int) -> None:
             if bf16:  # bf16 tokens, as a bf16 model passes them: the AVX512-BF16 path
                 st = stats(lambda: kernels.packed_matmul(xb, p, isa="avx512_bf16"), repeat)
                 print(f"| {t} | native avx512_bf16 (bf16 tokens) | {bits} | {fmt(st, base)} |")
+                if t > 1:  # the register-blocked product (what cpu_matmul runs from 3 to 32 bf16 tokens)
+                    st = stats(lambda: kernels.blocked_matmul(xb, p), repeat)
+                    print(f"| {t} | native blocked avx512_bf16 (bf16 tokens) | {bits} | {fmt(st, base)} |")
             for isa in paths:  # float32 tokens
                 st = stats(lambda: kernels.packed_matmul(x, p, isa=isa), repeat)
                 print(f"| {t} | native {isa.name.lower()} (float32 tokens) | {bits} | {fmt(st, base)} |")

@@ -152,9 +152,12 @@ def packed_matmul(x: torch.Tensor, p: PackedTensor, *, isa: Isa | str | None = N
 DECODE_MAX_TOKENS = 2
 DECODE_MAX_TOKENS_BF16 = 2
 # bfloat16 tokens on AVX512-BF16, above DECODE_MAX_TOKENS_BF16 and up to this many: the register-blocked product
-# (blocked_matmul). Measured at 14336 x 4096, 2 bits, one thread, against bf16 F.linear in the same run: 0.38x at 4
-# tokens, 0.65x at 8, 0.85x at 16, 1.02x at 32, 1.33x at 128 (dequantise + GEMM: 1.35x at 32, 1.10x at 128).
-BLOCKED_MAX_TOKENS = 32
+# (blocked_matmul). Measured (one thread, 2 bits, ratio to bf16 F.linear in the same run; a loaded machine, so
+# +-15 %): 14336 x 4096 at 4 / 8 / 12 / 16 / 24 / 32 / 48 / 128 tokens 0.38 / 0.64 / 0.75 / 0.89 / 0.84 / 1.09 /
+# 1.36 / 1.33x, where dequantise + GEMM (prefill_matmul) gave - / - / 1.38 / 1.81 / 1.36 / 1.46 / 1.41 / 1.10x;
+# 4096 x 14336 at 12 / 16 / 24 / 32 / 48 tokens 0.85 / 0.76 / 1.19 / 1.68 / 1.21x against 1.61 / 1.67 / 1.79 /
+# 2.20 / 1.52x. The two cross between 48 and 128 tokens.
+BLOCKED_MAX_TOKENS = 64
 
 _SCRATCH: dict[torch.dtype, torch.Tensor] = {}
 
