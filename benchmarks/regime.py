@@ -169,7 +169,7 @@ def run_vlm(args) -> dict:
     from mcmoe_vl.data.quality import VQA_CHANCE, vqa_rows
     from model_adapters.deepseek_vl2.adapter import ImageTextSample, image_text_batches
 
-    model, processor = load_embedded_vlm(args.model) if args.model_given else load_embedded_vlm()
+    model, processor = load_embedded_vlm(path=args.model) if args.model_given else load_embedded_vlm()
     tasks = list(VQA_CHANCE)
     rows = {t: vqa_rows(t, args.vqa_rows) for t in tasks}
     per = -(-args.calib_seqs // len(VQATask))
