@@ -122,7 +122,28 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--max-minutes", type=float, default=170,
                     help="wall-clock budget of this stage: checkpoint and stop when exceeded (rerun to resume)")
     ap.add_argument("--checkpoint-minutes", type=float, default=10)
+    ap.add_argument("--export-checkpoint", default=None, metavar="STATE",
+                    help="only write the model of a training state file (a stage's checkpoint) to --out, as float32, "
+                         "for measurements along the way (benchmarks/regime.py --model <out>)")
     return ap.parse_args(argv)
+
+
+def export_checkpoint(state_file: str | Path, out: str | Path, seq_len: int, batch: int) -> int:
+    """Save the model of a training state as a Hugging Face directory (float32) with the byte tokenizer; returns
+    the step it was taken at (recorded in ``training_meta.json``)."""
+    from transformers import MixtralForCausalLM
+
+    state = torch.load(state_file, weights_only=False)
+    model = MixtralForCausalLM(model_config(seq_len))
+    model.load_state_dict(state["model"])
+    out = Path(out)
+    model.eval().save_pretrained(str(out), safe_serialization=True)
+    byte_tokenizer(model_max_length=seq_len).save_pretrained(str(out))
+    n_par = sum(p.numel() for p in model.parameters())
+    meta = {"step": state["step"], "state": str(state_file), "params": n_par,
+            "tokens_per_param": round(state["step"] * batch * seq_len / n_par, 2)}
+    (out / "training_meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    return state["step"]
 
 
 def _save_state(path: Path, model, opt, sched, g: torch.Generator, step: int, elapsed: float) -> None:
@@ -139,6 +160,10 @@ def _docs_stream(docs) -> np.ndarray:
 
 def main(argv: list[str] | None = None) -> int:
     args = _args(argv)
+    if args.export_checkpoint:
+        step = export_checkpoint(args.export_checkpoint, args.out, args.seq_len, args.batch)
+        print(f"step {step} -> {args.out}")
+        return 0
     Path(args.log).parent.mkdir(parents=True, exist_ok=True)
     ckpt_path = Path(args.checkpoint)
     resuming = ckpt_path.exists()
