@@ -1,11 +1,14 @@
 """The committed training log is reproducible: rerunning the Mixtral training script from the committed seed gives the
-first steps' losses bit for bit (the log records them with ``repr``), on the same corpus."""
+first steps' losses bit for bit (the log records them with ``repr``), on the same corpus, with the logged thread
+count and MKL code path (the script runs in a fresh process, since MKL reads ``MKL_CBWR`` when it initialises)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +16,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 LOG = ROOT / "training" / "logs" / "mixtral_tiny.log"
 _EXACT = re.compile(r"exact step (\d+) loss (\S+) ce (\S+)")
+_ENV = re.compile(r" threads (\d+) MKL_CBWR (\S+) aten (\S+)")
 
 
 def _exact_steps(text: str) -> dict[int, tuple[str, str]]:
@@ -40,15 +44,21 @@ def test_first_steps_reproduce_bit_for_bit(tmp_path):
         else build_corpus(corpus)
     if manifest["splits"]["train"]["sha256"] != _logged_corpus(text)["splits"]["train"]["sha256"]:
         pytest.skip("this environment's packages give another corpus than the logged one (not the locked set)")
-    spec = importlib.util.spec_from_file_location("train_mixtral_tiny", ROOT / "training" / "train_mixtral_tiny.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    env_line = _ENV.search(text)
+    assert env_line, "the log records the thread count and MKL code path"
+    threads, cbwr, aten = env_line.groups()
+    import torch
+
+    if torch.backends.cpu.get_cpu_capability() != aten:
+        pytest.skip(f"torch dispatches {torch.backends.cpu.get_cpu_capability()} kernels here, the log {aten}")
     log = tmp_path / "repro.log"
-    mod.main(["--corpus", str(corpus), "--checkpoint", str(tmp_path / "state.pt"), "--out", str(tmp_path / "out"),
-              "--log", str(log), "--steps", str(args["steps"]), "--batch", str(args["batch"]),
-              "--seq-len", str(args["seq_len"]), "--lr", str(args["lr"]), "--warmup", str(args["warmup"]),
-              "--aux-coef", str(args["aux_coef"]), "--seed", str(args["seed"]), "--stop-step", "3",
-              "--exact-steps", "3"])
+    cmd = [sys.executable, str(ROOT / "training" / "train_mixtral_tiny.py"), "--corpus", str(corpus),
+           "--checkpoint", str(tmp_path / "state.pt"), "--out", str(tmp_path / "out"), "--log", str(log),
+           "--steps", str(args["steps"]), "--batch", str(args["batch"]), "--seq-len", str(args["seq_len"]),
+           "--lr", str(args["lr"]), "--warmup", str(args["warmup"]), "--aux-coef", str(args["aux_coef"]),
+           "--seed", str(args["seed"]), "--stop-step", "3", "--exact-steps", "3"]
+    env = dict(os.environ, OMP_NUM_THREADS=threads, MKL_CBWR=cbwr)
+    subprocess.run(cmd, check=True, env=env, cwd=ROOT, capture_output=True, timeout=900)
     rerun = _exact_steps(log.read_text(encoding="utf-8"))
     assert rerun == {k: logged[k] for k in (1, 2, 3)}, (rerun, logged)
     assert (tmp_path / "state.pt").exists() and not (tmp_path / "out").exists()  # a stage stop saves no model

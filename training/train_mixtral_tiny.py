@@ -14,7 +14,9 @@ Recipe (everything seeded; the log records the corpus manifest, the Python versi
 * stages: every ``--checkpoint-minutes`` (and when ``--max-minutes`` ends a stage) the model, optimizer, schedule
   and generator states go to ``--checkpoint`` atomically; running the same command again resumes from it and
   continues the same schedule and batch order. The first steps' losses are logged exactly (``repr``) so that a
-  rerun from the seed can be compared bit for bit.
+  rerun from the seed can be compared bit for bit: with the logged thread count and MKL's code path pinned to
+  ``MKL_CBWR`` (set below before torch loads; MKL's AVX-512 and AVX2 paths round differently, so an unpinned run
+  reproduces only on the same kind of CPU).
 
 Run (about 20 training tokens per parameter; stages of at most ``--max-minutes``; repeat until it saves):
 ``OMP_NUM_THREADS=2 .venv/bin/python training/train_mixtral_tiny.py --out embedded/mixtral-tiny``.
@@ -26,14 +28,19 @@ import argparse
 import json
 import logging
 import math
+import os
 import random
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
-import torch.nn.functional as F
+# MKL chooses its code path from the CPU; pinning it to AVX2 (present on every supported x86 machine) makes the
+# losses reproducible across AVX2 and AVX-512 machines. It must be set before MKL initialises.
+os.environ.setdefault("MKL_CBWR", "AVX2")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -180,7 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     log.info("args %s", json.dumps(vars(args)))
-    log.info("python %s torch %s threads %d", sys.version.split()[0], torch.__version__, torch.get_num_threads())
+    log.info("python %s torch %s threads %d MKL_CBWR %s aten %s", sys.version.split()[0], torch.__version__,
+             torch.get_num_threads(), os.environ.get("MKL_CBWR"), torch.backends.cpu.get_cpu_capability())
 
     t0 = time.time()
     corpus_dir = Path(args.corpus)
