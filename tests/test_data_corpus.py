@@ -43,6 +43,7 @@ def tree(tmp_path):
     _write(site, "a-1.0.dist-info/METADATA", "Metadata-Version: 2.1\nName: a\n\n" + "Plain English prose. " * 40)
     _write(site, "b-1.0.dist-info/METADATA", "Metadata-Version: 2.1\nName: b\n\n" + "Plain English prose. " * 40)
     _write(site, "c-1.0.dist-info/METADATA", "Metadata-Version: 2.1\nName: c\n\nshort")
+    _write(site, "mcmoe_vl-0.1.0.dist-info/METADATA", "Metadata-Version: 2.1\nName: mcmoe_vl\n\n" + "Own. " * 200)
     return root, site
 
 
@@ -66,7 +67,8 @@ def test_every_rule_on_a_small_tree(tree):
                      if is_heldout(f"lib/pkg/mod_{i:02d}.py", fraction=0.2)]
     assert names["heldout"] == expected_held and 3 <= len(expected_held) <= 25  # the path-hash rule, non-vacuous
     assert names["train"] == sorted(names["train"])  # source order
-    assert [d.name for d in c.ood] == ["metadata/a-1.0.dist-info"]  # b duplicates a, c is too short
+    # b duplicates a, c is too short, this project's own README is left out
+    assert [d.name for d in c.ood] == ["metadata/a-1.0.dist-info"]
 
 
 def test_near_copies_of_unseen_files_never_train(tree):

@@ -135,11 +135,19 @@ def _long_lines(text: str) -> set[str]:
     return {s for s in (line.strip() for line in text.split("\n")) if len(s) >= _LONG_LINE}
 
 
+_OWN_DISTRIBUTION = "mcmoe_vl"
+
+
 def ood_documents(site: Path | None = None) -> list[SourceFile]:
-    """The long description (README) of each installed distribution, in name order, deduplicated (rule 6)."""
+    """The long description (README) of each installed distribution, in name order, deduplicated (rule 6).
+
+    This project's own distribution is left out: its README changes with the project and would make the split
+    depend on the checkout."""
     site = site or site_packages_dir()
     out, seen = [], set()
     for meta in sorted(site.glob("*.dist-info/METADATA")):
+        if meta.parent.name.split("-", 1)[0].lower() == _OWN_DISTRIBUTION:
+            continue
         raw = meta.read_text(encoding="utf-8", errors="replace")
         msg = HeaderParser().parsestr(raw)
         body = (msg.get_payload() or "").strip()
