@@ -177,13 +177,19 @@ def _has_bf16(lib) -> bool:
     return bool(lib.mq_cpu_bf16())
 
 
+def _float_paths(lib) -> list[str]:
+    """The float32 SIMD paths this CPU runs (an AVX2-only CPU refuses a forced ``avx512``)."""
+    return [isa.name.lower() for isa in (Isa.SCALAR, Isa.AVX2, Isa.AVX512) if isa <= lib.mq_cpu_isa()]
+
+
 @pytest.mark.parametrize("bits", [1, 2, 3, 4])
 @pytest.mark.parametrize("shape", SHAPES[:2], ids=lambda s: "x".join(map(str, s)))
 def test_bf16_tokens_match_the_float64_product(native_lib, bits, shape):
     """bfloat16 tokens: AVX512-BF16 where the CPU has it (every product exact, float32 sums), else float32 paths."""
     r, c, gs = shape
     p = _packed(bits, r, c, gs, perm=True)
-    want = Isa.AVX512_BF16 if _has_bf16(native_lib) and gs % (64 if bits == 4 else 128) == 0 else None
+    default = kernels.resolve_isa(None) == -1  # no MCMOE_VL_ISA forcing a path for the process
+    want = Isa.AVX512_BF16 if default and _has_bf16(native_lib) and gs % (64 if bits == 4 else 128) == 0 else None
     for t in (1, 2, 3, 8, 17):
         x = torch.randn(t, c).bfloat16()
         y, used = kernels.packed_matmul(x, p, return_isa=True)
@@ -192,8 +198,10 @@ def test_bf16_tokens_match_the_float64_product(native_lib, bits, shape):
             assert used == want
         else:
             assert used != Isa.AVX512_BF16
-        forced = kernels.packed_matmul(x, p, isa="avx512")  # a float32 path on the same bf16 token
-        _check_close(forced, x, p)
+        for isa in _float_paths(native_lib):  # every float32 path this CPU has, on the same bf16 token
+            forced, ran = kernels.packed_matmul(x, p, isa=isa, return_isa=True)
+            assert ran != Isa.AVX512_BF16
+            _check_close(forced, x, p)
 
 
 def test_bf16_path_refuses_float_tokens(native_lib):
