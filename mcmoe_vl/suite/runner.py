@@ -18,8 +18,9 @@ Layout of a run directory (``runs/<suite>/`` unless the suite or the caller name
 
 ``<key>`` hashes the stage's inputs, including the keys of the stages before it (:mod:`.cache`), so a re-run does
 only what changed and an interrupted run resumes; a stage directory without its completion record is redone.
-Everything the suite asks for is checked first (:func:`.load.preflight`). A recipe whose stage is not available
-here (:class:`.stages.StageUnavailable`) is skipped with a note in the report; the others still run.
+Everything the suite asks for is checked first (:func:`.load.preflight`). Only the optional lmms-eval may be missing
+(:class:`.stages.StageUnavailable`): its recipes are skipped with a note in the report; the others still run. Any other
+import error is a bug and fails loudly.
 """
 
 from __future__ import annotations
@@ -332,7 +333,6 @@ class SuiteRunner:
         if rec is not None:
             self._hit("quantize")
             return d / "checkpoint", rec["info"]
-        stages._quant_api()  # unavailable -> skip before doing any work
         self._status("quantize", ctx, recipe)
         d = self.cache.begin("quantize", key)
         model = ctx.fresh_model()
@@ -382,8 +382,6 @@ class SuiteRunner:
         tasks = self.suite.tasks_for(ctx.spec)
         if any(t.harness is Harness.LMMS_EVAL for t in tasks):
             _check_lmms_available()
-        if recipe.quant is not None and self.cache.lookup("quantize", keys["quantize"]) is None:
-            stages._quant_api()  # unavailable -> skip the recipe before calibrating for it
         artifacts: dict[str, Path] = {}
         stats = None
         if keys["calibrate"] is not None:
@@ -750,10 +748,10 @@ def _resident_bytes(model: torch.nn.Module, runtime: str | None, eval_runtime: s
 
 
 def _check_lmms_available() -> None:
+    """lmms-eval is the one optional dependency: without it the image tasks are reported as not run. An import error
+    anywhere else (this project's own modules included) is a bug and fails the recipe loudly."""
     try:
         import lmms_eval  # noqa: F401
-
-        from model_adapters.deepseek_vl2 import lmms_model  # noqa: F401
     except ImportError as exc:
         raise stages.StageUnavailable(f"lmms-eval evaluation not available ({exc})") from None
 
@@ -769,10 +767,8 @@ def run_suite(loaded: LoadedSuite, *, run_dir: str | os.PathLike[str] | None = N
     return runner.run(models=models, recipes=recipes)
 
 
-def _checkpoint_format() -> int | None:
+def _checkpoint_format() -> int:
     """The checkpoint format version: a checkpoint cached in an older format is rewritten, not reloaded."""
-    try:
-        from mcmoe_vl.quant.checkpoint import FORMAT_VERSION
-    except ImportError:
-        return None
+    from mcmoe_vl.quant.checkpoint import FORMAT_VERSION
+
     return FORMAT_VERSION

@@ -43,7 +43,11 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from mcmoe_vl.allocation.budget import BudgetKind
+from mcmoe_vl.allocation.config import Scope
 from mcmoe_vl.io import slug  # noqa: F401  (file-system names of models and recipes; re-exported)
+from mcmoe_vl.pruning.artifact import PruningMethod
+from mcmoe_vl.quant.qlinear import Runtime
 
 SUITE_FORMAT_VERSION = 1
 
@@ -57,26 +61,6 @@ class _Strict(BaseModel):
 class Harness(str, enum.Enum):
     LM_EVAL = "lm_eval"  # text tasks (EleutherAI lm-evaluation-harness)
     LMMS_EVAL = "lmms_eval"  # multimodal tasks (lmms-eval)
-
-
-class Runtime(str, enum.Enum):
-    FAKE = "fake"  # dequantised 16-bit weights (fast accuracy evaluation)
-    PACKED = "packed"  # weights stay packed, dequantised on the fly
-
-
-class Budget(str, enum.Enum):
-    NOMINAL = "nominal"
-    EFFECTIVE = "effective"
-
-
-class Scope(str, enum.Enum):
-    LAYER = "layer"
-    GLOBAL = "global"
-
-
-class PruneMethod(str, enum.Enum):
-    ODP = "odp"
-    OTP = "otp"
 
 
 class ModelSpec(_Strict):
@@ -143,7 +127,7 @@ class QuantSpec(_Strict):
     allocator: str = "pmq"
     bits: float = Field(gt=0, le=16)
     bit_set: list[int] | None = None
-    budget: Budget = Budget.NOMINAL
+    budget: BudgetKind = BudgetKind.NOMINAL
     scope: Scope = Scope.LAYER
     alpha: float = Field(1.0, ge=0)
     beta: float = Field(1.0, ge=0)
@@ -159,7 +143,7 @@ class QuantSpec(_Strict):
         if self.bit_set is not None:
             if not self.bit_set or any(b < 1 or b > 8 for b in self.bit_set):
                 raise ValueError(f"bit_set must be widths in 1..8, got {self.bit_set}")
-        if self.allocator == "uniform" and self.budget is Budget.NOMINAL and self.bits != int(self.bits):
+        if self.allocator == "uniform" and self.budget is BudgetKind.NOMINAL and self.bits != int(self.bits):
             raise ValueError(f"uniform quantization needs a whole number of bits, got {self.bits}")
         return self
 
@@ -181,7 +165,7 @@ class PruneSpec(_Strict):
     predictor. ``layers``: decoder layers where pruning is on (None: every MoE layer).
     """
 
-    method: PruneMethod
+    method: PruningMethod
     prune_rate: float | None = Field(None, ge=0.0, lt=1.0)
     quantile: float = Field(0.5, ge=0.0, le=1.0)
     mu: float | None = Field(None, ge=0.0)
@@ -192,9 +176,9 @@ class PruneSpec(_Strict):
 
     @model_validator(mode="after")
     def _check(self) -> PruneSpec:
-        if self.method is PruneMethod.ODP and self.mu is not None and self.prune_rate is not None:
+        if self.method is PruningMethod.ODP and self.mu is not None and self.prune_rate is not None:
             raise ValueError("give ODP either mu or prune_rate, not both")
-        if self.method is PruneMethod.OTP and self.mu is not None:
+        if self.method is PruningMethod.OTP and self.mu is not None:
             raise ValueError("mu is an ODP setting; OTP takes prune_rate")
         return self
 

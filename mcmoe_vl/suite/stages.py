@@ -5,8 +5,9 @@
 - calibrate (:mod:`mcmoe_vl.calibration`), allocate (:mod:`mcmoe_vl.allocation`), quantize (:mod:`mcmoe_vl.quant`),
   prune (:mod:`mcmoe_vl.pruning`), measure (speed and activated parameters on a fixed prefill workload).
 
-A stage whose library is not installed (or not yet complete) raises :class:`StageUnavailable`; the runner then skips
-the recipes that need it and says so in the report.
+Only the optional lmms-eval may be missing: its evaluation raises :class:`StageUnavailable`, and the runner skips the
+recipes that need it and says so in the report. Every other stage imports its library directly, so an import error
+inside the project fails loudly instead of silently skipping recipes.
 """
 
 from __future__ import annotations
@@ -22,13 +23,19 @@ from torch import nn
 
 from mcmoe_vl.dtypes import DTYPES
 
-from .schema import CalibrationSpec, ModelSpec, PruneMethod, PruneSpec, QuantSpec
+from mcmoe_vl.pruning.artifact import PruningMethod
+from mcmoe_vl.quant.checkpoint import load_quantized as load_checkpoint, save_quantized
+from mcmoe_vl.quant.model import QuantizeConfig, quantize_model
+from mcmoe_vl.quant.plan import load_plan
+from mcmoe_vl.quant.qlinear import Runtime, set_runtime as switch_runtime
+
+from .schema import CalibrationSpec, ModelSpec, PruneSpec, QuantSpec
 
 log = logging.getLogger(__name__)
 
 
 class StageUnavailable(RuntimeError):
-    """A stage the recipe needs is not available in this installation (the message says which and why)."""
+    """The optional lmms-eval is not installed, so image tasks cannot run (the message says why)."""
 
 
 # -- models ----------------------------------------------------------------------------------------------------------
@@ -186,8 +193,8 @@ def significance_plot(stats: Any, path: Path) -> Path:
 def allocation_config(q: QuantSpec, seed: int) -> Any:
     from mcmoe_vl.allocation.config import AllocationConfig
 
-    return AllocationConfig(method=q.allocator, target_bits=q.bits, budget=q.budget.value, bits=q.resolved_bit_set,
-                            scope=q.scope.value, alpha=q.alpha, beta=q.beta, gamma=q.gamma, seed=seed,
+    return AllocationConfig(method=q.allocator, target_bits=q.bits, budget=q.budget, bits=q.resolved_bit_set,
+                            scope=q.scope, alpha=q.alpha, beta=q.beta, gamma=q.gamma, seed=seed,
                             group_size=q.group_size, other_bits=q.other_bits,
                             shared_experts_bits=q.shared_experts_bits,
                             require_widths=() if len(q.resolved_bit_set) == 1 else None)
@@ -224,28 +231,11 @@ def allocate_plus(stats: Any, q: QuantSpec, seed: int, plus_data: Any, *, stats_
 
 
 # -- quantize --------------------------------------------------------------------------------------------------------
-def _quant_api() -> Any:
-    """The quantization engine's entry points, or :class:`StageUnavailable` naming what is missing."""
-    try:
-        from mcmoe_vl.quant.checkpoint import load_quantized, save_quantized
-        from mcmoe_vl.quant.model import QuantizeConfig, quantize_model
-        from mcmoe_vl.quant.plan import load_plan
-        from mcmoe_vl.quant.qlinear import Runtime
-    except ImportError as exc:
-        raise StageUnavailable(f"quantization engine not available (mcmoe_vl.quant: {exc})") from None
-    import types
-
-    return types.SimpleNamespace(load_quantized=load_quantized, save_quantized=save_quantized,
-                                 QuantizeConfig=QuantizeConfig, quantize_model=quantize_model, load_plan=load_plan,
-                                 Runtime=Runtime)
-
-
 def quantize_config(q: QuantSpec, *, min_tokens: int, progress: bool) -> Any:
     """The engine's config from the recipe: ``gptq`` settings (validated by the engine) over the suite's defaults."""
-    api = _quant_api()
     settings = {"min_tokens": min_tokens, "progress": progress, **dict(q.gptq)}
     try:
-        return api.QuantizeConfig(**settings)
+        return QuantizeConfig(**settings)
     except ValueError as exc:
         raise ValueError(f"quant.gptq settings {dict(q.gptq)} are not valid for the quantization engine: {exc}") \
             from None
@@ -258,13 +248,12 @@ def quantize(model: nn.Module, plan_path: Path, calib_batches: list[dict[str, An
     Returns the engine's accounting (nominal / effective bits, bytes on disk, resident bytes) plus the starved
     experts (round-to-nearest fallback) as a dict.
     """
-    api = _quant_api()
-    plan = api.load_plan(plan_path)
+    plan = load_plan(plan_path)
     if plan.group_size != q.group_size:
         plan = plan.model_copy(update={"group_size": q.group_size})
     cfg = quantize_config(q, min_tokens=min_tokens, progress=progress)
-    report = api.quantize_model(model, plan, calib_batches, cfg)
-    acct = api.save_quantized(model, out_dir, plan=plan, report=report, config=cfg)
+    report = quantize_model(model, plan, calib_batches, cfg)
+    acct = save_quantized(model, out_dir, plan=plan, report=report, config=cfg)
     out = acct.summary() if hasattr(acct, "summary") else dict(acct)
     out["expert_nominal_bits"] = _expert_nominal(acct)
     out["starved"] = {str(k): v for k, v in sorted(report.starved.items())}
@@ -278,15 +267,12 @@ def _expert_nominal(acct: Any) -> float | None:
 
 def set_runtime(model: nn.Module, runtime: str) -> int:
     """Switch the quantized modules of ``model`` to ``runtime`` (fake or packed); returns how many switched."""
-    from mcmoe_vl.quant.qlinear import Runtime, set_runtime as switch
-
-    return switch(model, Runtime(runtime))
+    return switch_runtime(model, Runtime(runtime))
 
 
 def load_quantized(model: nn.Module, ckpt_dir: Path, runtime: str) -> nn.Module:
     """The checkpoint loaded into ``model`` (an unquantized instance of the architecture) in ``runtime``."""
-    api = _quant_api()
-    return api.load_quantized(ckpt_dir, model=model, runtime=api.Runtime(runtime)).eval()
+    return load_checkpoint(ckpt_dir, model=model, runtime=Runtime(runtime)).eval()
 
 
 # -- prune -----------------------------------------------------------------------------------------------------------
@@ -300,7 +286,7 @@ def fit_pruning(model: nn.Module, calib_batches: list[dict[str, Any]], p: PruneS
 
     layers = tuple(p.layers) if p.layers is not None else None
     with ExpertInterface(model) as iface:
-        if p.method is PruneMethod.ODP:
+        if p.method is PruningMethod.ODP:
             cfg = ODPConfig(mu=p.mu, prune_rate=p.prune_rate, quantile=p.quantile, protect_ratio=p.protect_ratio,
                             layers=layers)
             art = odp_artifact(iface, fit_odp(model, calib_batches, cfg, iface=iface))
@@ -324,7 +310,7 @@ def original_counts(model: nn.Module) -> tuple[dict[int, int], int]:
 def prune_summary(artifact: Any, spec: PruneSpec) -> dict[str, Any]:
     """Settings and fitted numbers of a pruning artifact for the compression block."""
     out: dict[str, Any] = {"method": spec.method.value, "prune_rate": spec.prune_rate, "layers": spec.layers}
-    if spec.method is PruneMethod.ODP:
+    if spec.method is PruningMethod.ODP:
         out.update({"protect_ratio": spec.protect_ratio, "quantile": spec.quantile, "mu_fixed": spec.mu})
         if artifact.odp is not None:
             out["mu"] = {str(k): v for k, v in sorted(artifact.odp.mu.items())}

@@ -130,3 +130,35 @@ def test_unchanged_recipe_keeps_its_results(fresh_copy):
     summary = _run(root / "suite.toml")
     assert summary.failed == [] and "calibrate" not in summary.computed
     assert published.is_file() and not (root / "runs" / "results.stale").exists()
+
+
+def test_import_error_inside_the_project_fails_the_recipe_loudly(fresh_copy, monkeypatch):
+    """Issue 18: only the optional lmms-eval may be "unavailable"; an ImportError raised by this project's own code
+    (here: the quantization stage) is a failure the run reports (exit code 1), never a silently skipped recipe."""
+    root, published, _, _ = fresh_copy
+    suite = root / "suite.toml"
+    suite.write_text(suite.read_text().replace("bits = 2.0", "bits = 2.5"))  # the quantize stage must run again
+
+    def broken(*a, **k):
+        raise ImportError("cannot import name 'missing' from 'mcmoe_vl.quant.model'")
+
+    monkeypatch.setattr(stages, "quantize", broken)
+    summary = _run(suite)
+    assert summary.failed == ["tiny-mixtral / Q / seed 0"] and summary.not_run == []
+    assert any("ImportError" in n for n in summary.notes)
+
+
+def test_suite_schema_uses_the_library_enums():
+    """One enum per concept: the suite file's closed choices are the library's own types."""
+    from mcmoe_vl.allocation.budget import BudgetKind
+    from mcmoe_vl.allocation.config import Scope
+    from mcmoe_vl.pruning.artifact import PruningMethod
+    from mcmoe_vl.quant.qlinear import Runtime
+    from mcmoe_vl.suite.schema import EvaluationSpec, PruneSpec, QuantSpec
+
+    q = QuantSpec(allocator="pmq", bits=2.0, budget="effective", scope="global")
+    assert q.budget is BudgetKind.EFFECTIVE and q.scope is Scope.GLOBAL
+    assert PruneSpec(method="otp").method is PruningMethod.OTP
+    assert EvaluationSpec(runtime="packed").runtime is Runtime.PACKED
+    cfg = stages.allocation_config(q, seed=0)
+    assert cfg.budget is q.budget and cfg.scope is q.scope
