@@ -206,8 +206,10 @@ def test_errors_name_layer_and_range():
         AllocationConfig(bits=(1, 2), require_widths=(3,))
     with pytest.raises(AllocationError, match="layer 1.*no assignment of 1 experts"):
         allocate(synthetic_stats(experts=1, top_k=1), AllocationConfig())
-    with pytest.raises(AllocationError, match="no eps for widths \\[5\\]"):
-        allocate(stats, AllocationConfig(bits=(1, 2, 3, 5)))
+    with pytest.raises(AllocationError, match="no eps for widths \\[4\\]"):
+        allocate(synthetic_stats(bits=(1, 2, 3)), AllocationConfig(bits=(1, 2, 3, 4)))
+    with pytest.raises(ValueError, match=r"width 5 is not supported; valid widths: \[1, 2, 3, 4\]"):
+        AllocationConfig(bits=(1, 2, 3, 5))  # widths are validated once (mcmoe_vl.quant.widths), before any work
     with pytest.raises(AllocationError, match="layer 2: the statistics file describes 8 experts but the model has 64"):
         allocate(stats, experts_per_layer={1: 8, 2: 64})
     with pytest.raises(AllocationError, match="layer 3: the model has a MoE layer here"):

@@ -12,6 +12,8 @@ import enum
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from mcmoe_vl.quant.widths import check_widths
+
 from .budget import BudgetKind
 from .program import Solver
 
@@ -54,10 +56,7 @@ class AllocationConfig(BaseModel):
     def _bits(cls, v: tuple[int, ...]) -> tuple[int, ...]:
         if not v:
             raise ValueError("the bit set is empty; give at least one width, e.g. (1, 2, 3)")
-        if any(b < 1 or b > 8 for b in v):
-            raise ValueError(f"bit widths must be in 1..8, got {list(v)}")
-        if len(set(v)) != len(v):
-            raise ValueError(f"bit widths repeat: {list(v)}")
+        check_widths(v, where="bits", unique=True)
         return tuple(sorted(v))
 
     @model_validator(mode="after")

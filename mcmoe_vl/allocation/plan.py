@@ -31,6 +31,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from mcmoe_vl.io import read_json, write_json_atomic
 
+from mcmoe_vl.quant.widths import check_widths
+
 from .budget import AllocationError, effective_bits
 
 PLAN_FORMAT_VERSION = 1
@@ -76,9 +78,7 @@ class BitPlan(BaseModel):
         if len(set(idx)) != len(idx):
             raise ValueError(f"a layer appears twice in the plan: {idx}")
         for la in self.layers:
-            bad = [b for b in la.bits if not 1 <= b <= 16]
-            if bad:
-                raise ValueError(f"layer {la.index}: widths must be in 1..16, got {bad}")
+            check_widths(la.bits, where=f"layer {la.index}: bits", unquantized=True)
         return self
 
     def layer(self, index: int) -> LayerPlan:

@@ -34,6 +34,7 @@ from torch import nn
 from mcmoe_vl.moe.checks import check_finite_weights, weights_fingerprint
 from mcmoe_vl.moe.interface import ExpertInterface, MoELayer, RoutingEvent
 from mcmoe_vl.moe.layerwise import LayerInput, iterate_layers
+from mcmoe_vl.quant.widths import check_widths
 
 from .eps import CapturedBatch, expert_errors, gptq_quantizer, rtn_quantizer
 from .significance import SignificanceAccumulator
@@ -69,9 +70,7 @@ class CalibrationConfig(BaseModel):
     @field_validator("eps_bits")
     @classmethod
     def _bits(cls, v: tuple[int, ...]) -> tuple[int, ...]:
-        if any(b < 1 or b > 4 for b in v):
-            raise ValueError(f"eps widths must be in 1..4 (the quantization engine's widths), got {list(v)}")
-        return tuple(sorted(set(v)))
+        return tuple(sorted(set(check_widths(v, where="eps widths"))))
 
     @field_validator("quantizer")
     @classmethod

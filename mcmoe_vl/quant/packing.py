@@ -22,7 +22,8 @@ import math
 
 import torch
 
-SUPPORTED_BITS = (1, 2, 3, 4)
+from .widths import QUANT_WIDTHS as SUPPORTED_BITS  # the engine's widths, defined once
+
 # width -> (codes per container, bytes per container)
 _LAYOUT = {1: (8, 1), 2: (4, 1), 3: (8, 3), 4: (2, 1)}
 

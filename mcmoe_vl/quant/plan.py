@@ -37,9 +37,11 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from mcmoe_vl.io import read_json, write_json_atomic
 
+from .widths import check_width, valid_widths
+
 QUANT_PLAN_FORMAT = "mcmoe_vl.quant_plan"
 QUANT_PLAN_VERSION = 1
-VALID_BITS = (1, 2, 3, 4, 16)
+VALID_BITS = valid_widths(unquantized=True)
 DEFAULT_KEEP_16BIT = ["embed_tokens", "lm_head", "norm", "vision"]
 
 
@@ -48,9 +50,7 @@ class PlanError(ValueError):
 
 
 def _check_width(b: int, where: str) -> int:
-    if b not in VALID_BITS:
-        raise ValueError(f"{where}: width {b} is not supported; valid widths: {list(VALID_BITS)} (16 = unquantized)")
-    return b
+    return check_width(b, where=where, unquantized=True)
 
 
 class QuantPlan(BaseModel):

@@ -48,6 +48,7 @@ from mcmoe_vl.allocation.config import Scope
 from mcmoe_vl.io import slug  # noqa: F401  (file-system names of models and recipes; re-exported)
 from mcmoe_vl.pruning.artifact import PruningMethod
 from mcmoe_vl.quant.qlinear import Runtime
+from mcmoe_vl.quant.widths import check_widths
 
 SUITE_FORMAT_VERSION = 1
 
@@ -141,8 +142,9 @@ class QuantSpec(_Strict):
     @model_validator(mode="after")
     def _check(self) -> QuantSpec:
         if self.bit_set is not None:
-            if not self.bit_set or any(b < 1 or b > 8 for b in self.bit_set):
-                raise ValueError(f"bit_set must be widths in 1..8, got {self.bit_set}")
+            if not self.bit_set:
+                raise ValueError("bit_set is empty; give at least one width, e.g. [1, 2, 3]")
+            check_widths(self.bit_set, where="bit_set")
         if self.allocator == "uniform" and self.budget is BudgetKind.NOMINAL and self.bits != int(self.bits):
             raise ValueError(f"uniform quantization needs a whole number of bits, got {self.bits}")
         return self
