@@ -144,3 +144,8 @@ def test_shipped_corpus_task_files_match_their_manifest_and_stay_apart():
     ids = calibration_token_ids("source")
     assert int((ids == EOS_ID).sum()) == len(rows["source_train_sample.jsonl"])
     assert {"mcmoe_source_ppl", "mcmoe_prose_ppl"} <= set(text_task_manager().all_tasks)
+    uni = m["unigram_counts"]  # the training split's byte counts: every byte plus one end-of-text per file
+    raw = (data / uni["file"]).read_bytes()
+    assert hashlib.sha256(raw).hexdigest() == uni["sha256"]
+    train_split = m["corpus"]["splits"]["train"]
+    assert sum(json.loads(raw)["counts"]) == uni["tokens"] == train_split["bytes"] + train_split["documents"]

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from mcmoe_vl.data.embedded import load_embedded_mixtral, load_embedded_vlm
-from mcmoe_vl.data.quality import VQA_CHANCE, byte_windows, lm_stats, unigram_ppl, vqa_exact_match, vqa_rows
+from mcmoe_vl.data.quality import (IN_DOMAIN, OUT_OF_DOMAIN, VQA_CHANCE, byte_windows, lm_stats, unigram_ppl,
+                                   vqa_exact_match, vqa_rows)
 
 OOD_RATIO = 1.5  # out-of-domain perplexity at least this multiple of in-domain
 
@@ -35,7 +36,7 @@ def test_mixtral_tiny_architecture(mixtral):
 
 def test_mixtral_tiny_is_trained(mixtral):
     model, _ = mixtral
-    x_in, x_ood = byte_windows("docstrings_heldout.jsonl"), byte_windows("code_heldout.jsonl")
+    x_in, x_ood = byte_windows(IN_DOMAIN), byte_windows(OUT_OF_DOMAIN)
     ppl_in, f_in = lm_stats(model, x_in)
     ppl_ood, f_ood = lm_stats(model, x_ood)
     ppl_uni = unigram_ppl(x_in)  # the training split's unigram on the same tokens
@@ -57,8 +58,8 @@ def test_random_mixtral_is_not(mixtral):
 
     torch.manual_seed(0)
     rand = MixtralForCausalLM(mixtral[0].config).eval()
-    ppl, _ = lm_stats(rand, byte_windows("docstrings_heldout.jsonl", num=4))
-    assert ppl > 0.5 * unigram_ppl(byte_windows("docstrings_heldout.jsonl", num=4))
+    ppl, _ = lm_stats(rand, byte_windows(IN_DOMAIN, num=4))
+    assert ppl > 0.5 * unigram_ppl(byte_windows(IN_DOMAIN, num=4))
 
 
 @pytest.fixture(scope="module")

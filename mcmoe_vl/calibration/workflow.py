@@ -5,9 +5,9 @@
     calibrate_files(CalibrationRun(model="path/to/model", data="calib.txt", output="runs/stats.json"))
 
 Data: a text file (tokenized with the model directory's tokenizer), a token-ids file (``.json`` /
-``.safetensors``, see :mod:`.data`), or ``embedded:train`` / ``embedded:heldout`` / ``embedded:ood`` for the
-package's embedded corpus (:mod:`mcmoe_vl.data.text`: standard-library docstrings, held-out docstrings, held-out
-code). From one token stream, ``num_sequences`` seeded random windows of ``seq_len`` tokens
+``.safetensors``, see :mod:`.data`), or ``embedded:<split>`` for the package's embedded corpora
+(:func:`mcmoe_vl.data.embedded_texts`: ``train`` / ``heldout`` / ``ood`` are the embedded language model's training
+sample, held-out source files and out-of-domain prose). From one token stream, ``num_sequences`` seeded random windows of ``seq_len`` tokens
 are drawn (the paper: 128 x 2048 from C4); token-ids files are used as they are (first ``num_sequences`` rows).
 """
 
@@ -139,20 +139,13 @@ def moe_layout(path: str | os.PathLike[str]) -> dict[int, int]:
     return {la.index: la.num_experts for la in get_adapter(model).moe_layers(model)}
 
 
-EMBEDDED_SPLITS = ("train", "heldout", "ood")
-
-
 def calibration_text(data: str) -> str:
-    """Text of a ``.txt`` file, of an embedded split (``embedded:train|heldout|ood``, the stdlib corpus) or of a
-    Hugging Face dataset (``hf:<dataset>[:<config>[:<split>]]``)."""
+    """Text of a ``.txt`` file, of an embedded split (``embedded:<split>``, :func:`mcmoe_vl.data.embedded_texts`;
+    documents joined by blank lines) or of a Hugging Face dataset (``hf:<dataset>[:<config>[:<split>]]``)."""
     if data.startswith("embedded"):
-        split = data.split(":", 1)[1] if ":" in data else "train"
-        if split not in EMBEDDED_SPLITS:
-            raise ValueError(f"unknown embedded split {split!r}; valid: {', '.join(EMBEDDED_SPLITS)}")
-        from mcmoe_vl.data.text import stdlib_splits
+        from mcmoe_vl.data import embedded_texts
 
-        splits = stdlib_splits()
-        return {"train": splits.train_text, "heldout": splits.heldout_text, "ood": splits.ood_text}[split]()
+        return "\n\n".join(embedded_texts(data.split(":", 1)[1] if ":" in data else "train"))
     if data.startswith("hf:"):
         from mcmoe_vl.data.hub import hub_text
 

@@ -1,6 +1,8 @@
 """Offline data: the standard-library text corpus, its byte tokenizer, rendered / real image questions, task files.
 
-- :mod:`.text`: stdlib docstrings split by module (in-domain) and docstring-free source (out-of-domain).
+- :mod:`.corpus`: the language model's corpus, Python sources of the standard library and installed packages, with
+  held-out files and out-of-domain prose; :mod:`.text`: stdlib docstrings split by module (the text
+  multiple-choice tasks' source).
 - :mod:`.tokenizer`: the byte-level Hugging Face tokenizer of the embedded language model.
 - :mod:`.images`: scikit-learn digits and Pillow-rendered scenes with questions (colour, shape, count, position,
   digit, reading).
@@ -12,37 +14,48 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["calibration_token_ids"]
+__all__ = ["EMBEDDED_SPLITS", "calibration_token_ids", "embedded_texts"]
 
 
-def calibration_token_ids(name: str = "train") -> torch.Tensor:
-    """Byte token ids (N,) of the embedded corpus split ``name``, documents separated by the end-of-text token, as
-    the embedded language model was trained.
+EMBEDDED_SPLITS = ("train", "heldout", "ood", "source", "source-heldout", "prose", "docstrings-train",
+                   "docstrings-heldout", "code")
 
-    ``train`` / ``heldout`` / ``ood``: the standard-library docstring corpus (:mod:`.text`, rebuilt from the
-    interpreter); ``source`` / ``source-heldout`` / ``prose``: the shipped samples of the source-code corpus
-    (:mod:`.corpus`): a training-file sample, the held-out files and the out-of-domain READMEs."""
-    from .text import stdlib_splits
-    from .tokenizer import EOS_ID
 
-    shipped = {"source": "source_train_sample.jsonl", "source-heldout": "source_heldout.jsonl",
-               "prose": "prose_ood.jsonl"}
-    valid = ["train", "heldout", "ood", *shipped]
-    if name not in valid:
-        raise ValueError(f"unknown embedded split {name!r}; valid: {', '.join(valid)}")
+def embedded_texts(name: str = "train") -> list[str]:
+    """The documents of the embedded corpus split ``name``.
+
+    The language model's own corpus (:mod:`.corpus`, Python sources; the shipped samples in ``tasks/lm_eval/data``):
+    ``train`` (alias ``source``): a sample of its training files; ``heldout`` (``source-heldout``): the held-out
+    files; ``ood`` (``prose``): the out-of-domain package READMEs. The standard-library docstring corpus the text
+    multiple-choice tasks come from (:mod:`.text`, rebuilt from the interpreter): ``docstrings-train``,
+    ``docstrings-heldout`` and ``code`` (the held-out modules' docstring-free source)."""
+    shipped = {"train": "source_train_sample.jsonl", "heldout": "source_heldout.jsonl", "ood": "prose_ood.jsonl"}
+    aliases = {"source": "train", "source-heldout": "heldout", "prose": "ood"}
+    if name not in EMBEDDED_SPLITS:
+        raise ValueError(f"unknown embedded split {name!r}; valid: {', '.join(EMBEDDED_SPLITS)}")
+    name = aliases.get(name, name)
     if name in shipped:
         import json
 
         from .tasks import LM_EVAL_TASKS_DIR
 
         path = LM_EVAL_TASKS_DIR / "data" / shipped[name]
-        texts = [json.loads(line)["text"] for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    else:
-        splits = stdlib_splits()
-        texts = {"train": [d.docstrings for d in splits.train], "heldout": [d.docstrings for d in splits.heldout],
-                 "ood": [d.code for d in splits.heldout if d.code]}[name]
+        return [json.loads(line)["text"] for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    from .text import stdlib_splits
+
+    splits = stdlib_splits()
+    return {"docstrings-train": [d.docstrings for d in splits.train],
+            "docstrings-heldout": [d.docstrings for d in splits.heldout],
+            "code": [d.code for d in splits.heldout if d.code]}[name]
+
+
+def calibration_token_ids(name: str = "train") -> torch.Tensor:
+    """Byte token ids (N,) of the embedded corpus split ``name`` (:func:`embedded_texts`), documents separated by
+    the end-of-text token, as the embedded language model was trained."""
+    from .tokenizer import EOS_ID
+
     out: list[int] = []
-    for d in texts:
+    for d in embedded_texts(name):
         out.extend(d.encode("utf-8"))
         out.append(EOS_ID)
     return torch.tensor(out, dtype=torch.int64)

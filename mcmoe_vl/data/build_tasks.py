@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.only in (None, "text"):
         out = LM_EVAL_TASKS_DIR / "data"
         build_text_task_files(out)
-        counts = torch.bincount(calibration_token_ids("train"), minlength=VOCAB_SIZE).tolist()
+        counts = torch.bincount(calibration_token_ids("docstrings-train"), minlength=VOCAB_SIZE).tolist()
         write_json_atomic(out / "unigram_train_counts.json", {
             "description": "byte-token counts of the training split (stdlib docstrings, end-of-text between "
                            "documents) for the unigram baseline", "counts": counts})

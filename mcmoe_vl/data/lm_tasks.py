@@ -28,9 +28,12 @@ import re
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from mcmoe_vl.io import write_json_atomic
 
 from .text import TextSplits, stdlib_splits
+from .tokenizer import VOCAB_SIZE
 
 logger = logging.getLogger(__name__)
 
@@ -248,6 +251,7 @@ def build_text_task_files(out_dir: str | Path, *, seed: int = 0, max_doc_bytes: 
     return manifest
 
 
+UNIGRAM_SOURCE_COUNTS = "unigram_source_counts.json"  # the source corpus's training unigram
 SOURCE_SAMPLE_FRACTION = 0.006  # of the training files: the shipped calibration sample (about 1 MB)
 
 
@@ -261,7 +265,7 @@ def build_corpus_task_files(out_dir: str | Path, *, seed: int = 0, max_doc_bytes
       ``SOURCE_SAMPLE_FRACTION`` (:func:`.text.is_heldout` with seed ``seed + 1``), whole: calibration text from the
       model's training distribution (``embedded:source``).
     """
-    from .corpus import DEFAULT_HELDOUT_FRACTION, corpus_splits, manifest_of
+    from .corpus import DEFAULT_HELDOUT_FRACTION, corpus_splits, manifest_of, train_tokens
     from .text import is_heldout
 
     out = Path(out_dir)
@@ -287,5 +291,11 @@ def build_corpus_task_files(out_dir: str | Path, *, seed: int = 0, max_doc_bytes
     for name, rows in files.items():
         manifest["files"][name] = {"rows": len(rows), "sha256": _write_jsonl(out / name, rows)}
         logger.info("%s: %d rows", name, len(rows))
+    counts = np.bincount(train_tokens(corpus.train), minlength=VOCAB_SIZE).tolist()
+    write_json_atomic(out / UNIGRAM_SOURCE_COUNTS, {
+        "description": "byte-token counts of the source corpus's training split (end-of-text between documents) "
+                       "for the unigram baseline", "counts": counts})
+    manifest["unigram_counts"] = {"file": UNIGRAM_SOURCE_COUNTS, "tokens": int(sum(counts)),
+                                  "sha256": hashlib.sha256((out / UNIGRAM_SOURCE_COUNTS).read_bytes()).hexdigest()}
     write_json_atomic(out / "corpus_manifest.json", manifest)
     return manifest

@@ -53,9 +53,12 @@ def lm_stats(model: Any, x: torch.Tensor) -> tuple[float, torch.Tensor]:
     return math.exp(nll), torch.stack(freqs)
 
 
-def unigram_ppl(x: torch.Tensor, counts_file: Path = LM_EVAL_TASKS_DIR / "data" / "unigram_train_counts.json"
+IN_DOMAIN, OUT_OF_DOMAIN = "source_heldout.jsonl", "prose_ood.jsonl"  # the language model's held-out splits
+
+
+def unigram_ppl(x: torch.Tensor, counts_file: Path = LM_EVAL_TASKS_DIR / "data" / "unigram_source_counts.json"
                 ) -> float:
-    """Perplexity of the add-one unigram model of the training split on x[:, 1:]."""
+    """Perplexity of the add-one unigram model of the training split (the source corpus's) on x[:, 1:]."""
     counts = torch.tensor(json.loads(counts_file.read_text())["counts"], dtype=torch.float64) + 1
     logp = counts.log() - counts.sum().log()
     return math.exp(-logp[x[:, 1:]].mean().item())
@@ -99,8 +102,7 @@ def measure(n_vqa: int = 200, lm_windows: int = 64) -> dict[str, Any]:
     from .embedded import load_embedded_mixtral, load_embedded_vlm
 
     model, _ = load_embedded_mixtral()
-    x_in, x_ood = byte_windows("docstrings_heldout.jsonl", num=lm_windows), byte_windows("code_heldout.jsonl",
-                                                                                          num=lm_windows)
+    x_in, x_ood = byte_windows(IN_DOMAIN, num=lm_windows), byte_windows(OUT_OF_DOMAIN, num=lm_windows)
     ppl_in, f_in = lm_stats(model, x_in)
     ppl_ood, f_ood = lm_stats(model, x_ood)
     out: dict[str, Any] = {"mixtral_tiny": {

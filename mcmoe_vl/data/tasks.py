@@ -27,7 +27,7 @@ LM_EVAL_TASKS_DIR = TASKS_DIR / "lm_eval"
 LMMS_EVAL_TASKS_DIR = TASKS_DIR / "lmms_eval"
 
 OFFLINE_TEXT_GROUP = "mcmoe_text_offline"
-OFFLINE_TEXT_PPL_TASKS = ("mcmoe_docstring_ppl", "mcmoe_code_ppl")
+OFFLINE_TEXT_PPL_TASKS = ("mcmoe_source_ppl", "mcmoe_prose_ppl")  # in domain (held-out files), out of domain
 OFFLINE_TEXT_MC_TASKS = ("mcmoe_docstring_cloze", "mcmoe_docstring_ending", "mcmoe_docstring_word_order")
 OFFLINE_TEXT_TASKS = OFFLINE_TEXT_PPL_TASKS + OFFLINE_TEXT_MC_TASKS
 

@@ -244,7 +244,7 @@ def check_calibration_data(loaded: LoadedSuite) -> None:
                 raise SuiteError(f"{where}: file not found (looked in {loaded.base_dir} and {Path.cwd()})")
             continue
         if data.startswith("embedded"):
-            from mcmoe_vl.calibration.workflow import EMBEDDED_SPLITS
+            from mcmoe_vl.data import EMBEDDED_SPLITS
 
             split = data.split(":", 1)[1] if ":" in data else "train"
             if split not in EMBEDDED_SPLITS:
