@@ -267,7 +267,7 @@ def test_heatmaps_only_for_non_uniform_plans_and_significance_named_after_the_mo
     for f, plan, alloc in ((RUN[1], {"0": [1, 2, 3, 2]}, "alloc_pmq.png"),
                            (RUN[2], {"0": [2, 2, 2, 2]}, "alloc_uniform.png")):
         c = f.compression.model_copy(update={
-            "quant": {**f.compression.quant, "plan": plan},
+            "quant": f.compression.quant.model_copy(update={"plan": plan}),
             "artifacts": {"significance_heatmap": "../art/sig.png", "allocation_heatmap": f"../art/{alloc}"}})
         files.append(f.model_copy(update={"compression": c}))
     paths = []
@@ -324,7 +324,7 @@ def test_recipes_that_differ_only_by_plus_get_their_own_figures(tmp_path: Path) 
         png = tmp_path / "art" / f"{recipe}.png"
         png.parent.mkdir(exist_ok=True)
         png.write_bytes(b"\\x89PNG" + recipe.encode())  # distinct pictures
-        f.compression.quant["plan"] = plan
+        f.compression.quant.plan = plan
         f.compression.artifacts = {"allocation_heatmap": str(png)}
         files.append(f)
     md = build_report(write_all(tmp_path, files), tmp_path / "report").read_text()

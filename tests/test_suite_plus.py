@@ -20,7 +20,7 @@ def test_pmq_plus_and_global_recipes(tmp_path):
     summary = run_suite(load_suite(write_suite(tmp_path, recipes)), progress=False, command="mcmoe-vl run")
     assert summary.failed == []
     by_name = {load_results(p).recipe: load_results(p) for p in summary.results}
-    assert by_name["PMQ+ 2.0"].compression.quant["allocator"] == "pmq+"
+    assert by_name["PMQ+ 2.0"].compression.quant.allocator == "pmq+"
     assert 1.0 < by_name["PMQ+ 2.0"].compression.nominal_bits < 4.0
     plans = [json.loads(p.read_text()) for p in (tmp_path / "runs").rglob("plan.json")]
     plus = [p for p in plans if p["allocator"] == "pmq+"]

@@ -123,7 +123,7 @@ def test_end_to_end_report_numbers_equal_results(first_run) -> None:
     assert base.compression.baseline and base.compression.nominal_bits == 16.0
     assert base.compression.active_experts[0].avg_active_experts == pytest.approx(2.0)
     odp = load_results(next(p for p in summary.results if load_results(p).recipe == "ODP"))
-    assert odp.compression.prune["method"] == "odp"
+    assert odp.compression.prune.method == "odp"
     assert odp.compression.activated_params_reduction > 0  # the ratio rule really removed expert work
     assert odp.n_shot == {"t8_parity": 0, "t8_words": 0}
     assert odp.config["recipe"]["prune"]["protect_ratio"] == 0.1
@@ -131,7 +131,7 @@ def test_end_to_end_report_numbers_equal_results(first_run) -> None:
     pmq = load_results(next(p for p in summary.results if load_results(p).recipe == "PMQ 2.0"))
     q = pmq.compression
     assert 1.0 < q.nominal_bits < 4.0 and q.size_bytes < base.compression.size_bytes
-    assert q.quant["runtime"] == "fake" and q.quant["allocator"] == "pmq"
+    assert q.quant.runtime == "fake" and q.quant.allocator == "pmq"
     assert q.speed.workload.endswith("packed runtime") and q.speed.reference_tokens_per_second > 0
     assert sorted(q.artifacts) == ["allocation_heatmap", "significance_heatmap"]
     assert q.memory.runtime == "packed" and q.memory.resident_bytes < base.compression.memory.resident_bytes
@@ -178,7 +178,7 @@ def test_fake_quant_and_packed_runtimes_give_the_same_scores(first_run) -> None:
     packed_run = run_suite(load_suite(suite), progress=False, recipes=["PMQ 2.0"])
     assert "quantize" not in packed_run.computed and packed_run.computed == {"evaluate": 1}  # same checkpoint
     packed = load_results(packed_run.results[0])
-    assert packed.compression.quant["runtime"] == "packed"
+    assert packed.compression.quant.runtime == "packed"
     assert packed.config["stage_keys"]["quantize"] == fake.config["stage_keys"]["quantize"]
     for task in fake.tasks:
         assert packed.score(task) == fake.score(task), task

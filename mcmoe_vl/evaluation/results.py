@@ -33,6 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from mcmoe_vl.io import read_json, write_json_atomic
 
+from .compression import PruneInfo, QuantInfo
 from .samples import SamplesRef
 
 RESULTS_SCHEMA = "mcmoe_vl.results/1"
@@ -113,8 +114,8 @@ class CompressionBlock(BaseModel):
 
     recipe: str
     baseline: bool
-    quant: dict[str, Any] | None = None  # allocator, target, achieved, plan widths per layer, runtime, bytes...
-    prune: dict[str, Any] | None = None  # method, settings, fitted thresholds summary
+    quant: QuantInfo | None = None  # allocator, target, achieved, plan widths per layer, runtime, accounting
+    prune: PruneInfo | None = None  # method, settings, fitted thresholds summary
     nominal_bits: float
     expert_nominal_bits: float | None = None
     effective_bits: float | None = None

@@ -22,6 +22,7 @@ import os
 import shutil
 from pathlib import Path
 
+from mcmoe_vl.allocation.config import Scope
 from mcmoe_vl.evaluation.results import ResultsFile, load_results
 from mcmoe_vl.io import slug, write_text_atomic
 
@@ -287,19 +288,20 @@ def _details(rows: list[Row]) -> list[str]:
         bits = []
         if c.quant:
             q = c.quant
-            bits.append(f"{q.get('allocator', '?')} allocator, target {q.get('target_bits', '?')} "
-                        f"{q.get('budget', 'nominal')} bits over widths {q.get('bit_set', '?')}, experts at "
-                        f"{fmt_num(c.expert_nominal_bits, 3)} nominal bits, {q.get('runtime', '?')} runtime")
-            if q.get("scope") == "global":
+            runtime = f", {q.runtime.value} runtime" if q.runtime is not None else ""
+            bits.append(f"{q.allocator} allocator, target {q.target_bits} {q.budget.value} bits over widths "
+                        f"{q.bit_set}, experts at {fmt_num(c.expert_nominal_bits, 3)} nominal bits{runtime}")
+            if q.scope is Scope.GLOBAL:
                 bits.append("one global budget over all layers")
-            if q.get("chosen"):
-                bits.append(f"pmq+ chose the {q['chosen']} candidate by calibration loss")
-            if q.get("starved_experts"):
-                bits.append(f"{q['starved_experts']} starved expert(s) fell back to round-to-nearest")
+            if q.chosen:
+                bits.append(f"pmq+ chose the {q.chosen} candidate by calibration loss")
+            if q.starved_experts:
+                bits.append(f"{q.starved_experts} starved expert(s) fell back to round-to-nearest")
         if c.prune:
-            p = c.prune
-            settings = ", ".join(f"{k}={v}" for k, v in sorted(p.items()) if k != "method" and not isinstance(v, dict))
-            bits.append(f"{p.get('method', '?').upper()} ({settings})")
+            fitted = {"method", "mu", "calibration_pruned_fraction", "summary"}  # per-layer numbers: not settings
+            p = c.prune.model_dump(mode="json", exclude=fitted)
+            settings = ", ".join(f"{k}={v}" for k, v in sorted(p.items()))
+            bits.append(f"{c.prune.method.value.upper()} ({settings})")
         if bits:
             out.append(f"- **{r.recipe}**: " + "; ".join(bits) + ".")
     return out + ([""] if out else [])
@@ -355,6 +357,6 @@ def _heatmaps(files: list[ResultsFile], origin: dict[int, Path], fig_dir: Path, 
 
 def _uniform_plan(f: ResultsFile) -> bool:
     """Every expert of the plan has the same width (or there is no plan)."""
-    plan = (f.compression.quant or {}).get("plan") or {}
-    widths = {b for layer in plan.values() for b in (layer if isinstance(layer, list) else [layer])}
+    plan = f.compression.quant.plan if f.compression.quant is not None else {}
+    widths = {b for layer in plan.values() for b in layer}
     return len(widths) <= 1

@@ -58,8 +58,7 @@ def _quant_key(row: Row) -> tuple | None:
     q = row.files[0].compression.quant
     if not q:
         return None
-    return (q.get("allocator"), q.get("target_bits"), q.get("budget"), tuple(q.get("bit_set") or ()),
-            q.get("scope"), q.get("group_size"))
+    return (q.allocator, q.target_bits, q.budget, tuple(q.bit_set), q.scope, q.group_size)
 
 
 def paired_baseline(rows: list[Row], row: Row, compare_to: str | None) -> Row | None:

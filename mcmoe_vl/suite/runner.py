@@ -36,6 +36,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from mcmoe_vl.allocation.plan import BitPlan
+from mcmoe_vl.evaluation.compression import QuantAccounting, QuantInfo
 from mcmoe_vl.evaluation.results import (
     CompressionBlock,
     LayerActivity,
@@ -325,14 +327,14 @@ class SuiteRunner:
         return d
 
     def _quantize(self, ctx: _ModelContext, recipe: RecipeSpec, keys: dict[str, str | None], plan_dir: Path
-                  ) -> tuple[Path, dict[str, Any]]:
+                  ) -> tuple[Path, QuantAccounting]:
         key = keys["quantize"]
         assert key is not None and recipe.quant is not None
         d = self.cache.dir("quantize", key)
         rec = self.cache.lookup("quantize", key)
         if rec is not None:
             self._hit("quantize")
-            return d / "checkpoint", rec["info"]
+            return d / "checkpoint", QuantAccounting.model_validate(rec["info"])
         self._status("quantize", ctx, recipe)
         d = self.cache.begin("quantize", key)
         model = ctx.fresh_model()
@@ -342,7 +344,7 @@ class SuiteRunner:
         del model
         files = [p.relative_to(d).as_posix() for p in sorted((d / "checkpoint").rglob("*")) if p.is_file()]
         self.cache.commit("quantize", key, inputs={"allocate": keys["allocate"], "recipe": recipe.name}, files=files,
-                          info=acct)
+                          info=acct.model_dump(mode="json"))
         self._miss("quantize")
         return d / "checkpoint", acct
 
@@ -478,7 +480,7 @@ class SuiteRunner:
 
     def _results_file(self, ctx: _ModelContext, recipe: RecipeSpec, keys: dict[str, str | None],
                       results: dict[str, Any], tasks: list[TaskSpec], speed: Any, activity: Any,
-                      acct: dict[str, Any] | None, artifact: Any, artifacts: dict[str, Path], out_dir: Path,
+                      acct: QuantAccounting | None, artifact: Any, artifacts: dict[str, Path], out_dir: Path,
                       plan_path: Path | None) -> ResultsFile:
         infos = {}
         for t in tasks:
@@ -492,21 +494,21 @@ class SuiteRunner:
         nominal, expert_nominal, effective, size, resident = 16.0, 16.0, 16.0, 2 * total, None
         if recipe.quant is not None:
             assert acct is not None and plan_path is not None
-            plan = read_json(plan_path, what="bit plan")
+            plan = BitPlan.load(plan_path)
             q = recipe.quant
-            quant_info = {"allocator": q.allocator, "target_bits": q.bits, "budget": q.budget.value,
-                          "bit_set": list(q.resolved_bit_set), "scope": q.scope.value, "group_size": q.group_size,
-                          "other_bits": q.other_bits, "runtime": self.suite.evaluation.runtime.value,
-                          "plan": {str(la["index"]): la["bits"] for la in plan["layers"]},
-                          "plan_achieved": plan.get("achieved", {}),
-                          "starved_experts": sum(len(v) for v in (acct.get("starved") or {}).values()),
-                          "chosen": (plan.get("selection") or {}).get("chosen"),
-                          "accounting": acct}
-            nominal = float(acct["nominal_bits"])
-            expert_nominal = float(acct.get("expert_nominal_bits") or plan.get("achieved", {}).get("nominal", nominal))
-            effective = float(acct["effective_bits"])
-            size = int(acct["bytes_on_disk"])
-            resident = acct.get("resident_bytes")
+            quant_info = QuantInfo(
+                allocator=q.allocator, target_bits=q.bits, budget=q.budget, bit_set=list(q.resolved_bit_set),
+                scope=q.scope, group_size=q.group_size, other_bits=q.other_bits, runtime=self.suite.evaluation.runtime,
+                plan={str(la.index): la.bits for la in plan.layers}, plan_achieved=plan.achieved,
+                starved_experts=sum(len(v) for v in acct.starved.values()),
+                chosen=(plan.selection or {}).get("chosen"), accounting=acct)
+            nominal = acct.nominal_bits
+            expert_nominal = (acct.expert_nominal_bits if acct.expert_nominal_bits
+                              else plan.achieved.get("nominal", nominal))
+            effective = acct.effective_bits
+            assert acct.bytes_on_disk is not None  # the engine measures every checkpoint it saves
+            size = acct.bytes_on_disk
+            resident = acct.resident_bytes
         prune_info = stages.prune_summary(artifact, recipe.prune) if recipe.prune is not None else None
         active = [LayerActivity(index=la.index, top_k=la.top_k, avg_active_experts=la.avg_active_experts)
                   for la in activity.layers] if activity is not None else []

@@ -23,6 +23,7 @@ from torch import nn
 
 from mcmoe_vl.dtypes import DTYPES
 
+from mcmoe_vl.evaluation.compression import ODPInfo, OTPInfo, QuantAccounting
 from mcmoe_vl.pruning.artifact import PruningMethod
 from mcmoe_vl.quant.checkpoint import load_quantized as load_checkpoint, save_quantized
 from mcmoe_vl.quant.model import QuantizeConfig, quantize_model
@@ -242,11 +243,11 @@ def quantize_config(q: QuantSpec, *, min_tokens: int, progress: bool) -> Any:
 
 
 def quantize(model: nn.Module, plan_path: Path, calib_batches: list[dict[str, Any]], q: QuantSpec, *, out_dir: Path,
-             min_tokens: int, progress: bool) -> dict[str, Any]:
+             min_tokens: int, progress: bool) -> QuantAccounting:
     """Quantize ``model`` in place to the plan with GPTQ and save the packed checkpoint in ``out_dir``.
 
     Returns the engine's accounting (nominal / effective bits, bytes on disk, resident bytes) plus the starved
-    experts (round-to-nearest fallback) as a dict.
+    experts (round-to-nearest fallback).
     """
     plan = load_plan(plan_path)
     if plan.group_size != q.group_size:
@@ -254,15 +255,7 @@ def quantize(model: nn.Module, plan_path: Path, calib_batches: list[dict[str, An
     cfg = quantize_config(q, min_tokens=min_tokens, progress=progress)
     report = quantize_model(model, plan, calib_batches, cfg)
     acct = save_quantized(model, out_dir, plan=plan, report=report, config=cfg)
-    out = acct.summary() if hasattr(acct, "summary") else dict(acct)
-    out["expert_nominal_bits"] = _expert_nominal(acct)
-    out["starved"] = {str(k): v for k, v in sorted(report.starved.items())}
-    return out
-
-
-def _expert_nominal(acct: Any) -> float | None:
-    cat = getattr(acct, "categories", {}).get("experts")
-    return float(cat.nominal_bits) if cat is not None else None
+    return QuantAccounting.from_engine(acct, report.starved)
 
 
 def set_runtime(model: nn.Module, runtime: str) -> int:
@@ -307,20 +300,20 @@ def original_counts(model: nn.Module) -> tuple[dict[int, int], int]:
     return routed_expert_params(iface), always_active_params(iface)
 
 
-def prune_summary(artifact: Any, spec: PruneSpec) -> dict[str, Any]:
+def prune_summary(artifact: Any, spec: PruneSpec) -> ODPInfo | OTPInfo:
     """Settings and fitted numbers of a pruning artifact for the compression block."""
-    out: dict[str, Any] = {"method": spec.method.value, "prune_rate": spec.prune_rate, "layers": spec.layers}
+    common = {"prune_rate": spec.prune_rate, "layers": spec.layers}
     if spec.method is PruningMethod.ODP:
-        out.update({"protect_ratio": spec.protect_ratio, "quantile": spec.quantile, "mu_fixed": spec.mu})
-        if artifact.odp is not None:
-            out["mu"] = {str(k): v for k, v in sorted(artifact.odp.mu.items())}
-            out["calibration_pruned_fraction"] = {str(k): v for k, v in
-                                                  sorted(artifact.odp.calibration_pruned_fraction.items())}
-    else:
-        out.update({"steps": spec.steps, "width": spec.width})
-        if artifact.otp is not None:
-            out["summary"] = {str(k): v for k, v in sorted(artifact.otp.summary.items())}
-    return out
+        odp = artifact.odp
+        return ODPInfo(method=spec.method, **common, protect_ratio=spec.protect_ratio, quantile=spec.quantile,
+                       mu_fixed=spec.mu,
+                       mu={str(k): v for k, v in sorted(odp.mu.items())} if odp is not None else None,
+                       calibration_pruned_fraction={str(k): v for k, v in
+                                                    sorted(odp.calibration_pruned_fraction.items())}
+                       if odp is not None else None)
+    otp = artifact.otp
+    return OTPInfo(method=spec.method, **common, steps=spec.steps, width=spec.width,
+                   summary={str(k): v for k, v in sorted(otp.summary.items())} if otp is not None else None)
 
 
 # -- measure ---------------------------------------------------------------------------------------------------------
