@@ -186,8 +186,8 @@ def preview_experts(model: nn.Module, fit_batches: Sequence[Mapping[str, Any]], 
     ``plus.min_tokens`` tokens, and all experts with ``preview="rtn"``, are quantized by round-to-nearest. Modules
     are the engine's packed :class:`QuantExpert` (codes at the true width).
     """
-    from mcmoe_vl.moe.layerwise import iterate_layers, with_valid_masks
-    from mcmoe_vl.quant.model import _VALID_KEY, QuantizeConfig, _collect, _ExpertCollector, _ValidTokens
+    from mcmoe_vl.moe.layerwise import iterate_layers
+    from mcmoe_vl.quant.model import QuantizeConfig, _collect, _ExpertCollector, _ValidTokens
 
     if adapter is None:
         from model_adapters import get_adapter
@@ -199,8 +199,7 @@ def preview_experts(model: nn.Module, fit_batches: Sequence[Mapping[str, Any]], 
     dtype = next(model.parameters()).dtype
     out = Preview()
     valid = _ValidTokens()  # the engine's padding handling: Hessians and token counts over real tokens only
-    prepared = with_valid_masks(fit_batches, _VALID_KEY)
-    for step in iterate_layers(model, prepared, adapter=adapter, extras_key=_VALID_KEY, progress=False):
+    for step in iterate_layers(model, fit_batches, adapter=adapter, progress=False):
         layer = moe.get(step.index)
         if layer is None:
             continue

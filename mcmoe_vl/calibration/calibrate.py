@@ -32,8 +32,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from torch import nn
 
 from mcmoe_vl.moe.checks import check_finite_weights, weights_fingerprint
-from mcmoe_vl.moe.interface import ExpertInterface, MoELayer, RoutingEvent
-from mcmoe_vl.moe.layerwise import LayerInput, iterate_layers
+from mcmoe_vl.moe.interface import ExpertInterface, MoELayer
+from mcmoe_vl.moe.layerwise import IMAGE_MASK_KEY, CapturedLayer, iterate_layers
 from mcmoe_vl.quant.widths import check_widths
 
 from .eps import CapturedBatch, expert_errors, gptq_quantizer, rtn_quantizer
@@ -42,8 +42,6 @@ from .stats import FORMAT_VERSION, CalibrationStats, LayerStats, load_stats, sav
 
 log = logging.getLogger(__name__)
 
-TOKEN_INFO = "_mcmoe_token_info"  # batch key carrying the padding / image masks through layer caching
-IMAGE_MASK_KEY = "image_token_mask"
 EPS_QUANTIZERS = ("rtn", "gptq")
 
 
@@ -101,7 +99,8 @@ class CalibrationConfig(BaseModel):
 
 
 def prepare_batches(batches: Iterable[Mapping[str, Any]]) -> tuple[list[dict[str, Any]], str | None]:
-    """Move the padding / image masks of each batch into one side-channel key; fingerprint the token ids."""
+    """Each batch with its image-token mask under ``image_token_mask`` (read by the layer cache, see
+    :mod:`mcmoe_vl.moe.layerwise`); fingerprint the token ids."""
     out: list[dict[str, Any]] = []
     h = hashlib.sha256()
     fingerprintable = True
@@ -110,7 +109,6 @@ def prepare_batches(batches: Iterable[Mapping[str, Any]]) -> tuple[list[dict[str
         image = b.pop(IMAGE_MASK_KEY, None)
         if image is None and b.get("images_seq_mask") is not None:  # DeepSeek-VL2's own image-position mask
             image = b["images_seq_mask"]
-        valid = b.get("attention_mask")
         ids = b.get("input_ids")
         if ids is None:
             fingerprintable = False
@@ -120,54 +118,27 @@ def prepare_batches(batches: Iterable[Mapping[str, Any]]) -> tuple[list[dict[str
             h.update(t.to(torch.int64).numpy().tobytes())
         if image is not None:
             h.update(torch.as_tensor(image).cpu().bool().numpy().tobytes())
-        b[TOKEN_INFO] = {"valid": None if valid is None else torch.as_tensor(valid).bool(),
-                         "image": None if image is None else torch.as_tensor(image).bool()}
+        b[IMAGE_MASK_KEY] = image
         out.append(b)
     if not out:
         raise ValueError("no calibration batches were given")
     return out, (h.hexdigest() if fingerprintable else None)
 
 
-class _Recorder:
-    """Observer keeping one layer's block inputs and routing per batch (padding removed)."""
-
-    def __init__(self, inputs: list[LayerInput], top_k: int, num_experts: int) -> None:
-        self.inputs = inputs
-        self.batches: list[CapturedBatch] = []
-        self.acc = SignificanceAccumulator(num_experts, top_k)
-
-    def __call__(self, ev: RoutingEvent) -> None:
-        b = len(self.batches)
-        if b >= len(self.inputs):
-            raise RuntimeError("the MoE block ran more often than there are calibration batches")
-        info = self.inputs[b].extras.get(TOKEN_INFO) or {}
-        T = ev.hidden.shape[0]
-        valid, image = info.get("valid"), info.get("image")
-        keep = torch.ones(T, dtype=torch.bool) if valid is None else valid.reshape(-1)
-        if keep.numel() != T:
-            raise ValueError(f"attention_mask has {keep.numel()} positions but the MoE block saw {T} tokens")
-        keep = keep.to(ev.hidden.device)
-        r = ev.routing
-        img = None
-        if image is not None:
-            img = image.reshape(-1).to(ev.hidden.device)
-            if img.numel() != T:
-                raise ValueError(f"image_token_mask has {img.numel()} positions but the MoE block saw {T} tokens")
-            img = img[keep]
-        idx, prob, weight = r.topk_idx[keep], r.topk_prob[keep], r.topk_weight[keep]
-        self.acc.add(idx, prob, weight, img)
-        self.batches.append(CapturedBatch(ev.hidden[keep].detach(), idx.detach(), weight.detach()))
-
-
-def layer_statistics(layer: MoELayer, rec: _Recorder, config: CalibrationConfig, *, progress: bool = False
+def layer_statistics(layer: MoELayer, captured: CapturedLayer, config: CalibrationConfig, *, progress: bool = False
                      ) -> LayerStats:
-    """Finish one layer: significance groups, ODP quantiles, traces, eps / HAWQ tables."""
-    all_, image, text = rec.acc.groups()
+    """One layer's statistics from its captured tokens: significance groups, ODP quantiles, traces, eps / HAWQ."""
+    acc = SignificanceAccumulator(layer.num_experts, layer.top_k)
+    for r, img in zip(captured.routing, captured.image, strict=True):
+        acc.add(r.topk_idx, r.topk_prob, r.topk_weight, img)
+    batches = [CapturedBatch(x, r.topk_idx, r.topk_weight) for x, r in zip(captured.tokens, captured.routing,
+                                                                             strict=True)]
+    all_, image, text = acc.groups()
     k, N = layer.top_k, all_.num_tokens
     if sum(all_.counts) != k * N:  # integer counts: exact by construction, checked anyway
         raise AssertionError(f"{layer.path}: counts sum to {sum(all_.counts)}, expected {k} x {N}")
     errs = expert_errors(
-        rec.batches, layer.expert_weights, layer.storage.act_fn, layer.num_experts, config.eps_bits,
+        batches, layer.expert_weights, layer.storage.act_fn, layer.num_experts, config.eps_bits,
         config.eps_quantizer(), progress=progress, desc=f"eps layer {layer.index}",
     )
     stats = LayerStats(
@@ -181,7 +152,7 @@ def layer_statistics(layer: MoELayer, rec: _Recorder, config: CalibrationConfig,
         text=text,
         hessian_trace_in=errs.hessian_trace_in,
         hessian_trace_mid=errs.hessian_trace_mid,
-        odp_ratio=rec.acc.ratio_quantiles(config.ratio_quantiles),
+        odp_ratio=acc.ratio_quantiles(config.ratio_quantiles),
         eps={str(b): v for b, v in errs.eps.items()},
         hawq={str(b): v for b, v in errs.hawq.items()},
         weight_error={str(b): v for b, v in errs.weight_error.items()},
@@ -247,20 +218,14 @@ def calibrate(
     model.eval()
     try:
         with iface:
-            for step in iterate_layers(model, prepared, adapter=iface.adapter, extras_key=TOKEN_INFO,
-                                       start=todo[0], stop=todo[-1] + 1, progress="calibration" if progress else False):
+            for step in iterate_layers(model, prepared, adapter=iface.adapter, start=todo[0], stop=todo[-1] + 1,
+                                       progress="calibration" if progress else False):
                 if step.index not in moe or step.index in done:
                     continue
-                layer = moe[step.index]
-                rec = _Recorder(step.inputs, layer.top_k, layer.num_experts)
-                with iface.observe(rec, layers=[step.index]):
-                    step.run()
-                if len(rec.batches) != len(step.inputs):
-                    raise RuntimeError(f"{layer.path}: the MoE block ran {len(rec.batches)} times for "
-                                       f"{len(step.inputs)} batches")
+                captured = step.capture(iface)
                 with torch.no_grad():
-                    stats.layers.append(layer_statistics(layer, rec, config, progress=progress))
-                del rec
+                    stats.layers.append(layer_statistics(moe[step.index], captured, config, progress=progress))
+                del captured
                 if output is not None:
                     save_stats(stats, output)
     finally:

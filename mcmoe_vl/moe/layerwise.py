@@ -14,22 +14,38 @@ Example::
     # (iteration itself propagates the outputs of ``step.run()`` to the next layer)
 
 If the caller does not call ``step.run()``, the iterator runs the layer itself before moving on.
+
+Every cached input carries its batch's valid-token mask (``attention_mask``; padding is never a real token) and,
+when the batch has one, its image-token mask (``image_token_mask``, not a model input: removed before the call). A
+consumer that needs a MoE layer's tokens asks the step for them::
+
+    for step in iterate_layers(model, batches):
+        captured = step.capture(iface)   # CapturedLayer: block inputs, routing, image flags of the real tokens
+
+The calibration pass, OTP, ODP and the quantization engine all read MoE tokens this way, so they agree on which
+tokens count.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from ..compat import pop_cache
+from .interface import Routing, RoutingEvent
+
+if TYPE_CHECKING:
+    from .interface import ExpertInterface
 
 log = logging.getLogger(__name__)
+
+IMAGE_MASK_KEY = "image_token_mask"  # (B, S) bool: image tokens of a batch (not a model input)
 
 
 class _StopForward(Exception):
@@ -42,7 +58,20 @@ class LayerInput:
 
     hidden: torch.Tensor  # (B, S, H)
     kwargs: dict[str, Any]  # attention mask, position embeddings, ... exactly as the model passed them
-    extras: dict[str, Any] = field(default_factory=dict)  # per-batch side data (e.g. an image-token mask)
+    extras: dict[str, Any] = field(default_factory=dict)  # per-batch side data under a caller's extras_key
+    valid: torch.Tensor | None = None  # (B, S) bool: real tokens (the batch's attention_mask); None = all real
+    image: torch.Tensor | None = None  # (B, S) bool: image tokens (the batch's image_token_mask); None = none given
+
+    def valid_rows(self, x: torch.Tensor, where: str) -> torch.Tensor:
+        """``x`` (..., C) of this batch flattened to (T, C) with the padding rows removed."""
+        x = x.reshape(-1, x.shape[-1])
+        if self.valid is None:
+            return x
+        keep = self.valid.reshape(-1).to(x.device)
+        if keep.numel() != x.shape[0]:
+            raise ValueError(f"{where}: attention_mask has {keep.numel()} positions but the module saw "
+                             f"{x.shape[0]} tokens")
+        return x[keep]
 
 
 def capture_layer_inputs(
@@ -54,8 +83,9 @@ def capture_layer_inputs(
 ) -> list[LayerInput]:
     """Run ``model(**batch)`` up to decoder layer 0 for every batch and keep that layer's inputs.
 
-    ``extras_key``: a key of each batch that is not a model input (e.g. ``"image_token_mask"``); it is removed from
-    the call and attached to the :class:`LayerInput`.
+    ``extras_key``: a key of each batch that is not a model input; it is removed from the call and attached to the
+    :class:`LayerInput`. The batch's ``attention_mask`` and ``image_token_mask`` become :attr:`LayerInput.valid`
+    and :attr:`LayerInput.image`.
     """
     captured: list[LayerInput] = []
 
@@ -75,6 +105,8 @@ def capture_layer_inputs(
             for batch in batches:
                 batch = dict(batch)
                 extra = batch.pop(extras_key, None) if extras_key else None
+                image = batch.pop(IMAGE_MASK_KEY, None)
+                am = batch.get("attention_mask")
                 batch.setdefault("use_cache", False)
                 n_before = len(captured)
                 try:
@@ -85,27 +117,13 @@ def capture_layer_inputs(
                     raise RuntimeError("the model's forward did not reach decoder layer 0 exactly once")
                 if extras_key:
                     captured[-1].extras[extras_key] = extra
+                captured[-1].valid = None if am is None else torch.as_tensor(am).bool()
+                captured[-1].image = None if image is None else torch.as_tensor(image).bool()
     finally:
         handle.remove()
     if not captured:
         raise ValueError("no calibration batches were given")
     return captured
-
-
-def with_valid_masks(batches: Iterable[Mapping[str, Any]], key: str, *, drop: str | None = None
-                     ) -> list[dict[str, Any]]:
-    """Each batch with its padding mask (``attention_mask`` as bool; None when absent: every token is real) under
-    ``key``, for ``iterate_layers(..., extras_key=key)``: the mask then rides along with every cached layer input
-    (``LayerInput.extras[key]``), so collectors leave padding out. ``drop``: a batch key to remove as well."""
-    out = []
-    for b in batches:
-        b = {k: v for k, v in b.items() if k != drop}
-        am = b.get("attention_mask")
-        b[key] = None if am is None else torch.as_tensor(am).bool()
-        out.append(b)
-    if not out:
-        raise ValueError("no calibration batches were given")
-    return out
 
 
 def run_layer(layer: nn.Module, inp: LayerInput) -> torch.Tensor:
@@ -128,6 +146,72 @@ class LayerStep:
         with torch.no_grad():
             self.outputs = [run_layer(self.layer, inp) for inp in self.inputs]
         return self.outputs
+
+    def capture(self, iface: ExpertInterface) -> CapturedLayer:
+        """Run this layer (:meth:`run`) with an observer on its MoE block (``iface`` installed) and return the
+        block's inputs, the model's own routing and the image flags of every batch's real tokens."""
+        rec = _Capture(self)
+        handle = iface.observe(rec, layers=[self.index])
+        try:
+            self.run()
+        finally:
+            handle.remove()
+        if len(rec.tokens) != len(self.inputs):
+            raise RuntimeError(f"{iface.layer(self.index).path}: the MoE block ran {len(rec.tokens)} times for "
+                               f"{len(self.inputs)} batches")
+        return CapturedLayer(self.index, rec.tokens, rec.routing, [inp.valid for inp in self.inputs], rec.image)
+
+
+@dataclass
+class CapturedLayer:
+    """One MoE layer over every calibration batch, real tokens only (padding removed by the valid-token mask).
+
+    Per batch b: ``tokens[b]`` (T_b, H) the block inputs, ``routing[b]`` the model's own routing of those tokens,
+    ``valid[b]`` the (B, S) valid-token mask they were selected by (None: every token real), ``image[b]`` (T_b,)
+    bool image flags (None: the batch gave no image-token mask).
+    """
+
+    index: int  # decoder layer index
+    tokens: list[torch.Tensor]
+    routing: list[Routing]
+    valid: list[torch.Tensor | None]
+    image: list[torch.Tensor | None]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(int(t.shape[0]) for t in self.tokens)
+
+
+class _Capture:
+    """Observer of one MoE block keeping each batch's block inputs and routing of the real tokens."""
+
+    def __init__(self, step: LayerStep) -> None:
+        self.inputs = step.inputs
+        self.tokens: list[torch.Tensor] = []
+        self.routing: list[Routing] = []
+        self.image: list[torch.Tensor | None] = []
+
+    def __call__(self, ev: RoutingEvent) -> None:
+        b = len(self.tokens)
+        if b >= len(self.inputs):
+            raise RuntimeError("the MoE block ran more often than there are calibration batches")
+        inp = self.inputs[b]
+        T = ev.hidden.shape[0]
+        keep = torch.ones(T, dtype=torch.bool) if inp.valid is None else inp.valid.reshape(-1)
+        if keep.numel() != T:
+            raise ValueError(f"attention_mask has {keep.numel()} positions but the MoE block saw {T} tokens")
+        keep = keep.to(ev.hidden.device)
+        img = None
+        if inp.image is not None:
+            img = inp.image.reshape(-1).to(ev.hidden.device)
+            if img.numel() != T:
+                raise ValueError(f"image_token_mask has {img.numel()} positions but the MoE block saw {T} tokens")
+            img = img[keep]
+        r = ev.routing
+        self.tokens.append(ev.hidden[keep].detach())
+        self.routing.append(Routing(probs=r.probs[keep].detach(), topk_idx=r.topk_idx[keep],
+                                    topk_weight=r.topk_weight[keep].detach()))
+        self.image.append(img)
 
 
 def iterate_layers(
@@ -163,5 +247,5 @@ def iterate_layers(
         if i >= start:
             yield step
         outputs = step.outputs if step.outputs is not None else step.run()
-        inputs = [LayerInput(h, inp.kwargs, inp.extras) for h, inp in zip(outputs, inputs, strict=True)]
+        inputs = [replace(inp, hidden=h) for h, inp in zip(outputs, inputs, strict=True)]
     bar.close()

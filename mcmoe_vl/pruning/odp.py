@@ -36,6 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from mcmoe_vl.moe.interface import ExpertInterface, MoELayer, Routing, RoutingDecision, RoutingEvent
+from mcmoe_vl.moe.layerwise import iterate_layers
 
 from .importance import AttentionColumnCapture, ColumnStats, ProtectScope, protection_mask, token_importance
 
@@ -173,7 +174,8 @@ def thresholds_from_calibration_stats(stats: Any, *, quantile: float = 0.5, laye
 
 # -- calibration -----------------------------------------------------------------------------------------------------
 class RatioCollector:
-    """Observer collecting the non-top-1 weight ratios of real (non-padding) tokens per MoE layer.
+    """Observer collecting the non-top-1 weight ratios of real (non-padding) tokens per MoE layer, for whole-model
+    passes (:func:`run_batches`; :func:`fit_odp` reads the captured layers instead).
 
     Set :attr:`valid` to the batch's attention mask (B, S) before each forward (None: every token counts).
     """
@@ -228,7 +230,8 @@ def fit_odp(model: nn.Module, batches: Iterable[Mapping[str, Any]], config: ODPC
             iface: ExpertInterface | None = None) -> ODPThresholds:
     """Fit ``mu`` per layer on calibration ``batches`` (dicts of model inputs; ``attention_mask`` marks padding).
 
-    The unpruned model runs every batch once with an observer on the selected MoE layers.
+    The unpruned model runs layer by layer over the batches (:mod:`mcmoe_vl.moe.layerwise`); each selected MoE
+    layer's routing of the real tokens (:meth:`~mcmoe_vl.moe.layerwise.LayerStep.capture`) gives its ratios.
     """
     config = config or ODPConfig()
     own = iface is None
@@ -237,36 +240,36 @@ def fit_odp(model: nn.Module, batches: Iterable[Mapping[str, Any]], config: ODPC
     for la in layers:
         if la.top_k < 2:
             raise ValueError(f"{la.path}: top-{la.top_k} routing has nothing for ODP to prune")
-    collector = RatioCollector()
+    ratios: dict[int, torch.Tensor] = {}
+    tokens: dict[int, int] = {}
+    selected = {la.index for la in layers}
     was_installed = iface.installed
     iface.install()
-    handle = iface.observe(collector, [la.index for la in layers])
     try:
-        def set_valid(batch: dict[str, Any]) -> None:
-            am = batch.get("attention_mask")
-            collector.valid = None if am is None else torch.as_tensor(am)
-
-        run_batches(model, batches, set_valid)
+        for step in iterate_layers(model, batches, adapter=iface.adapter, progress=False, stop=max(selected) + 1):
+            if step.index in selected:
+                cap = step.capture(iface)
+                ratios[step.index] = torch.cat([non_top1_ratios(r.topk_weight).cpu() for r in cap.routing])
+                tokens[step.index] = cap.num_tokens
     finally:
-        handle.remove()
         if own or not was_installed:
             iface.uninstall()
     mu: dict[int, float] = {}
     pruned: dict[int, float] = {}
     for la in layers:
-        r = collector.samples(la.index)
+        r = ratios[la.index]
         if config.mu is not None:
             mu[la.index] = float(config.mu)
         else:
             mu[la.index] = threshold_from_ratios(r, top_k=la.top_k, quantile=config.quantile,
                                                  prune_rate=config.prune_rate)
-        n_tok = collector.tokens.get(la.index, 0)
+        n_tok = tokens[la.index]
         pruned[la.index] = float((r < mu[la.index]).sum()) / max(1, n_tok * la.top_k)
         log.info("ODP layer %d: mu=%.4f, ratio rule prunes %.1f%% of top-%d pairs on %d calibration tokens",
                  la.index, mu[la.index], 100 * pruned[la.index], la.top_k, n_tok)
     return ODPThresholds(mu=mu, protect_ratio=config.protect_ratio, protect_scope=config.protect_scope,
                          attention_chunk=config.attention_chunk, calibration_pruned_fraction=pruned,
-                         calibration_tokens=max(collector.tokens.values(), default=0))
+                         calibration_tokens=max(tokens.values(), default=0))
 
 
 # -- the routing override --------------------------------------------------------------------------------------------

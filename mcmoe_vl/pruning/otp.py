@@ -37,14 +37,12 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 from tqdm.auto import tqdm
 
-from mcmoe_vl.moe.interface import ExpertInterface, MoELayer, Routing, RoutingDecision, RoutingEvent
-from mcmoe_vl.moe.layerwise import iterate_layers, with_valid_masks
+from mcmoe_vl.moe.interface import ExpertInterface, MoELayer, Routing, RoutingDecision
+from mcmoe_vl.moe.layerwise import iterate_layers
 
 from .odp import RoutingRule, decision_from_keep, select_layers
 
 log = logging.getLogger(__name__)
-
-VALID_KEY = "_mcmoe_vl_valid_tokens"  # side-channel batch key carrying the padding mask through layer caching
 
 
 class OTPConfig(BaseModel):
@@ -254,29 +252,6 @@ def fit_mask_predictor(data: LayerData, top_k: int, config: OTPConfig) -> tuple[
 
 
 # -- the whole model, layer by layer ---------------------------------------------------------------------------------
-class _LayerRecorder:
-    """Observer keeping one layer's router inputs and routing over the calibration batches (padding removed)."""
-
-    def __init__(self, inputs: list[Any]) -> None:
-        self.inputs = inputs
-        self.x: list[torch.Tensor] = []
-        self.idx: list[torch.Tensor] = []
-        self.w: list[torch.Tensor] = []
-        self.calls = 0
-        self.device: torch.device | None = None
-        self.dtype: torch.dtype | None = None
-
-    def __call__(self, ev: RoutingEvent) -> None:
-        b = self.calls
-        self.calls += 1
-        valid = self.inputs[b].extras.get(VALID_KEY) if b < len(self.inputs) else None
-        keep = slice(None) if valid is None else valid.reshape(-1).bool().to(ev.hidden.device)
-        self.device, self.dtype = ev.hidden.device, ev.hidden.dtype  # where the experts run
-        self.x.append(ev.hidden[keep].detach().float().cpu())
-        self.idx.append(ev.routing.topk_idx[keep].cpu())
-        self.w.append(ev.routing.topk_weight[keep].detach().float().cpu())
-
-
 def train_otp(
     model: nn.Module,
     batches: Iterable[Mapping[str, Any]],
@@ -299,30 +274,27 @@ def train_otp(
             raise ValueError(f"{la.path}: top-{la.top_k} routing has nothing for OTP to prune")
         if config.prune_rate is not None and config.prune_rate > (la.top_k - 1) / la.top_k:
             raise ValueError(f"prune_rate {config.prune_rate} impossible for top-{la.top_k} ({la.path})")
-    prepared = with_valid_masks(batches, VALID_KEY)
     was_installed = iface.installed
     iface.install()
     predictors: dict[int, MaskPredictor] = {}
     summaries: dict[int, dict[str, float]] = {}
     last = max(layers)
     try:
-        steps = iterate_layers(model, prepared, adapter=iface.adapter, extras_key=VALID_KEY,
-                               progress="OTP" if progress else False, stop=last + 1)
+        steps = iterate_layers(model, batches, adapter=iface.adapter, progress="OTP" if progress else False,
+                               stop=last + 1)
         for step in steps:
             la = layers.get(step.index)
             if la is None:
                 continue
-            rec = _LayerRecorder(step.inputs)
-            handle = iface.observe(rec, [la.index])
-            try:
-                step.run()
-            finally:
-                handle.remove()
-            x, idx, w = torch.cat(rec.x), torch.cat(rec.idx), torch.cat(rec.w)
+            cap = step.capture(iface)  # the block's real tokens and the model's own routing of them
+            device, dtype = cap.tokens[-1].device, cap.tokens[-1].dtype  # where the experts run
+            x = torch.cat([t.float().cpu() for t in cap.tokens])
+            idx = torch.cat([r.topk_idx.cpu() for r in cap.routing])
+            w = torch.cat([r.topk_weight.float().cpu() for r in cap.routing])
             if x.shape[0] > config.max_tokens:
                 sel = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(config.seed))[: config.max_tokens]
                 x, idx, w = x[sel], idx[sel], w[sel]
-            data = layer_data(la, x, idx, w, device=rec.device, dtype=rec.dtype)
+            data = layer_data(la, x, idx, w, device=device, dtype=dtype)
             with torch.enable_grad():
                 pred, summary = fit_mask_predictor(data, la.top_k, config)
             predictors[la.index], summaries[la.index] = pred, summary

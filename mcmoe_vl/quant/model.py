@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from mcmoe_vl.moe.checks import check_finite_weights
 from mcmoe_vl.moe.interface import ExpertWeights, FusedExpertStorage, ModuleListExpertStorage, MoELayer
-from mcmoe_vl.moe.layerwise import LayerStep, run_layer, with_valid_masks
+from mcmoe_vl.moe.layerwise import LayerInput, LayerStep, run_layer
 
 from .gptq import HessianAccumulator, QuantResult, gptq_quantize, prepare_inverse, rtn_quantize
 from .packed import PackedTensor
@@ -143,25 +143,18 @@ def quantize_expert(weights: ExpertWeights, bits: int, cfg: QuantizeConfig, *, g
 
 # -- collecting Hessians for one decoder layer --------------------------------------------------------------------
 class _ValidTokens:
-    """The padding mask of the batch the layer is running on now (set by :func:`_collect`), applied to inputs."""
+    """The valid-token mask of the cached batch the layer is running on now (set by :func:`_collect` from
+    :attr:`~mcmoe_vl.moe.layerwise.LayerInput.valid`), applied to inputs."""
 
     def __init__(self) -> None:
-        self.mask: torch.Tensor | None = None  # (B, S) bool, None = every token is real
+        self.current: LayerInput | None = None  # the cached batch running now (None: every token is real)
         self.rerouting = False  # the expert collector is calling the router itself: not a forward of the layer
 
     def rows(self, x: torch.Tensor, where: str) -> torch.Tensor:
         """``x`` (..., C) flattened to (T, C), padding rows removed."""
-        x = x.reshape(-1, x.shape[-1])
-        if self.mask is None:
-            return x
-        keep = self.mask.reshape(-1).to(x.device)
-        if keep.numel() != x.shape[0]:
-            raise ValueError(f"{where}: attention_mask has {keep.numel()} positions but the module saw "
-                             f"{x.shape[0]} tokens")
-        return x[keep]
-
-
-_VALID_KEY = "_mcmoe_vl_quant_valid"  # side-channel batch key carrying the padding mask through layer caching
+        if self.current is None:
+            return x.reshape(-1, x.shape[-1])
+        return self.current.valid_rows(x, where)
 
 
 def _collect(step: LayerStep, valid: _ValidTokens) -> None:
@@ -169,10 +162,10 @@ def _collect(step: LayerStep, valid: _ValidTokens) -> None:
     try:
         with torch.no_grad():
             for inp in step.inputs:
-                valid.mask = inp.extras.get(_VALID_KEY)
+                valid.current = inp
                 run_layer(step.layer, inp)
     finally:
-        valid.mask = None
+        valid.current = None
 
 
 class _ExpertCollector:
@@ -272,8 +265,8 @@ def quantize_model(
     done: set[str] = set()
 
     valid = _ValidTokens()
-    prepared = with_valid_masks(batches, _VALID_KEY, drop=extras_key)
-    for step in iterate_layers(model, prepared, adapter=adapter, extras_key=_VALID_KEY, progress=cfg.progress):
+    prepared = [{k: v for k, v in b.items() if k != extras_key} for b in batches] if extras_key else batches
+    for step in iterate_layers(model, prepared, adapter=adapter, progress=cfg.progress):
         moe = moe_layers.get(step.index)
         experts_mod = moe.storage.module if moe is not None else None
         expert_linears = {id(m) for m in experts_mod.modules()} if experts_mod is not None else set()

@@ -1,0 +1,77 @@
+"""One captured-layer object (mcmoe_vl.moe.layerwise.CapturedLayer) feeds the calibration pass, ODP, OTP and the
+quantization engine: on left-padded batches all four count exactly the real tokens, and the expert token counts of
+calibration and GPTQ agree expert by expert.
+
+Not vacuous: the batches carry padding that would route (a real token id), and counting it changes every number.
+"""
+
+from __future__ import annotations
+
+import torch
+from tiny_models import tiny_mixtral
+
+from mcmoe_vl.calibration.calibrate import CalibrationConfig, calibrate
+from mcmoe_vl.moe import ExpertInterface
+from mcmoe_vl.moe.layerwise import iterate_layers
+from mcmoe_vl.pruning.odp import ODPConfig, fit_odp
+from mcmoe_vl.pruning.otp import OTPConfig, train_otp
+from mcmoe_vl.quant.model import QuantizeConfig, quantize_model
+from mcmoe_vl.quant.plan import QuantPlan
+
+E, K, PAD = 4, 2, 6
+
+
+def _batches(counted_padding: bool = False) -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(5)
+    out = []
+    for n_real in (20, 26):
+        real = torch.randint(1, 96, (2, n_real), generator=g)
+        ids = torch.cat([torch.full((2, PAD), 7), real], dim=1)  # left padding with a real token id
+        mask = torch.cat([torch.zeros(2, PAD, dtype=torch.long), torch.ones(2, n_real, dtype=torch.long)], dim=1)
+        out.append({"input_ids": ids, "attention_mask": torch.ones_like(mask) if counted_padding else mask})
+    return out
+
+
+REAL = 2 * 20 + 2 * 26  # real tokens over both batches
+
+
+def _model():
+    return tiny_mixtral(seed=2, experts=E, top_k=K, layers=2)
+
+
+def test_captured_layer_holds_the_real_tokens_and_the_models_own_routing():
+    model, batches = _model(), _batches()
+    with ExpertInterface(model) as iface:
+        for step in iterate_layers(model, batches, adapter=iface.adapter, progress=False):
+            cap = step.capture(iface)
+            assert cap.index == step.index and cap.num_tokens == REAL
+            layer = iface.layer(step.index)
+            for x, r, valid, inp in zip(cap.tokens, cap.routing, cap.valid, step.inputs, strict=True):
+                assert valid is inp.valid and x.shape[0] == int(valid.sum())
+                own = layer.route(x)  # routing the captured tokens again gives the captured routing
+                assert torch.equal(own.topk_idx, r.topk_idx) and torch.equal(own.topk_weight, r.topk_weight)
+            assert cap.image == [None, None]  # no image-token mask given
+
+
+def test_calibration_odp_otp_and_gptq_agree_on_the_real_tokens():
+    batches = _batches()
+    stats = calibrate(_model(), batches, CalibrationConfig(eps_bits=(2,), group_size=16), progress=False)
+    odp = fit_odp(_model(), batches, ODPConfig(prune_rate=0.2))
+    _, otp = train_otp(_model(), batches, OTPConfig(prune_rate=0.2, steps=2), progress=False)
+    model = _model()
+    report = quantize_model(model, QuantPlan.uniform({0: E, 1: E}, 2, group_size=16), batches,
+                            QuantizeConfig(progress=False, min_tokens=0))
+    gptq_counts = {la.index: [e.tokens for e in la.experts] for la in report.layers}
+    for la in stats.layers:
+        assert la.all.num_tokens == REAL
+        assert otp[la.index]["tokens"] == REAL
+        assert sum(la.all.counts) == sum(gptq_counts[la.index]) == K * REAL
+    # expert by expert in the first layer (GPTQ feeds later layers the outputs of the quantized ones)
+    assert stats.layers[0].all.counts == gptq_counts[stats.layers[0].index]
+    assert odp.calibration_tokens == REAL
+
+    # the setup has teeth: with the padding counted as real, every consumer sees more tokens
+    counted = _batches(counted_padding=True)
+    stats_c = calibrate(_model(), counted, CalibrationConfig(eps_bits=(2,), group_size=16), progress=False)
+    assert all(la.all.num_tokens == REAL + 4 * PAD for la in stats_c.layers)
+    assert fit_odp(_model(), counted, ODPConfig(prune_rate=0.2)).calibration_tokens == REAL + 4 * PAD
