@@ -5,10 +5,18 @@ scores experts; :meth:`MoEAdapter.moe_layers` turns that into :class:`mcmoe_vl.m
 the transformers-5 way (a router module ``gate`` returning ``(logits, topk_weights, topk_indices)``, experts in
 fused 3-D tensors ``experts.gate_up_proj`` / ``experts.down_proj``, optional ``shared_experts``) need only the
 class attributes; others override the hooks. See ``docs/adapters.md`` for a worked example.
+
+The adapter also owns its family's modality: a pipeline asks it to load the model and its processor, to turn
+image+text samples into calibration batches, for the image-token mask of a batch and for the lmms-eval model, and
+never names a family itself (:attr:`MoEAdapter.modality`, the hooks under "what a pipeline asks of a family").
 """
 
 from __future__ import annotations
 
+import enum
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -24,6 +32,11 @@ from mcmoe_vl.moe.interface import (
     Scoring,
     scores_from_logits,
 )
+
+
+class Modality(str, enum.Enum):
+    TEXT = "text"  # a language model: token windows calibrate it, lm-eval evaluates it
+    VISION_LANGUAGE = "vision-language"  # image+text samples calibrate it, lmms-eval evaluates it
 
 
 class MoEAdapter:
@@ -48,6 +61,10 @@ class MoEAdapter:
     router_attr: ClassVar[str] = "gate"
     experts_attr: ClassVar[str] = "experts"
     shared_experts_attr: ClassVar[str | None] = None
+    modality: ClassVar[Modality] = Modality.TEXT
+    # transformers' AutoModelForCausalLM loads the family from a directory or the Hub (and shards it with
+    # device_map); False: a port that loads local files on one device (a Hub id is first downloaded)
+    hub_loadable: ClassVar[bool] = True
 
     # -- where things are --------------------------------------------------------------------------------------
     def text_config(self, model: nn.Module) -> Any:
@@ -142,6 +159,53 @@ class MoEAdapter:
 
     def describe(self) -> str:
         return f"{self.name}: {self.family}" if self.family else self.name
+
+    # -- what a pipeline asks of a family ----------------------------------------------------------------------
+    @property
+    def is_vision_language(self) -> bool:
+        return self.modality is Modality.VISION_LANGUAGE
+
+    def load_model(self, path: str | os.PathLike[str], *, dtype: torch.dtype = torch.float32,
+                   device: str | torch.device = "cpu") -> nn.Module:
+        """The model of a local directory in eval mode. A directory missing weights of the architecture is refused
+        (transformers would leave them randomly initialised)."""
+        from transformers import AutoModelForCausalLM
+
+        model, info = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, output_loading_info=True)
+        problems = {k: sorted(info.get(k) or []) for k in ("missing_keys", "mismatched_keys")}
+        if any(problems.values()):
+            shown = "; ".join(f"{k.replace('_', ' ')}: {', '.join(map(str, v[:5]))}"
+                              + (f" (+{len(v) - 5} more)" if len(v) > 5 else "") for k, v in problems.items() if v)
+            raise ValueError(f"{path} does not hold every weight of its {self.name} architecture ({shown}); it is "
+                             "not an intact checkpoint (a quantized checkpoint loads with mcmoe_vl.quant.checkpoint."
+                             "load_quantized)")
+        return model.to(device).eval()
+
+    def meta_model(self, path: str | os.PathLike[str]) -> nn.Module:
+        """The architecture of a local directory built on the meta device from its config alone (no weights)."""
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(Path(path))))
+
+    def load_processor(self, tokenizer: Any, model: nn.Module) -> Any:
+        """What turns text (and images) into model inputs; a text family's processor is its tokenizer."""
+        return tokenizer
+
+    def calibration_batches(self, processor: Any, samples: Sequence[Any], batch_size: int = 1
+                            ) -> list[dict[str, Any]]:
+        """Model-input batches of image+text samples (:class:`mcmoe_vl.calibration.image_text.ImageTextSample`)
+        with ``attention_mask`` and an image-token mask (:meth:`image_token_mask`); vision-language families only."""
+        raise NotImplementedError(f"{self.name} is a text model: image+text samples are for vision-language "
+                                  "models; calibrate it on text")
+
+    def image_token_mask(self, batch: Mapping[str, Any]) -> torch.Tensor | None:
+        """(B, S) bool: the image tokens of a batch of model inputs (``image_token_mask``); None when unknown."""
+        return batch.get("image_token_mask")
+
+    def lmms_model(self, model: nn.Module, processor: Any, *, batch_size: int = 1, max_new_tokens: int = 32) -> Any:
+        """The lmms-eval model around an in-memory model (imports lmms-eval); vision-language families only."""
+        raise NotImplementedError(f"{self.name} is a text model: it has no lmms-eval model; evaluate it with lm-eval")
 
 
 def check_scoring(value: str, *, where: str) -> Scoring:

@@ -172,6 +172,8 @@ def test_calibration_loss_counts_valid_text_tokens_only():
     from types import SimpleNamespace
 
     from mcmoe_vl.allocation.plus import calibration_loss
+    from model_adapters.base import MoEAdapter
+    from model_adapters.deepseek_vl2 import DeepseekVL2Adapter
 
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(2, 6, 10, generator=g, dtype=torch.float64)
@@ -181,15 +183,16 @@ def test_calibration_loss_counts_valid_text_tokens_only():
     image = torch.zeros(2, 6, dtype=torch.bool)
     image[1, 1:3] = True  # image positions are never targets
     model = lambda **kw: SimpleNamespace(logits=logits)  # noqa: E731
-    for key in ("image_token_mask", "images_seq_mask"):
-        loss, n = calibration_loss(model, [{"input_ids": ids, "attention_mask": mask, key: image}])
+    # the image-token mask comes from the adapter: the generic key, or DeepSeek-VL2's own model input
+    for key, adapter in (("image_token_mask", MoEAdapter()), ("images_seq_mask", DeepseekVL2Adapter())):
+        loss, n = calibration_loss(model, [{"input_ids": ids, "attention_mask": mask, key: image}], adapter)
         want = [(b, t) for b in range(2) for t in range(5)
                 if mask[b, t] and mask[b, t + 1] and not image[b, t + 1]]
         ref = sum(-torch.log_softmax(logits[b, t], -1)[ids[b, t + 1]] for b, t in want) / len(want)
         assert n == len(want) == 6 and loss == pytest.approx(float(ref), rel=1e-6)
     labels = torch.full_like(ids, -100)
     labels[:, 4:] = ids[:, 4:]  # only the "answers" count
-    loss, n = calibration_loss(model, [{"input_ids": ids, "attention_mask": mask, "labels": labels}])
+    loss, n = calibration_loss(model, [{"input_ids": ids, "attention_mask": mask, "labels": labels}], MoEAdapter())
     want = [(b, t) for b in range(2) for t in (3, 4)]
     ref = sum(-torch.log_softmax(logits[b, t], -1)[ids[b, t + 1]] for b, t in want) / len(want)
     assert n == 4 and loss == pytest.approx(float(ref), rel=1e-6)

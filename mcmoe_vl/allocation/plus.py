@@ -244,19 +244,23 @@ def _preview_expert(layer: Any, e: int, widths: list[int], hessians: tuple[torch
 
 # -- 3. measuring a plan ----------------------------------------------------------------------------------------------
 @torch.no_grad()
-def calibration_loss(model: nn.Module, batches: Sequence[Mapping[str, Any]]) -> tuple[float, int]:
+def calibration_loss(model: nn.Module, batches: Sequence[Mapping[str, Any]], adapter: Any = None
+                     ) -> tuple[float, int]:
     """Mean next-token cross-entropy (nats) over the valid tokens of ``batches``, and the number of tokens.
 
     A position counts when it and the next token are valid (``attention_mask``) and the next token is not an image
-    token (``image_token_mask``, or DeepSeek-VL2's own ``images_seq_mask``, as in calibration). A batch with
-    ``labels`` (the Hugging Face convention, -100 = ignored) is scored on its labels, e.g. only the answers of
-    image questions."""
+    token (the adapter's :meth:`~model_adapters.base.MoEAdapter.image_token_mask`, as in calibration; ``adapter``
+    defaults to the model's). A batch with ``labels`` (the Hugging Face convention, -100 = ignored) is scored on its
+    labels, e.g. only the answers of image questions."""
+    if adapter is None:
+        from model_adapters import get_adapter
+
+        adapter = get_adapter(model)
     total, n = 0.0, 0
     for b in batches:
         b = dict(b)
-        image = b.pop("image_token_mask", None)
-        if image is None:
-            image = b.get("images_seq_mask")
+        image = adapter.image_token_mask(b)
+        b.pop("image_token_mask", None)
         labels = b.pop("labels", None)
         b.setdefault("use_cache", False)
         ids = torch.as_tensor(b["input_ids"])
@@ -289,7 +293,7 @@ def plan_loss(model: nn.Module, plan: BitPlan, preview: Preview, batches: Sequen
             layer = iface.layer(lp.index)
             for e, bits in enumerate(lp.bits):
                 layer.set_expert(e, preview.modules[(lp.index, e, bits)])
-        return calibration_loss(model, batches)
+        return calibration_loss(model, batches, iface.adapter)
 
 
 # -- 4. the whole allocator ------------------------------------------------------------------------------------------

@@ -8,7 +8,8 @@
 
 ``batches``: dicts of model inputs (``input_ids``, ``attention_mask``, and for vision-language models the image
 inputs), each optionally with ``image_token_mask`` (B, S) bool marking image tokens (removed before the call, used
-to split the statistics by image and text tokens; DeepSeek-VL2's ``images_seq_mask`` input serves when absent).
+to split the statistics by image and text tokens; the model's adapter may read it from the model's own inputs
+instead, :meth:`model_adapters.base.MoEAdapter.image_token_mask`).
 Tokens with ``attention_mask == 0`` are left out of every statistic.
 
 Memory is bounded by one decoder layer's activations: :func:`mcmoe_vl.moe.layerwise.iterate_layers` runs the
@@ -98,17 +99,18 @@ class CalibrationConfig(BaseModel):
         return tuple(sorted(set(v)))
 
 
-def prepare_batches(batches: Iterable[Mapping[str, Any]]) -> tuple[list[dict[str, Any]], str | None]:
-    """Each batch with its image-token mask under ``image_token_mask`` (read by the layer cache, see
-    :mod:`mcmoe_vl.moe.layerwise`); fingerprint the token ids."""
+def prepare_batches(batches: Iterable[Mapping[str, Any]], adapter: Any = None
+                    ) -> tuple[list[dict[str, Any]], str | None]:
+    """Each batch with its image-token mask (``adapter.image_token_mask``; without an adapter the batch's own
+    ``image_token_mask``) under ``image_token_mask``, read by the layer cache (:mod:`mcmoe_vl.moe.layerwise`);
+    fingerprint the token ids."""
     out: list[dict[str, Any]] = []
     h = hashlib.sha256()
     fingerprintable = True
     for b in batches:
         b = dict(b)
-        image = b.pop(IMAGE_MASK_KEY, None)
-        if image is None and b.get("images_seq_mask") is not None:  # DeepSeek-VL2's own image-position mask
-            image = b["images_seq_mask"]
+        image = adapter.image_token_mask(b) if adapter is not None else b.get(IMAGE_MASK_KEY)
+        b.pop(IMAGE_MASK_KEY, None)
         ids = b.get("input_ids")
         if ids is None:
             fingerprintable = False
@@ -190,7 +192,7 @@ def calibrate(
     iface = ExpertInterface(model)
     moe: dict[int, MoELayer] = {la.index: la for la in iface.layers}
     check_finite_weights(model, iface.layers)
-    prepared, fingerprint = prepare_batches(batches)
+    prepared, fingerprint = prepare_batches(batches, iface.adapter)
     n_dec = len(iface.adapter.decoder_layers(model))
     fresh = CalibrationStats(
         format_version=FORMAT_VERSION,

@@ -85,26 +85,12 @@ def check_model_dir(path: str | os.PathLike[str]) -> str:
 
 
 def load_model(path: str | os.PathLike[str], *, dtype: torch.dtype = torch.float32, device: str = "cpu"):
-    """Load a causal LM from a local directory (transformers; official DeepSeek-VL2 checkpoints via its port)."""
+    """Load a causal LM from a local directory through its family's adapter (:meth:`MoEAdapter.load_model`:
+    transformers, or the family's own port), every weight checked finite."""
+    from model_adapters import get_adapter
+
     p = Path(path)
-    model_type = check_model_dir(p)
-    if model_type == "deepseek_vl_v2":
-        from model_adapters.deepseek_vl2.loading import load_official
-
-        return _finite(load_official(p, dtype=dtype, device=device))
-    from transformers import AutoModelForCausalLM
-
-    model, info = AutoModelForCausalLM.from_pretrained(str(p), dtype=dtype, output_loading_info=True)
-    problems = {k: sorted(info.get(k) or []) for k in ("missing_keys", "mismatched_keys")}
-    if any(problems.values()):
-        # transformers would leave these weights randomly initialised (e.g. a directory overwritten by a packed
-        # checkpoint): refuse instead of calibrating, quantizing or evaluating a partly random model
-        shown = "; ".join(f"{k.replace('_', ' ')}: {', '.join(map(str, v[:5]))}"
-                          + (f" (+{len(v) - 5} more)" if len(v) > 5 else "") for k, v in problems.items() if v)
-        raise ValueError(f"{p} does not hold every weight of its {model_type} architecture ({shown}); it is not an "
-                         "intact checkpoint (a quantized checkpoint loads with mcmoe_vl.quant.checkpoint."
-                         "load_quantized)")
-    return _finite(model.to(device).eval())
+    return _finite(get_adapter(check_model_dir(p)).load_model(p, dtype=dtype, device=device))
 
 
 def _finite(model: Any) -> Any:
@@ -120,23 +106,11 @@ def _finite(model: Any) -> Any:
 def moe_layout(path: str | os.PathLike[str]) -> dict[int, int]:
     """Decoder layer index -> routed experts of every MoE layer of a model directory, read from its config alone
     (the model is built on the meta device: no weights are read or allocated)."""
-    model_type = check_model_dir(path)
     from model_adapters import get_adapter
 
-    if model_type == "deepseek_vl_v2":
-        from model_adapters.deepseek_vl2.configuration import DeepseekVL2Config
-        from model_adapters.deepseek_vl2.loading import read_official_config
-        from model_adapters.deepseek_vl2.modeling import DeepseekVL2ForCausalLM
-
-        cfg = DeepseekVL2Config.from_official(read_official_config(path))
-        with torch.device("meta"):
-            model = DeepseekVL2ForCausalLM(cfg)
-    else:
-        from transformers import AutoConfig, AutoModelForCausalLM
-
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(path)))
-    return {la.index: la.num_experts for la in get_adapter(model).moe_layers(model)}
+    adapter = get_adapter(check_model_dir(path))
+    model = adapter.meta_model(path)
+    return {la.index: la.num_experts for la in adapter.moe_layers(model)}
 
 
 def calibration_text(data: str) -> str:

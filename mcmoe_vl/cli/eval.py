@@ -6,7 +6,7 @@
 
 A thin wrapper: the harness's own command line runs with model mcmoe, model_args pretrained=DIR, the project's
 offline tasks on the include path, and every argument after -- passed unchanged. The harness is lmms-eval for
-vision-language directories (DeepSeek-VL2) and lm-eval otherwise. Calls
+vision-language directories (the adapter of their model_type says so) and lm-eval otherwise. Calls
 mcmoe_vl.evaluation.harness.run_harness.
 """
 
@@ -17,8 +17,6 @@ import json
 from pathlib import Path
 
 from mcmoe_vl.cli.common import help_style
-
-VLM_TYPES = ("deepseek_vl_v2",)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -41,7 +39,15 @@ def harness_for(model_dir: str | Path) -> str:
     cfg = Path(model_dir) / "config.json"
     if not cfg.is_file():
         raise FileNotFoundError(f"model directory {model_dir} has no config.json")
-    return "lmms-eval" if json.loads(cfg.read_text(encoding="utf-8")).get("model_type") in VLM_TYPES else "lm-eval"
+    from mcmoe_vl.registry import RegistryError
+    from model_adapters import ADAPTERS
+
+    model_type = json.loads(cfg.read_text(encoding="utf-8")).get("model_type")
+    try:
+        vision_language = ADAPTERS.get(str(model_type))().is_vision_language
+    except RegistryError:
+        vision_language = False  # no adapter: a text model as far as the harness choice goes
+    return "lmms-eval" if vision_language else "lm-eval"
 
 
 def harness_argv(args: argparse.Namespace, harness: str) -> list[str]:

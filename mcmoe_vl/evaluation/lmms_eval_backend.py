@@ -1,13 +1,13 @@
-"""Multimodal tasks through lmms-eval, with the (compressed) DeepSeek-VL2 model handed over in memory.
+"""Multimodal tasks through lmms-eval, with the (compressed) vision-language model handed over in memory.
 
 ::
 
     out = evaluate_lmms_eval(model, processor, [TaskRequest("embedded_colour", limit=50)],
                              include_paths=["tasks/lmms_eval"])
 
-The model is served by the DeepSeek-VL2 port's lmms-eval model
-(:class:`model_adapters.deepseek_vl2.lmms_model.DeepseekVL2LMMS`), constructed around the in-memory instance:
-lmms-eval 0.7 finds a model by name only in its own registry, an instance is always accepted. The output is merged
+The model is served by its family's lmms-eval model (:meth:`model_adapters.base.MoEAdapter.lmms_model`, e.g. the
+DeepSeek-VL2 port's :class:`model_adapters.deepseek_vl2.lmms_model.DeepseekVL2LMMS`), constructed around the
+in-memory instance: lmms-eval 0.7 finds a model by name only in its own registry, an instance is always accepted. The output is merged
 into lmms-eval's (= lm-eval's) schema exactly as :func:`mcmoe_vl.evaluation.lm_eval_backend.evaluate_lm_eval` does.
 """
 
@@ -25,17 +25,22 @@ log = logging.getLogger(__name__)
 
 
 class LmmsEvalUnavailable(RuntimeError):
-    """lmms-eval or the model's lmms-eval wrapper cannot be imported here."""
+    """lmms-eval is not installed here (the one optional dependency; any other import error is a bug)."""
 
 
-def lmms_model(model: Any, processor: Any, *, batch_size: int = 1, max_new_tokens: int = 32) -> Any:
-    """The lmms-eval model instance around an in-memory DeepSeek-VL2 model."""
+def lmms_model(model: Any, processor: Any, *, adapter: Any = None, batch_size: int = 1, max_new_tokens: int = 32
+               ) -> Any:
+    """The lmms-eval model instance around an in-memory vision-language model, from its adapter (default: the
+    model's own, by ``model.config.model_type``)."""
     try:
-        from model_adapters.deepseek_vl2.lmms_model import DeepseekVL2LMMS
+        import lmms_eval  # noqa: F401
     except ImportError as exc:
-        raise LmmsEvalUnavailable(f"lmms-eval or the DeepSeek-VL2 lmms-eval model is not importable ({exc}); "
-                                  f"scripts/setup.sh installs lmms-eval") from None
-    return DeepseekVL2LMMS(model, processor, batch_size=batch_size, max_new_tokens=max_new_tokens)
+        raise LmmsEvalUnavailable(f"lmms-eval is not installed ({exc}); scripts/setup.sh installs it") from None
+    if adapter is None:
+        from model_adapters import get_adapter
+
+        adapter = get_adapter(model)
+    return adapter.lmms_model(model, processor, batch_size=batch_size, max_new_tokens=max_new_tokens)
 
 
 def evaluate_lmms_eval(
@@ -43,6 +48,7 @@ def evaluate_lmms_eval(
     processor: Any,
     tasks: Sequence[TaskRequest],
     *,
+    adapter: Any = None,
     include_paths: Sequence[str | os.PathLike[str]] = (),
     include_defaults: bool = False,
     batch_size: int = 1,
@@ -51,7 +57,8 @@ def evaluate_lmms_eval(
     bootstrap_iters: int = 0,
     on_task: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """Evaluate ``tasks`` with lmms-eval; ``model`` is a DeepSeek-VL2 model (or an lmms-eval model instance)."""
+    """Evaluate ``tasks`` with lmms-eval; ``model`` is a vision-language model whose ``adapter`` (default: its
+    own) serves it to lmms-eval, or an lmms-eval model instance."""
     try:
         from lmms_eval import evaluator
         from lmms_eval.api.model import lmms
@@ -60,7 +67,7 @@ def evaluate_lmms_eval(
         raise LmmsEvalUnavailable(f"lmms-eval is not installed ({exc}); scripts/setup.sh installs it") from None
     if not tasks:
         raise ValueError("no lmms-eval tasks to evaluate")
-    lm = model if isinstance(model, lmms) else lmms_model(model, processor, batch_size=batch_size,
+    lm = model if isinstance(model, lmms) else lmms_model(model, processor, adapter=adapter, batch_size=batch_size,
                                                           max_new_tokens=max_new_tokens)
     tm = TaskManager(verbosity="WARNING", include_path=[str(Path(p)) for p in include_paths] or None,
                      include_defaults=include_defaults)

@@ -52,6 +52,7 @@ from mcmoe_vl.evaluation.memory import PeakMemory
 from mcmoe_vl.evaluation.provenance import provenance
 from mcmoe_vl.evaluation.samples import samples_path_for, write_samples
 from mcmoe_vl.io import check_output_outside, read_json, write_bytes_atomic, write_json_atomic
+from model_adapters import get_adapter
 
 from . import stages
 from .cache import StageCache, checkpoint_fingerprint, stage_key
@@ -108,12 +109,13 @@ class _ModelContext:
         self._counts: tuple[dict[int, int], int] | None = None
         self.fingerprint = (checkpoint_fingerprint(Path(location)) if is_local
                             else {"hub": location, "revision": spec.revision})
+        self.adapter = get_adapter(spec.adapter)  # resolved once; every stage asks it, none names a family
 
     @property
     def model(self) -> torch.nn.Module:
         if self._model is None:
             log.info("loading %s from %s", self.spec.name, self.location)
-            self._model = stages.load_model(self.spec, self.location, self.is_local)
+            self._model = stages.load_model(self.spec, self.location, self.is_local, self.adapter)
         return self._model
 
     def fresh_model(self) -> torch.nn.Module:
@@ -122,12 +124,12 @@ class _ModelContext:
         nbytes = sum(p.numel() * p.element_size() for p in base.parameters())
         if self.spec.device_map is None and nbytes <= COPY_LIMIT_BYTES:
             return copy.deepcopy(base)
-        return stages.load_model(self.spec, self.location, self.is_local)
+        return stages.load_model(self.spec, self.location, self.is_local, self.adapter)
 
     @property
     def tokenizer(self) -> Any:
         if self._tokenizer is None:
-            self._tokenizer = stages.load_tokenizer(self.spec, self.location)
+            self._tokenizer = stages.load_tokenizer(self.spec, self.location, self.adapter)
         return self._tokenizer
 
     @property
@@ -139,7 +141,7 @@ class _ModelContext:
         return self.spec.calibration_data or self.r.suite.calibration.data
 
     def processor(self) -> Any:
-        return stages.vl2_processor(self.tokenizer, self.model)
+        return self.adapter.load_processor(self.tokenizer, self.model)
 
     def calibration_batches(self) -> list[dict[str, torch.Tensor]]:
         if self._calib is None:
@@ -147,7 +149,7 @@ class _ModelContext:
             if is_image_source(self.calibration_source):
                 samples = stages.vlm_samples(self.calibration_source, split="train", num=c.num_sequences,
                                              seed=self.seed, base=self.r.loaded.base_dir)
-                self._calib = stages.vlm_batches(self.processor(), samples, c.batch_size, self.device)
+                self._calib = stages.vlm_batches(self.adapter, self.processor(), samples, c.batch_size, self.device)
             else:
                 text = stages.source_text(self.calibration_source, base=self.r.loaded.base_dir,
                                           text_field=c.text_field)
@@ -181,7 +183,7 @@ class _ModelContext:
                 n = max(1, ev.speed_tokens // ev.speed_seq_len)
                 samples = stages.vlm_samples(self.calibration_source, split="heldout", num=n, seed=10_000 + self.seed,
                                              base=self.r.loaded.base_dir)
-                self._work = stages.vlm_batches(self.processor(), samples, ev.batch_size, self.device)
+                self._work = stages.vlm_batches(self.adapter, self.processor(), samples, ev.batch_size, self.device)
             else:
                 text = stages.source_text(stages.heldout_source(self.calibration_source), base=self.r.loaded.base_dir,
                                           text_field=c.text_field)
@@ -467,8 +469,8 @@ class SuiteRunner:
                         else:
                             from mcmoe_vl.evaluation.lmms_eval_backend import evaluate_lmms_eval
 
-                            out = evaluate_lmms_eval(model, stages.vl2_processor(ctx.tokenizer, model), reqs,
-                                                     **common)
+                            out = evaluate_lmms_eval(model, ctx.adapter.load_processor(ctx.tokenizer, model), reqs,
+                                                     adapter=ctx.adapter, **common)
                         for k, v in out.items():
                             merged.setdefault(k, {}).update(v)
             finally:

@@ -107,7 +107,15 @@ class ModelSpec(_Strict):
 
     @property
     def is_vlm(self) -> bool:
-        return self.adapter == "deepseek_vl_v2"
+        """The adapter's modality is vision-language (an unknown adapter: False here; preflight names it)."""
+        from mcmoe_vl.registry import RegistryError
+        from model_adapters import ADAPTERS
+        from model_adapters.base import Modality
+
+        try:
+            return ADAPTERS.get(self.adapter).modality is Modality.VISION_LANGUAGE
+        except RegistryError:
+            return False
 
     @property
     def resolved_harnesses(self) -> list[Harness]:

@@ -30,6 +30,8 @@ from mcmoe_vl.quant.model import QuantizeConfig, quantize_model
 from mcmoe_vl.quant.plan import load_plan
 from mcmoe_vl.quant.qlinear import Runtime, set_runtime as switch_runtime
 
+from model_adapters.base import MoEAdapter
+
 from .schema import CalibrationSpec, ModelSpec, PruneSpec, QuantSpec
 
 log = logging.getLogger(__name__)
@@ -40,13 +42,15 @@ class StageUnavailable(RuntimeError):
 
 
 # -- models ----------------------------------------------------------------------------------------------------------
-def load_model(spec: ModelSpec, location: str, is_local: bool) -> nn.Module:
-    """The model in eval mode: local directories through the calibration loader (which knows the DeepSeek-VL2
-    port), Hub ids and sharded loading through transformers' ``from_pretrained``."""
+def load_model(spec: ModelSpec, location: str, is_local: bool, adapter: MoEAdapter) -> nn.Module:
+    """The model in eval mode: local directories through the calibration loader (the adapter's
+    :meth:`~model_adapters.base.MoEAdapter.load_model`), Hub ids and sharded loading through transformers'
+    ``from_pretrained``, unless the adapter loads only local files (then the Hub snapshot is downloaded first)."""
     dtype = DTYPES[spec.dtype]
-    if spec.adapter == "deepseek_vl_v2":
+    if not adapter.hub_loadable:
         if spec.device_map is not None:
-            raise ValueError(f"model {spec.name!r}: the DeepSeek-VL2 port loads on one device; remove device_map")
+            raise ValueError(f"model {spec.name!r}: the {adapter.name} adapter loads on one device; remove "
+                             "device_map")
         location, is_local = local_snapshot(spec, location), True
     if is_local and spec.device_map is None:
         from mcmoe_vl.calibration.workflow import load_model as load_local
@@ -77,10 +81,10 @@ def local_snapshot(spec: ModelSpec, location: str) -> str:
                              allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.py"])
 
 
-def load_tokenizer(spec: ModelSpec, location: str) -> Any:
+def load_tokenizer(spec: ModelSpec, location: str, adapter: MoEAdapter) -> Any:
     from transformers import AutoTokenizer
 
-    if spec.adapter == "deepseek_vl_v2" and spec.tokenizer is None:
+    if not adapter.hub_loadable and spec.tokenizer is None:
         location = local_snapshot(spec, location)
     src = spec.tokenizer or location
     try:
@@ -136,7 +140,7 @@ def vlm_samples(data: str, *, split: str, num: int, seed: int, base: Path | None
     task in turn) or a JSONL file of ``{"text", "image", "answer"}`` (a seeded subset)."""
     import random
 
-    from model_adapters.deepseek_vl2.adapter import ImageTextSample, load_image_text_samples
+    from mcmoe_vl.calibration.image_text import ImageTextSample, load_image_text_samples
 
     if data == "embedded:vqa":
         from mcmoe_vl.data.images import VQATask, vqa_samples
@@ -154,18 +158,11 @@ def vlm_samples(data: str, *, split: str, num: int, seed: int, base: Path | None
     return rng.sample(samples, min(num, len(samples)))
 
 
-def vlm_batches(processor: Any, samples: list[Any], batch_size: int, device: torch.device | str
-                ) -> list[dict[str, torch.Tensor]]:
-    from model_adapters.deepseek_vl2.adapter import image_text_batches
-
+def vlm_batches(adapter: MoEAdapter, processor: Any, samples: list[Any], batch_size: int,
+                device: torch.device | str) -> list[dict[str, torch.Tensor]]:
+    """The adapter's calibration batches of image+text samples, on ``device``."""
     return [{k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in b.items()}
-            for b in image_text_batches(processor, samples, batch_size=batch_size)]
-
-
-def vl2_processor(tokenizer: Any, model: nn.Module) -> Any:
-    from model_adapters.deepseek_vl2.processing import DeepseekVL2Processor
-
-    return DeepseekVL2Processor.from_config(tokenizer, model)
+            for b in adapter.calibration_batches(processor, samples, batch_size)]
 
 
 # -- calibrate / allocate --------------------------------------------------------------------------------------------

@@ -5,27 +5,30 @@ The language model's MoE blocks are transformers' ``DeepseekV2Moe`` (greedy soft
 adapters (:mod:`model_adapters.deepseek`); this adapter only says where the decoder lives (``model.language``).
 Routed experts are the fused ``experts`` tensors, shared experts ``shared_experts``.
 
-Calibration batches are the processor's model inputs; ``images_seq_mask`` marks image tokens, which the
-calibration pass uses to split statistics into image and text tokens::
+The adapter owns the family's modality (vision-language): it loads official checkpoints through the port
+(:mod:`.loading`, one device, local files), builds the processor, turns image+text samples into calibration
+batches whose ``images_seq_mask`` marks image tokens (:meth:`DeepseekVL2Adapter.image_token_mask`, which the
+calibration pass uses to split statistics into image and text tokens) and serves the lmms-eval model::
 
-    batches = image_text_batches(processor, samples, batch_size=4)
+    adapter = DeepseekVL2Adapter()
+    batches = adapter.calibration_batches(processor, samples, batch_size=4)
     stats = calibrate(model, batches, CalibrationConfig())
 """
 
 from __future__ import annotations
 
-import json
 import logging
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
+import os
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
+from mcmoe_vl.calibration.image_text import ImageTextSample, open_image
+from mcmoe_vl.calibration.image_text import load_image_text_samples  # noqa: F401  (re-exported: older imports)
 from mcmoe_vl.moe.interface import RoutingSpec
-from model_adapters.base import MoEAdapter
+from model_adapters.base import Modality, MoEAdapter
 from model_adapters.deepseek import DeepseekV2Adapter, DeepseekV3Adapter
 from model_adapters.registry import ADAPTERS
 
@@ -38,6 +41,8 @@ class DeepseekVL2Adapter(MoEAdapter):
     family = "DeepSeek-VL2 (DeepseekVL2ForCausalLM): SigLIP + DeepSeek-MoE LM, greedy softmax or noaux_tc sigmoid"
     moe_block_classes = DeepseekV2Adapter.moe_block_classes + DeepseekV3Adapter.moe_block_classes
     shared_experts_attr = "shared_experts"
+    modality = Modality.VISION_LANGUAGE
+    hub_loadable = False  # the port reads official checkpoints from local files, on one device
 
     def text_config(self, model: nn.Module) -> Any:
         return model.config.text_config
@@ -62,47 +67,43 @@ class DeepseekVL2Adapter(MoEAdapter):
     def router(self, block: nn.Module, spec: RoutingSpec):
         return self._lm_adapter(block).router(block, spec)
 
+    # -- the modality ------------------------------------------------------------------------------------------
+    def load_model(self, path: str | os.PathLike[str], *, dtype: torch.dtype = torch.float32,
+                   device: str | torch.device = "cpu") -> nn.Module:
+        from .loading import load_official
+
+        return load_official(path, dtype=dtype, device=device)
+
+    def meta_model(self, path: str | os.PathLike[str]) -> nn.Module:
+        from .configuration import DeepseekVL2Config
+        from .loading import read_official_config
+        from .modeling import DeepseekVL2ForCausalLM
+
+        cfg = DeepseekVL2Config.from_official(read_official_config(path))
+        with torch.device("meta"):
+            return DeepseekVL2ForCausalLM(cfg)
+
+    def load_processor(self, tokenizer: Any, model: nn.Module) -> Any:
+        from .processing import DeepseekVL2Processor
+
+        return DeepseekVL2Processor.from_config(tokenizer, model)
+
+    def calibration_batches(self, processor: Any, samples: Sequence[ImageTextSample], batch_size: int = 1
+                            ) -> list[dict[str, Any]]:
+        return list(image_text_batches(processor, samples, batch_size=batch_size))
+
+    def image_token_mask(self, batch: Mapping[str, Any]) -> torch.Tensor | None:
+        """``image_token_mask`` when given, else the model's own image-position input ``images_seq_mask``."""
+        mask = batch.get("image_token_mask")
+        return batch.get("images_seq_mask") if mask is None else mask
+
+    def lmms_model(self, model: nn.Module, processor: Any, *, batch_size: int = 1, max_new_tokens: int = 32) -> Any:
+        from .lmms_model import DeepseekVL2LMMS
+
+        return DeepseekVL2LMMS(model, processor, batch_size=batch_size, max_new_tokens=max_new_tokens)
+
 
 # -- calibration inputs ---------------------------------------------------------------------------------------------
-
-
-@dataclass
-class ImageTextSample:
-    """One calibration sample: a user text with ``<image>`` tags (prepended when absent), its images, and an
-    optional answer (then the sample is a full exchange, as in supervised data)."""
-
-    text: str
-    images: list[Any] = field(default_factory=list)  # PIL images or paths
-    answer: str | None = None
-
-
-def load_image_text_samples(path: str | Path) -> list[ImageTextSample]:
-    """Samples from a JSONL file: one object per line with ``text``, ``image`` (a path or a list of paths,
-    relative to the file) and optionally ``answer``."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"calibration samples file not found: {path}")
-    out = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        rec = json.loads(line)
-        if "text" not in rec:
-            raise ValueError(f"{path}:{n}: no 'text'")
-        imgs = rec.get("image") or rec.get("images") or []
-        imgs = [imgs] if isinstance(imgs, str) else list(imgs)
-        out.append(ImageTextSample(rec["text"], [str(path.parent / p) for p in imgs], rec.get("answer")))
-    if not out:
-        raise ValueError(f"{path}: no samples")
-    return out
-
-
-def _open(img: Any) -> Any:
-    from PIL import Image
-
-    return Image.open(img).convert("RGB") if isinstance(img, (str, Path)) else img
-
-
 def image_text_batches(
     processor: Any,
     samples: Sequence[ImageTextSample],
@@ -118,5 +119,6 @@ def image_text_batches(
         for s in samples[i : i + batch_size]:
             text = s.text if s.text.count(tag) == len(s.images) else tag * len(s.images) + "\n" + s.text
             conv = [{"role": "user", "content": text}, {"role": "assistant", "content": s.answer or ""}]
-            processed.append(processor.process_one(conv, [_open(im) for im in s.images], inference=s.answer is None))
+            processed.append(processor.process_one(conv, [open_image(im) for im in s.images],
+                                                   inference=s.answer is None))
         yield processor.collate(processed)
