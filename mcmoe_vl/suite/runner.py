@@ -41,9 +41,10 @@ from mcmoe_vl.evaluation.samples import samples_path_for, write_samples
 from mcmoe_vl.io import check_output_outside, write_json_atomic
 
 from . import stages
-from .cache import StageCache, stage_key
+from .cache import StageCache
 from .context import ModelContext
 from .distributed import Distributed, RunSummary
+from .inputs import AllocateInputs, CalibrateInputs, PruneInputs, QuantizeInputs, RecipeInputs
 from .load import LoadedSuite, SuiteError, include_dirs, preflight
 from .results import Publisher, results_file, software_versions
 from .schema import Harness, RecipeSpec, Suite, TaskSpec, slug
@@ -85,68 +86,43 @@ class SuiteRunner:
     def _miss(self, stage: str) -> None:
         self.summary.computed[stage] = self.summary.computed.get(stage, 0) + 1
 
-    # -- keys -------------------------------------------------------------------------------------------------------
-    def _calib_inputs(self, ctx: ModelContext, recipe: RecipeSpec) -> dict[str, Any]:
-        group = recipe.quant.group_size if recipe.quant else 128
-        return {"version": self._version, "model": ctx.fingerprint, "dtype": ctx.spec.dtype,
-                "calibration": self.suite.calibration.model_dump(mode="json"), "data": ctx.calibration_source,
-                "seed": ctx.seed, "group_size": group}
+    # -- inputs ---------------------------------------------------------------------------------------------------
+    def inputs(self, ctx: ModelContext, recipe: RecipeSpec) -> RecipeInputs:
+        """Every stage's typed inputs of a recipe (no stage is run): each is hashed for its cache key and passed to
+        its stage."""
+        return RecipeInputs.build(self.suite, ctx, recipe, version=self._version, software=software_versions(),
+                                  checkpoint_format=_checkpoint_format())
 
     def keys(self, ctx: ModelContext, recipe: RecipeSpec) -> dict[str, str | None]:
-        """Every stage key of a recipe, computed from inputs only (no stage is run)."""
-        k: dict[str, str | None] = {"calibrate": None, "allocate": None, "quantize": None, "prune": None}
-        if recipe.quant is not None or recipe.prune is not None:
-            k["calibrate"] = stage_key("calibrate", self._calib_inputs(ctx, recipe))
-        if recipe.quant is not None:
-            q = recipe.quant
-            alloc = {f: v for f, v in q.model_dump(mode="json").items() if f != "gptq"}
-            k["allocate"] = stage_key("allocate", {"calibrate": k["calibrate"], "quant": alloc, "seed": ctx.seed,
-                                                   "version": self._version})
-            k["quantize"] = stage_key("quantize", {"allocate": k["allocate"], "calibrate": k["calibrate"],
-                                                   "quant": q.model_dump(mode="json"), "version": self._version,
-                                                   "checkpoint_format": _checkpoint_format()})
-        if recipe.prune is not None:
-            k["prune"] = stage_key("prune", {"base": k["quantize"] or ctx.fingerprint, "calibrate": k["calibrate"],
-                                             "prune": recipe.prune.model_dump(mode="json"), "seed": ctx.seed,
-                                             "version": self._version})
-        k["evaluate"] = stage_key("evaluate", self._eval_inputs(ctx, recipe, k))
-        return k
-
-    def _eval_inputs(self, ctx: ModelContext, recipe: RecipeSpec, k: dict[str, str | None]) -> dict[str, Any]:
-        ev = self.suite.evaluation.model_dump(mode="json")
-        if recipe.quant is None:
-            ev.pop("runtime")  # the 16-bit model has no quantized runtime
-        return {"model": ctx.fingerprint, "model_spec": ctx.spec.model_dump(mode="json"),
-                "recipe": recipe.model_dump(mode="json"), "quantize": k["quantize"], "prune": k["prune"],
-                "tasks": [t.model_dump(mode="json") for t in self.suite.tasks_for(ctx.spec)], "evaluation": ev,
-                "seed": ctx.seed, "software": software_versions()}
+        """Every stage key of a recipe, computed from its inputs only (no stage is run)."""
+        return self.inputs(ctx, recipe).keys()
 
     # -- stages -----------------------------------------------------------------------------------------------------
-    def calibrate(self, ctx: ModelContext, recipe: RecipeSpec, key: str) -> tuple[Any, Path]:
-        with self.cache.lock("calibrate", key):
-            return self._calibrate(ctx, recipe, key)
+    def calibrate(self, ctx: ModelContext, recipe: RecipeSpec, inp: CalibrateInputs) -> tuple[Any, Path]:
+        with self.cache.lock("calibrate", inp.key):
+            return self._calibrate(ctx, recipe, inp)
 
-    def allocate(self, ctx: ModelContext, recipe: RecipeSpec, keys: dict[str, str | None], stats: Any) -> Path:
-        with self.cache.lock("allocate", str(keys["allocate"])):
-            return self._allocate(ctx, recipe, keys, stats)
+    def allocate(self, ctx: ModelContext, recipe: RecipeSpec, inp: AllocateInputs, stats: Any) -> Path:
+        with self.cache.lock("allocate", inp.key):
+            return self._allocate(ctx, recipe, inp, stats)
 
-    def quantize(self, ctx: ModelContext, recipe: RecipeSpec, keys: dict[str, str | None], plan_dir: Path
-                 ) -> tuple[Path, dict[str, Any]]:
-        with self.cache.lock("quantize", str(keys["quantize"])):
-            return self._quantize(ctx, recipe, keys, plan_dir)
+    def quantize(self, ctx: ModelContext, recipe: RecipeSpec, inp: QuantizeInputs, plan_dir: Path
+                 ) -> tuple[Path, QuantAccounting]:
+        with self.cache.lock("quantize", inp.key):
+            return self._quantize(ctx, recipe, inp, plan_dir)
 
-    def prune(self, ctx: ModelContext, recipe: RecipeSpec, keys: dict[str, str | None], model: torch.nn.Module
-              ) -> Any:
-        with self.cache.lock("prune", str(keys["prune"])):
-            return self._prune(ctx, recipe, keys, model)
+    def prune(self, ctx: ModelContext, recipe: RecipeSpec, inp: PruneInputs, model: torch.nn.Module) -> Any:
+        with self.cache.lock("prune", inp.key):
+            return self._prune(ctx, recipe, inp, model)
 
-    def evaluate(self, ctx: ModelContext, recipe: RecipeSpec, keys: dict[str, str | None]) -> Path:
-        with self.cache.lock("evaluate", str(keys["evaluate"])):
-            return self._evaluate(ctx, recipe, keys)
+    def evaluate(self, ctx: ModelContext, recipe: RecipeSpec, inputs: RecipeInputs) -> Path:
+        with self.cache.lock("evaluate", inputs.evaluate.key):
+            return self._evaluate(ctx, recipe, inputs)
 
-    def _calibrate(self, ctx: ModelContext, recipe: RecipeSpec, key: str) -> tuple[Any, Path]:
+    def _calibrate(self, ctx: ModelContext, recipe: RecipeSpec, inp: CalibrateInputs) -> tuple[Any, Path]:
         from mcmoe_vl.calibration.stats import load_stats
 
+        key = inp.key
         d = self.cache.dir("calibrate", key)
         if self.cache.lookup("calibrate", key) is not None:
             self._hit("calibrate")
@@ -156,8 +132,8 @@ class SuiteRunner:
             d = self.cache.begin("calibrate", key)
         # else not cleared: an interrupted pass resumes from its own partial file once the file proves intact
         d.mkdir(parents=True, exist_ok=True)
-        group = recipe.quant.group_size if recipe.quant else 128
-        stats = stages.calibrate(ctx.model, ctx.calibration_batches(), self.suite.calibration, group_size=group,
+        assert (inp.data, inp.seed) == (ctx.calibration_source, ctx.seed)  # the batches these inputs describe
+        stats = stages.calibrate(ctx.model, ctx.calibration_batches(), inp.calibration, group_size=inp.group_size,
                                  output=d / "stats.json", model_name=ctx.spec.name,
                                  model_fingerprint=ctx.fingerprint.get("files", ctx.fingerprint),
                                  progress=self.progress)
@@ -165,32 +141,30 @@ class SuiteRunner:
         if self.suite.report.heatmaps:
             stages.significance_plot(stats, d / "significance.png")
             files.append("significance.png")
-        self.cache.commit("calibrate", key, inputs=self._calib_inputs(ctx, recipe), files=files)
+        self.cache.commit("calibrate", key, inputs=inp.hashed(), files=files)
         self._miss("calibrate")
         return stats, d
 
-    def _allocate(self, ctx: ModelContext, recipe: RecipeSpec, keys: dict[str, str | None], stats: Any) -> Path:
-        key = keys["allocate"]
-        assert key is not None and recipe.quant is not None
+    def _allocate(self, ctx: ModelContext, recipe: RecipeSpec, inp: AllocateInputs, stats: Any) -> Path:
+        key, q = inp.key, inp.quant
         d = self.cache.dir("allocate", key)
         if self.cache.lookup("allocate", key) is not None:
             self._hit("allocate")
             return d
         self._status("allocate", ctx, recipe)
         d = self.cache.begin("allocate", key)
-        stages.allocate(stats, recipe.quant, ctx.seed, plan_path=d / "plan.json", heatmap_path=d / "allocation.png",
-                        title=f"{recipe.quant.allocator} allocation, {ctx.spec.name}, {recipe.quant.bits:g} bits",
+        stages.allocate(stats, q, inp.seed, plan_path=d / "plan.json", heatmap_path=d / "allocation.png",
+                        title=f"{q.allocator} allocation, {ctx.spec.name}, {q.bits:g} bits",
                         plus_data=lambda: (ctx.model, ctx.calibration_batches(), ctx.selection_batches()))
-        files = ["plan.json", "allocation.png"] + (["stats_gptq.json"] if recipe.quant.allocator == "pmq+" else [])
-        self.cache.commit("allocate", key, inputs={"calibrate": keys["calibrate"], "recipe": recipe.name},
+        files = ["plan.json", "allocation.png"] + (["stats_gptq.json"] if q.allocator == "pmq+" else [])
+        self.cache.commit("allocate", key, inputs={"calibrate": inp.calibrate.key, "recipe": recipe.name},
                           files=files)
         self._miss("allocate")
         return d
 
-    def _quantize(self, ctx: ModelContext, recipe: RecipeSpec, keys: dict[str, str | None], plan_dir: Path
+    def _quantize(self, ctx: ModelContext, recipe: RecipeSpec, inp: QuantizeInputs, plan_dir: Path
                   ) -> tuple[Path, QuantAccounting]:
-        key = keys["quantize"]
-        assert key is not None and recipe.quant is not None
+        key = inp.key
         d = self.cache.dir("quantize", key)
         rec = self.cache.lookup("quantize", key)
         if rec is not None:
@@ -199,12 +173,12 @@ class SuiteRunner:
         self._status("quantize", ctx, recipe)
         d = self.cache.begin("quantize", key)
         model = ctx.fresh_model()
-        acct = stages.quantize(model, plan_dir / "plan.json", ctx.calibration_batches(), recipe.quant,
-                               out_dir=d / "checkpoint", min_tokens=self.suite.calibration.min_tokens,
+        acct = stages.quantize(model, plan_dir / "plan.json", ctx.calibration_batches(), inp.quant,
+                               out_dir=d / "checkpoint", min_tokens=inp.allocate.calibrate.calibration.min_tokens,
                                progress=self.progress)
         del model
         files = [p.relative_to(d).as_posix() for p in sorted((d / "checkpoint").rglob("*")) if p.is_file()]
-        self.cache.commit("quantize", key, inputs={"allocate": keys["allocate"], "recipe": recipe.name}, files=files,
+        self.cache.commit("quantize", key, inputs={"allocate": inp.allocate.key, "recipe": recipe.name}, files=files,
                           info=acct.model_dump(mode="json"))
         self._miss("quantize")
         return d / "checkpoint", acct
@@ -216,49 +190,47 @@ class SuiteRunner:
             return ctx.model
         return stages.load_quantized(ctx.fresh_model(), ckpt, runtime)
 
-    def _prune(self, ctx: ModelContext, recipe: RecipeSpec, keys: dict[str, str | None], model: torch.nn.Module
-               ) -> Any:
+    def _prune(self, ctx: ModelContext, recipe: RecipeSpec, inp: PruneInputs, model: torch.nn.Module) -> Any:
         from mcmoe_vl.pruning.artifact import load_pruning
 
-        key = keys["prune"]
-        assert key is not None and recipe.prune is not None
+        key = inp.key
         d = self.cache.dir("prune", key)
         if self.cache.lookup("prune", key) is not None:
             self._hit("prune")
             return load_pruning(d / "pruning.json")
-        self._status(f"prune ({recipe.prune.method.value})", ctx, recipe)
+        self._status(f"prune ({inp.prune.method.value})", ctx, recipe)
         d = self.cache.begin("prune", key)
-        stages.fit_pruning(model, ctx.calibration_batches(), recipe.prune, seed=ctx.seed, out=d / "pruning.json",
+        stages.fit_pruning(model, ctx.calibration_batches(), inp.prune, seed=inp.seed, out=d / "pruning.json",
                            progress=self.progress)
         files = [p.name for p in sorted(d.iterdir()) if p.is_file()]
-        self.cache.commit("prune", key, inputs={"base": keys["quantize"], "recipe": recipe.name}, files=files)
+        base = inp.base.key if inp.base is not None else None
+        self.cache.commit("prune", key, inputs={"base": base, "recipe": recipe.name}, files=files)
         self._miss("prune")
         return load_pruning(d / "pruning.json")
 
-    def _evaluate(self, ctx: ModelContext, recipe: RecipeSpec, keys: dict[str, str | None]) -> Path:
-        key = keys["evaluate"]
-        assert key is not None
+    def _evaluate(self, ctx: ModelContext, recipe: RecipeSpec, inputs: RecipeInputs) -> Path:
+        key, keys = inputs.evaluate.key, inputs.keys()
         d = self.cache.dir("evaluate", key)
         if self.cache.lookup("evaluate", key) is not None:
             self._hit("evaluate")
             return d / "results.json"
-        tasks = self.suite.tasks_for(ctx.spec)
+        tasks = inputs.evaluate.tasks
         if any(t.harness is Harness.LMMS_EVAL for t in tasks):
             _check_lmms_available()
         artifacts: dict[str, Path] = {}
         stats = None
-        if keys["calibrate"] is not None:
-            stats, cdir = self.calibrate(ctx, recipe, keys["calibrate"])
+        if inputs.calibrate is not None:
+            stats, cdir = self.calibrate(ctx, recipe, inputs.calibrate)
             if (cdir / "significance.png").is_file():
                 artifacts["significance_heatmap"] = cdir / "significance.png"
         ckpt, acct = None, None
-        if recipe.quant is not None:
-            pdir = self.allocate(ctx, recipe, keys, stats)
+        if inputs.allocate is not None and inputs.quantize is not None:
+            pdir = self.allocate(ctx, recipe, inputs.allocate, stats)
             artifacts["allocation_heatmap"] = pdir / "allocation.png"
-            ckpt, acct = self.quantize(ctx, recipe, keys, pdir)
-        runtime = self.suite.evaluation.runtime.value
+            ckpt, acct = self.quantize(ctx, recipe, inputs.quantize, pdir)
+        runtime = inputs.evaluate.evaluation.runtime.value
         model = self.compressed_model(ctx, recipe, ckpt, runtime=runtime)
-        artifact = self.prune(ctx, recipe, keys, model) if recipe.prune is not None else None
+        artifact = self.prune(ctx, recipe, inputs.prune, model) if inputs.prune is not None else None
 
         self._status("evaluate", ctx, recipe)
         results, speed, activity, memory = self._evaluate_model(ctx, recipe, model, artifact, tasks)
@@ -382,8 +354,7 @@ class SuiteRunner:
                     contexts[(m.name, seed)] = ctx
                 label = f"{m.name} / {r.name} / seed {seed}"
                 try:
-                    keys = self.keys(ctx, r)
-                    src = self.evaluate(ctx, r, keys)
+                    src = self.evaluate(ctx, r, self.inputs(ctx, r))
                     self.summary.results.append(self.publisher.publish(ctx, r, src))
                 except stages.StageUnavailable as exc:
                     log.warning("%s: not run: %s", label, exc)
