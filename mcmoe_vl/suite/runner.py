@@ -34,9 +34,8 @@ import torch
 from tqdm.auto import tqdm
 
 from mcmoe_vl.evaluation.compression import QuantAccounting
-from mcmoe_vl.evaluation.memory import PeakMemory
 from mcmoe_vl.evaluation.provenance import provenance
-from mcmoe_vl.evaluation.results import Memory, save_results
+from mcmoe_vl.evaluation.results import save_results
 from mcmoe_vl.evaluation.samples import samples_path_for, write_samples
 from mcmoe_vl.io import check_output_outside, write_json_atomic
 
@@ -44,11 +43,11 @@ from . import stages
 from .cache import StageCache
 from .context import ModelContext
 from .distributed import Distributed, RunSummary
+from .evaluate import evaluate_model
 from .inputs import AllocateInputs, CalibrateInputs, PruneInputs, QuantizeInputs, RecipeInputs
 from .load import LoadedSuite, SuiteError, include_dirs, preflight
 from .results import Publisher, results_file, software_versions
-from .schema import Harness, RecipeSpec, Suite, TaskSpec, slug
-from .timing import measure, resident_bytes_in
+from .schema import Harness, RecipeSpec, Suite, slug
 
 log = logging.getLogger(__name__)
 
@@ -233,7 +232,10 @@ class SuiteRunner:
         artifact = self.prune(ctx, recipe, inputs.prune, model) if inputs.prune is not None else None
 
         self._status("evaluate", ctx, recipe)
-        results, speed, activity, memory = self._evaluate_model(ctx, recipe, model, artifact, tasks)
+        results, speed, activity, memory = evaluate_model(
+            model, ctx, quantized=recipe.quant is not None, artifact=artifact, tasks=tasks,
+            ev=inputs.evaluate.evaluation, include=lambda h: include_dirs(self.loaded, h),
+            status=lambda stage, task=None: self._status(stage, ctx, recipe, task))
         if model is not ctx.model:
             del model
         d = self.cache.begin("evaluate", key)
@@ -248,68 +250,6 @@ class SuiteRunner:
                           files=["results.json", res.samples.file])
         self._miss("evaluate")
         return d / "results.json"
-
-    def _evaluate_model(self, ctx: ModelContext, recipe: RecipeSpec, model: torch.nn.Module, artifact: Any,
-                        tasks: list[TaskSpec]) -> tuple[dict[str, Any], Any, Any, Memory]:
-        from mcmoe_vl.moe import ExpertInterface
-        from mcmoe_vl.evaluation.lm_eval_backend import TaskRequest, evaluate_lm_eval
-        from mcmoe_vl.pruning.artifact import apply_pruning
-
-        ev = self.suite.evaluation
-        merged: dict[str, Any] = {}
-        was_training = model.training
-        model.eval()
-        with ExpertInterface(model) as iface:
-            rule = apply_pruning(iface, artifact) if artifact is not None else None
-            try:
-                speed, activity = (None, None)
-                if ev.speed_tokens > 0:
-                    self._status("measure speed", ctx, recipe)
-                    ref = ctx.model if ev.speed_alternate and model is not ctx.model else None
-                    timed_rt = ev.speed_runtime.value if ev.speed_runtime is not None else ev.runtime.value
-                    switch = recipe.quant is not None and timed_rt != ev.runtime.value
-                    if switch:
-                        stages.set_runtime(model, timed_rt)
-                    try:
-                        speed, activity = measure(model, iface, ctx.workload(), device=str(ctx.device),
-                                                         counts=ctx.counts(), repeats=ev.speed_repeats,
-                                                         reference=ref)
-                    finally:
-                        if switch:
-                            stages.set_runtime(model, ev.runtime.value)
-                    if recipe.quant is not None:
-                        speed = speed.model_copy(update={"workload": f"{speed.workload}, {timed_rt} runtime"})
-                mem_rt = (ev.speed_runtime or ev.runtime).value if recipe.quant is not None else "16-bit"
-                resident = resident_bytes_in(model, mem_rt if recipe.quant is not None else None, ev.runtime.value)
-                with PeakMemory(str(ctx.device)) as peak:
-                    for harness in Harness:
-                        reqs = [TaskRequest(t.name, t.num_fewshot, t.limit, t.id) for t in tasks
-                                if t.harness is harness]
-                        if not reqs:
-                            continue
-
-                        def on_task(name: str, _h: str = harness.value) -> None:
-                            self._status(f"evaluate ({_h})", ctx, recipe, name)
-
-                        common = dict(include_paths=include_dirs(self.loaded, harness),
-                                      include_defaults=ev.include_default_tasks, batch_size=ev.batch_size,
-                                      seed=ctx.seed, bootstrap_iters=ev.bootstrap_iters, on_task=on_task)
-                        if harness is Harness.LM_EVAL:
-                            out = evaluate_lm_eval(model, ctx.tokenizer, reqs, max_length=ctx.spec.max_length,
-                                                   **common)
-                        else:
-                            from mcmoe_vl.evaluation.lmms_eval_backend import evaluate_lmms_eval
-
-                            out = evaluate_lmms_eval(model, ctx.adapter.load_processor(ctx.tokenizer, model), reqs,
-                                                     adapter=ctx.adapter, **common)
-                        for k, v in out.items():
-                            merged.setdefault(k, {}).update(v)
-            finally:
-                if rule is not None:
-                    rule.remove()
-        model.train(was_training)
-        memory = Memory(resident_bytes=resident, runtime=mem_rt, peak_bytes=peak.bytes, peak_what=peak.what)
-        return merged, speed, activity, memory
 
     # -- the whole suite --------------------------------------------------------------------------------------------
     def run(self, *, models: list[str] | None = None, recipes: list[str] | None = None,
@@ -352,23 +292,7 @@ class SuiteRunner:
                     contexts.clear()  # one model in memory at a time
                     ctx = ModelContext(self.suite, self.loaded.base_dir, dist.place(m), *locations[m.name], seed)
                     contexts[(m.name, seed)] = ctx
-                label = f"{m.name} / {r.name} / seed {seed}"
-                try:
-                    src = self.evaluate(ctx, r, self.inputs(ctx, r))
-                    self.summary.results.append(self.publisher.publish(ctx, r, src))
-                except stages.StageUnavailable as exc:
-                    log.warning("%s: not run: %s", label, exc)
-                    self.summary.not_run.append(label)
-                    self.summary.notes.append(f"{label}: not run: {exc}")
-                    self.publisher.set_aside(self.publisher.published_path(m, r, seed), f"{label} was not run")
-                except (KeyboardInterrupt, SystemExit):
-                    raise
-                except Exception as exc:  # one broken recipe must not stop the others; it is reported
-                    log.exception("%s failed", label)
-                    self.summary.failed.append(label)
-                    self.summary.notes.append(f"{label}: FAILED: {type(exc).__name__}: {exc}")
-                    # an earlier result under the same name describes another recipe: never report it as current
-                    self.publisher.set_aside(self.publisher.published_path(m, r, seed), f"{label} failed")
+                self._run_recipe(ctx, r)
         finally:
             self._bar.close()
             self._bar = None
@@ -386,6 +310,27 @@ class SuiteRunner:
                                                title=f"Suite `{self.suite.name}`", compare_to=rs.compare_to,
                                                confidence=rs.confidence, bootstrap=rs.bootstrap)
         return self.summary
+
+    def _run_recipe(self, ctx: ModelContext, r: RecipeSpec) -> None:
+        """Run and publish one (model, recipe, seed); a failure is recorded, never raised (the others still run)."""
+        label = f"{ctx.spec.name} / {r.name} / seed {ctx.seed}"
+        published = self.publisher.published_path(ctx.spec, r, ctx.seed)
+        try:
+            src = self.evaluate(ctx, r, self.inputs(ctx, r))
+            self.summary.results.append(self.publisher.publish(ctx, r, src))
+        except stages.StageUnavailable as exc:
+            log.warning("%s: not run: %s", label, exc)
+            self.summary.not_run.append(label)
+            self.summary.notes.append(f"{label}: not run: {exc}")
+            self.publisher.set_aside(published, f"{label} was not run")
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except Exception as exc:  # one broken recipe must not stop the others; it is reported
+            log.exception("%s failed", label)
+            self.summary.failed.append(label)
+            self.summary.notes.append(f"{label}: FAILED: {type(exc).__name__}: {exc}")
+            # an earlier result under the same name describes another recipe: never report it as current
+            self.publisher.set_aside(published, f"{label} failed")
 
     def _report_destination(self) -> Path:
         """The suite's report directory, unless this run is incomplete (a recipe failed or was not run, or only a
