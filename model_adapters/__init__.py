@@ -16,7 +16,7 @@ from .registry import ADAPTERS, ENTRY_POINT_GROUP
 log = logging.getLogger(__name__)
 
 # In-tree families. A module listed here that fails to import is reported, not hidden.
-_BUILTIN = ("mixtral", "deepseek", "deepseek_vl2")  # qwen3_moe arrives through its entry point, like a plugin
+_BUILTIN = ("mixtral", "deepseek", "deepseek_vl2", "qwen3_vl_moe")  # qwen3_moe arrives through its entry point, like a plugin
 
 for _mod in _BUILTIN:
     try:

@@ -58,3 +58,12 @@ def test_image_token_mask_is_the_adapters_reading_of_a_batch():
     assert vl2.image_token_mask({"images_seq_mask": m}) is m
     other = torch.tensor([[True, False]])
     assert vl2.image_token_mask({"images_seq_mask": m, "image_token_mask": other}) is other
+
+
+def test_a_second_vision_language_family_needs_only_its_adapter():
+    """Qwen3-VL-MoE is one adapter module: the suite schema routes it to lmms-eval through its modality alone."""
+    adapter = get_adapter("qwen3_vl_moe")
+    assert adapter.is_vision_language and adapter.hub_loadable
+    assert ModelSpec(name="q", checkpoint="x", adapter="qwen3_vl_moe").resolved_harnesses == [Harness.LMMS_EVAL]
+    m = torch.tensor([[False, True]])
+    assert adapter.image_token_mask({"image_token_mask": m}) is m

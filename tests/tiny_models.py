@@ -83,10 +83,32 @@ def tiny_deepseek_vl2(seed: int = 0):
     return _init(model_from_config(tiny_official_config(), attn_implementation="eager"), seed)
 
 
+def tiny_qwen3_vl_moe(seed: int = 0):
+    """Qwen3-VL-MoE: a 2-layer MoE language model (8 experts, top-2) behind a 1-block vision encoder."""
+    from transformers import Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration
+
+    cfg = Qwen3VLMoeConfig(
+        text_config=dict(vocab_size=96, hidden_size=32, intermediate_size=64, moe_intermediate_size=24,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                         num_experts=8, num_experts_per_tok=2, max_position_embeddings=128,
+                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                          "mrope_section": [1, 1, 2], "mrope_interleaved": True}),
+        vision_config=dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, patch_size=4,
+                           temporal_patch_size=2, spatial_merge_size=2, out_hidden_size=32,
+                           num_position_embeddings=16, deepstack_visual_indexes=[]),
+        image_token_id=90, video_token_id=91, vision_start_token_id=92, vision_end_token_id=93,
+    )
+    cfg._attn_implementation = "eager"
+    cfg.text_config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    return _init(Qwen3VLMoeForConditionalGeneration(cfg), seed)
+
+
 TINY_BUILDERS = {
     "mixtral": tiny_mixtral,
     "deepseek_v2": tiny_deepseek_v2,
     "deepseek_v3": tiny_deepseek_v3,
     "qwen3_moe": tiny_qwen3_moe,
     "deepseek_vl_v2": tiny_deepseek_vl2,
+    "qwen3_vl_moe": tiny_qwen3_vl_moe,
 }
