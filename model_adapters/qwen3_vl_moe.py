@@ -8,13 +8,14 @@ always renormalised (the router divides by their sum whatever ``norm_topk_prob``
 
 The adapter owns the modality: the model is vision-language (lmms-eval evaluates it), loads with transformers
 (``Qwen3VLMoeForConditionalGeneration``, not ``AutoModelForCausalLM``), and its image tokens are the positions whose
-id is the config's ``image_token_id``.
+id is the config's ``image_token_id`` (``image_token_mask``, which the calibration batches of
+:mod:`.qwen3_vl_moe_processing` carry).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -58,6 +59,16 @@ class Qwen3VLMoeAdapter(MoEAdapter):
 
         with torch.device("meta"):
             return Qwen3VLMoeForConditionalGeneration(AutoConfig.from_pretrained(str(path)))
+
+    def load_processor(self, tokenizer: Any, model: nn.Module) -> Any:
+        from .qwen3_vl_moe_processing import Qwen3VLMoeProcessor
+
+        return Qwen3VLMoeProcessor.from_model(tokenizer, model)
+
+    def calibration_batches(self, processor: Any, samples: Sequence[Any], batch_size: int = 1
+                            ) -> list[dict[str, Any]]:
+        """Left-padded model inputs of ``batch_size`` samples each, with ``image_token_mask``."""
+        return [processor(samples[i : i + batch_size]) for i in range(0, len(samples), batch_size)]
 
     def image_token_mask(self, batch: Mapping[str, Any]) -> torch.Tensor | None:
         """``image_token_mask`` as the batch gives it (calibration batches of this family carry one)."""

@@ -83,12 +83,26 @@ def tiny_deepseek_vl2(seed: int = 0):
     return _init(model_from_config(tiny_official_config(), attn_implementation="eager"), seed)
 
 
+QWEN3_VL_SPECIAL = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                    "<|image_pad|>", "<|video_pad|>")  # ids 0..6 of the tiny tokenizer
+
+
+def tiny_qwen3_vl_tokenizer():
+    """An offline byte-level tokenizer (272 ids) whose special tokens have the ids the tiny Qwen3-VL-MoE expects."""
+    from model_adapters.deepseek_vl2.tiny import tiny_tokenizer
+
+    tok = tiny_tokenizer(vocab_size=272, special_tokens=QWEN3_VL_SPECIAL)
+    tok.pad_token = "<|endoftext|>"
+    return tok
+
+
 def tiny_qwen3_vl_moe(seed: int = 0):
-    """Qwen3-VL-MoE: a 2-layer MoE language model (8 experts, top-2) behind a 1-block vision encoder."""
+    """Qwen3-VL-MoE: a 2-layer MoE language model (8 experts, top-2) behind a 1-block vision encoder (4-px
+    patches, 2x2 merge: a 32-px image is 16 image tokens); token ids match :func:`tiny_qwen3_vl_tokenizer`."""
     from transformers import Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration
 
     cfg = Qwen3VLMoeConfig(
-        text_config=dict(vocab_size=96, hidden_size=32, intermediate_size=64, moe_intermediate_size=24,
+        text_config=dict(vocab_size=272, hidden_size=32, intermediate_size=64, moe_intermediate_size=24,
                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
                          num_experts=8, num_experts_per_tok=2, max_position_embeddings=128,
                          rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
@@ -96,7 +110,7 @@ def tiny_qwen3_vl_moe(seed: int = 0):
         vision_config=dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, patch_size=4,
                            temporal_patch_size=2, spatial_merge_size=2, out_hidden_size=32,
                            num_position_embeddings=16, deepstack_visual_indexes=[]),
-        image_token_id=90, video_token_id=91, vision_start_token_id=92, vision_end_token_id=93,
+        image_token_id=5, video_token_id=6, vision_start_token_id=3, vision_end_token_id=4,
     )
     cfg._attn_implementation = "eager"
     cfg.text_config._attn_implementation = "eager"
