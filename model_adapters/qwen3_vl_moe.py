@@ -70,6 +70,11 @@ class Qwen3VLMoeAdapter(MoEAdapter):
         """Left-padded model inputs of ``batch_size`` samples each, with ``image_token_mask``."""
         return [processor(samples[i : i + batch_size]) for i in range(0, len(samples), batch_size)]
 
+    def lmms_model(self, model: nn.Module, processor: Any, *, batch_size: int = 1, max_new_tokens: int = 32) -> Any:
+        from .qwen3_vl_moe_processing import lmms_model
+
+        return lmms_model(model, processor, batch_size=batch_size, max_new_tokens=max_new_tokens)
+
     def image_token_mask(self, batch: Mapping[str, Any]) -> torch.Tensor | None:
         """``image_token_mask`` as the batch gives it (calibration batches of this family carry one)."""
         return batch.get("image_token_mask")

@@ -82,3 +82,24 @@ def test_pmq_gptq_save_load_odp_otp(setup, tmp_path):
     assert odp.calibration_tokens == real and all(0.1 < f < 0.3 for f in odp.calibration_pruned_fraction.values())
     _, summary = train_otp(loaded, batches, OTPConfig(prune_rate=0.2, steps=3), progress=False)
     assert all(s["tokens"] == real for s in summary.values())
+
+
+def test_lmms_eval_runs_the_offline_image_tasks(setup):
+    """The suite's lmms-eval backend serves the model through its adapter: a generation task and a
+    multiple-choice task of the offline image suite produce their metrics."""
+    pytest.importorskip("lmms_eval")
+    from pathlib import Path
+
+    from mcmoe_vl.evaluation.lm_eval_backend import TaskRequest
+    from mcmoe_vl.evaluation.lmms_eval_backend import evaluate_lmms_eval
+
+    model, adapter, _ = setup
+    processor = adapter.load_processor(tiny_qwen3_vl_tokenizer(), model)
+    tasks = Path(__file__).resolve().parents[1] / "tasks" / "lmms_eval"
+    out = evaluate_lmms_eval(model, processor, [TaskRequest("mcmoe_vqa_colour", None, 2, None),
+                                                TaskRequest("mcmoe_vqa_digit_mc", None, 2, None)],
+                             adapter=adapter, include_paths=[tasks], batch_size=1, max_new_tokens=4)
+    assert set(out["results"]) >= {"mcmoe_vqa_colour", "mcmoe_vqa_digit_mc"}
+    for name in ("mcmoe_vqa_colour", "mcmoe_vqa_digit_mc"):
+        metrics = {k: v for k, v in out["results"][name].items() if "," in k and "stderr" not in k}
+        assert metrics and all(isinstance(v, (int, float)) for v in metrics.values()), out["results"][name]
