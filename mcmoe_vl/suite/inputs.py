@@ -16,10 +16,13 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict
 
+from mcmoe_vl.quant.checkpoint import FORMAT_VERSION
+
 from .cache import stage_key
 from .schema import CalibrationSpec, EvaluationSpec, ModelSpec, PruneSpec, QuantSpec, RecipeSpec, TaskSpec
 
 DEFAULT_GROUP_SIZE = 128  # the calibration's eps group size when a recipe does not quantize
+CHECKPOINT_FORMAT = FORMAT_VERSION  # a checkpoint cached in an older format is rewritten, not reloaded
 
 
 class StageInputs(BaseModel):

@@ -16,7 +16,8 @@ Layout of a run directory (``runs/<suite>/`` unless the suite or the caller name
     results/<model>/<recipe>-seed<k>.json   the results files the report reads
     results.stale/...                   results of recipes that failed or left the suite (moved aside, not read)
 
-``<key>`` hashes the stage's inputs, including the keys of the stages before it (:mod:`.cache`), so a re-run does
+Each (model, recipe, seed) runs as a loop over the stages in pipeline order (:data:`PIPELINE`, then evaluate), each
+stage given its typed inputs (:mod:`.inputs`) and its predecessors' products. ``<key>`` hashes the stage's inputs, including the keys of the stages before it (:mod:`.cache`), so a re-run does
 only what changed and an interrupted run resumes; a stage directory without its completion record is redone.
 Everything the suite asks for is checked first (:func:`.load.preflight`). Only the optional lmms-eval may be missing
 (:class:`.stages.StageUnavailable`): its recipes are skipped with a note in the report; the others still run. Any other
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,12 +46,28 @@ from .cache import StageCache
 from .context import ModelContext
 from .distributed import Distributed, RunSummary
 from .evaluate import evaluate_model
-from .inputs import AllocateInputs, CalibrateInputs, PruneInputs, QuantizeInputs, RecipeInputs
+from .inputs import CHECKPOINT_FORMAT, AllocateInputs, CalibrateInputs, PruneInputs, QuantizeInputs, RecipeInputs
 from .load import LoadedSuite, SuiteError, include_dirs, preflight
 from .results import Publisher, results_file, software_versions
 from .schema import Harness, RecipeSpec, Suite, slug
 
 log = logging.getLogger(__name__)
+
+
+PIPELINE = ("calibrate", "allocate", "quantize", "prune")  # then evaluate (METHOD.md's order)
+
+
+@dataclass
+class _Products:
+    """What the stages of one recipe have produced so far (each stage reads its predecessors' products)."""
+
+    stats: Any = None  # calibration statistics
+    plan_dir: Path | None = None  # the allocate stage's directory (plan.json)
+    ckpt: Path | None = None  # the quantized checkpoint
+    acct: QuantAccounting | None = None
+    model: torch.nn.Module | None = None  # the evaluated model, once loaded
+    pruning: Any = None  # the pruning artifact
+    artifacts: dict[str, Path] = field(default_factory=dict)  # figures for the results file
 
 
 class SuiteRunner:
@@ -90,7 +108,7 @@ class SuiteRunner:
         """Every stage's typed inputs of a recipe (no stage is run): each is hashed for its cache key and passed to
         its stage."""
         return RecipeInputs.build(self.suite, ctx, recipe, version=self._version, software=software_versions(),
-                                  checkpoint_format=_checkpoint_format())
+                                  checkpoint_format=CHECKPOINT_FORMAT)
 
     def keys(self, ctx: ModelContext, recipe: RecipeSpec) -> dict[str, str | None]:
         """Every stage key of a recipe, computed from its inputs only (no stage is run)."""
@@ -216,20 +234,14 @@ class SuiteRunner:
         tasks = inputs.evaluate.tasks
         if any(t.harness is Harness.LMMS_EVAL for t in tasks):
             _check_lmms_available()
-        artifacts: dict[str, Path] = {}
-        stats = None
-        if inputs.calibrate is not None:
-            stats, cdir = self.calibrate(ctx, recipe, inputs.calibrate)
-            if (cdir / "significance.png").is_file():
-                artifacts["significance_heatmap"] = cdir / "significance.png"
-        ckpt, acct = None, None
-        if inputs.allocate is not None and inputs.quantize is not None:
-            pdir = self.allocate(ctx, recipe, inputs.allocate, stats)
-            artifacts["allocation_heatmap"] = pdir / "allocation.png"
-            ckpt, acct = self.quantize(ctx, recipe, inputs.quantize, pdir)
+        out = _Products()
+        for name in PIPELINE:  # the stages before evaluate, in pipeline order, each with its own inputs
+            inp = getattr(inputs, name)
+            if inp is not None:
+                getattr(self, f"_stage_{name}")(ctx, recipe, inp, out)
         runtime = inputs.evaluate.evaluation.runtime.value
-        model = self.compressed_model(ctx, recipe, ckpt, runtime=runtime)
-        artifact = self.prune(ctx, recipe, inputs.prune, model) if inputs.prune is not None else None
+        model = out.model if out.model is not None else self.compressed_model(ctx, recipe, out.ckpt, runtime=runtime)
+        artifact, acct, artifacts = out.pruning, out.acct, out.artifacts
 
         self._status("evaluate", ctx, recipe)
         results, speed, activity, memory = evaluate_model(
@@ -250,6 +262,25 @@ class SuiteRunner:
                           files=["results.json", res.samples.file])
         self._miss("evaluate")
         return d / "results.json"
+
+    # -- the stages before evaluate, as steps of the pipeline loop -------------------------------------------------
+    def _stage_calibrate(self, ctx: ModelContext, recipe: RecipeSpec, inp: CalibrateInputs, out: _Products) -> None:
+        out.stats, cdir = self.calibrate(ctx, recipe, inp)
+        if (cdir / "significance.png").is_file():
+            out.artifacts["significance_heatmap"] = cdir / "significance.png"
+
+    def _stage_allocate(self, ctx: ModelContext, recipe: RecipeSpec, inp: AllocateInputs, out: _Products) -> None:
+        out.plan_dir = self.allocate(ctx, recipe, inp, out.stats)
+        out.artifacts["allocation_heatmap"] = out.plan_dir / "allocation.png"
+
+    def _stage_quantize(self, ctx: ModelContext, recipe: RecipeSpec, inp: QuantizeInputs, out: _Products) -> None:
+        assert out.plan_dir is not None  # allocate ran before
+        out.ckpt, out.acct = self.quantize(ctx, recipe, inp, out.plan_dir)
+
+    def _stage_prune(self, ctx: ModelContext, recipe: RecipeSpec, inp: PruneInputs, out: _Products) -> None:
+        runtime = self.suite.evaluation.runtime.value
+        out.model = self.compressed_model(ctx, recipe, out.ckpt, runtime=runtime)  # pruning fits the evaluated model
+        out.pruning = self.prune(ctx, recipe, inp, out.model)
 
     # -- the whole suite --------------------------------------------------------------------------------------------
     def run(self, *, models: list[str] | None = None, recipes: list[str] | None = None,
@@ -362,10 +393,3 @@ def run_suite(loaded: LoadedSuite, *, run_dir: str | os.PathLike[str] | None = N
     runner = SuiteRunner(loaded, run_dir=run_dir, report_dir=report_dir, progress=progress, command=command,
                          overwrite_report=overwrite_report)
     return runner.run(models=models, recipes=recipes)
-
-
-def _checkpoint_format() -> int:
-    """The checkpoint format version: a checkpoint cached in an older format is rewritten, not reloaded."""
-    from mcmoe_vl.quant.checkpoint import FORMAT_VERSION
-
-    return FORMAT_VERSION
