@@ -300,8 +300,6 @@ def check_recipes_feasible(loaded: LoadedSuite, locations: dict[str, tuple[str, 
             where = f"model {m.name!r}, recipe {r.name!r}"
             try:
                 stages.quantize_config(r.quant, min_tokens=loaded.suite.calibration.min_tokens, progress=False)
-            except stages.StageUnavailable:
-                pass  # reported per recipe when the run reaches it
             except ValueError as exc:
                 raise SuiteError(f"{where}: {exc}") from None
             try:
