@@ -19,7 +19,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("model", help="model directory (config.json + safetensors)")
     p.add_argument("--data", required=True,
                    help="text file (UTF-8), token-ids file (.json / .safetensors), embedded:train / embedded:heldout "
-                        "/ embedded:ood (the embedded standard-library corpus), or hf:<dataset>[:<config>[:<split>]]")
+                        "/ embedded:ood (the embedded model's source-code corpus), or hf:<dataset>[:<config>[:<split>]]")
     p.add_argument("--output", "-o", required=True, help="statistics JSON to write (and resume from)")
     p.add_argument("--num-sequences", type=int, default=128, help="calibration sequences")
     p.add_argument("--seq-len", type=int, default=2048, help="tokens per sequence for text data")

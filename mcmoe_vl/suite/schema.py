@@ -245,7 +245,7 @@ class TaskSpec(_Strict):
 class CalibrationSpec(_Strict):
     """Calibration data and what the pass measures (METHOD.md sections 1-2).
 
-    ``data``: ``embedded:train|heldout|ood`` (the offline stdlib corpus), a text or token-ids file, or
+    ``data``: ``embedded:<split>`` (the embedded corpora, :func:`mcmoe_vl.data.embedded_texts`), a text or token-ids file, or
     ``hf:<dataset>[:<config>[:<split>]]`` (the paper: ``hf:allenai/c4:en:train``; needs the Hub).
     """
 
