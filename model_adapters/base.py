@@ -203,6 +203,10 @@ class MoEAdapter:
         """(B, S) bool: the image tokens of a batch of model inputs (``image_token_mask``); None when unknown."""
         return batch.get("image_token_mask")
 
+    def check_layerwise(self, model: nn.Module, batches: Sequence[Mapping[str, Any]]) -> None:
+        """Raise when running ``model``'s decoder layer by layer from captured inputs (calibration, GPTQ, ODP,
+        OTP, pmq+) would not reproduce its own forward on ``batches``; the default: it always does."""
+
     def lmms_model(self, model: nn.Module, processor: Any, *, batch_size: int = 1, max_new_tokens: int = 32) -> Any:
         """The lmms-eval model around an in-memory model (imports lmms-eval); vision-language families only."""
         raise NotImplementedError(f"{self.name} is a text model: it has no lmms-eval model; evaluate it with lm-eval")

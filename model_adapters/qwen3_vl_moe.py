@@ -75,6 +75,21 @@ class Qwen3VLMoeAdapter(MoEAdapter):
 
         return lmms_model(model, processor, batch_size=batch_size, max_new_tokens=max_new_tokens)
 
+    def check_layerwise(self, model: nn.Module, batches: Sequence[Mapping[str, Any]]) -> None:
+        """Refuse image batches when the vision encoder feeds "deepstack" features into the first decoder layers
+        (``vision_config.deepstack_visual_indexes``; every released Qwen3-VL-MoE does): the layer-by-layer pass
+        replays each layer from its captured input only, without those additions, so its statistics and GPTQ
+        Hessians would silently differ from the model's own forward. Text-only batches are exact."""
+        vision = getattr(model.config, "vision_config", None)
+        deepstack = list(getattr(vision, "deepstack_visual_indexes", None) or [])
+        with_images = sum(b.get("pixel_values") is not None for b in batches)
+        if deepstack and with_images:
+            raise NotImplementedError(
+                f"{self.name}: {with_images} calibration batch(es) hold images, and this model adds deepstack "
+                f"visual features (vision_config.deepstack_visual_indexes={deepstack}) inside its first decoder "
+                "layers, which the layer-by-layer pass does not replay; valid: text-only calibration data for this "
+                "model, or a model with deepstack_visual_indexes=[]")
+
     def image_token_mask(self, batch: Mapping[str, Any]) -> torch.Tensor | None:
         """``image_token_mask`` as the batch gives it (calibration batches of this family carry one)."""
         return batch.get("image_token_mask")

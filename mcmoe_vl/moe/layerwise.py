@@ -237,6 +237,9 @@ def iterate_layers(
 
             adapter = get_adapter(model)
         layers = adapter.decoder_layers(model)
+    if adapter is not None:
+        batches = list(batches)
+        adapter.check_layerwise(model, batches)  # before any work: a family whose replay would be wrong refuses
     inputs = capture_layer_inputs(model, layers, batches, extras_key=extras_key)
     n = len(layers)
     stop = n if stop is None else min(stop, n)
