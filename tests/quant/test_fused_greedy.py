@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from mcmoe_vl.data.embedded import load_embedded_mixtral, load_embedded_vlm
+from mcmoe_vl.quant import kernels
 from mcmoe_vl.quant.checkpoint import load_quantized, save_quantized
 from mcmoe_vl.quant.model import QuantizeConfig, quantize_model
-from mcmoe_vl.quant import kernels
 from mcmoe_vl.quant.native import Isa
 from mcmoe_vl.quant.plan import QuantPlan
 from mcmoe_vl.quant.qlinear import Kernel, QuantExperts, Runtime, set_kernel, set_runtime
