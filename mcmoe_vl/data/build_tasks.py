@@ -1,7 +1,7 @@
 """Rebuild the shipped offline task data: ``python -m mcmoe_vl.data.build_tasks [--only text|vqa]``.
 
-Writes ``tasks/lm_eval/data`` (:func:`.lm_tasks.build_text_task_files`, plus the training split's unigram counts;
-:func:`.lm_tasks.build_corpus_task_files` for the source-code corpus)
+Writes ``tasks/lm_eval/data`` (:func:`.lm_tasks.build_text_task_files`; :func:`.lm_tasks.build_corpus_task_files`
+for the source-code corpus, with its training split's unigram counts)
 and ``tasks/lmms_eval/data`` (:func:`.vqa_tasks.build_vqa_task_files`). The shipped files were built on the Python
 recorded in each ``manifest.json``; another Python release has a slightly different standard library, hence
 different files (and numbers that are not comparable with the recorded ones).
@@ -12,14 +12,8 @@ from __future__ import annotations
 import argparse
 import logging
 
-import torch
-
-from mcmoe_vl.io import write_json_atomic
-
-from . import calibration_token_ids
 from .lm_tasks import build_corpus_task_files, build_text_task_files
 from .tasks import LM_EVAL_TASKS_DIR, LMMS_EVAL_TASKS_DIR
-from .tokenizer import VOCAB_SIZE
 from .vqa_tasks import build_vqa_task_files
 
 
@@ -29,12 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.only in (None, "text"):
-        out = LM_EVAL_TASKS_DIR / "data"
-        build_text_task_files(out)
-        counts = torch.bincount(calibration_token_ids("docstrings-train"), minlength=VOCAB_SIZE).tolist()
-        write_json_atomic(out / "unigram_train_counts.json", {
-            "description": "byte-token counts of the training split (stdlib docstrings, end-of-text between "
-                           "documents) for the unigram baseline", "counts": counts})
+        build_text_task_files(LM_EVAL_TASKS_DIR / "data")
     if args.only in (None, "source"):
         build_corpus_task_files(LM_EVAL_TASKS_DIR / "data")
     if args.only in (None, "vqa"):

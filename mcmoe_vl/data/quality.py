@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from .lm_tasks import UNIGRAM_SOURCE_COUNTS
 from .tasks import LM_EVAL_TASKS_DIR, LMMS_EVAL_TASKS_DIR
 from .tokenizer import EOS_ID
 
@@ -56,8 +57,7 @@ def lm_stats(model: Any, x: torch.Tensor) -> tuple[float, torch.Tensor]:
 IN_DOMAIN, OUT_OF_DOMAIN = "source_heldout.jsonl", "prose_ood.jsonl"  # the language model's held-out splits
 
 
-def unigram_ppl(x: torch.Tensor, counts_file: Path = LM_EVAL_TASKS_DIR / "data" / "unigram_source_counts.json"
-                ) -> float:
+def unigram_ppl(x: torch.Tensor, counts_file: Path = LM_EVAL_TASKS_DIR / "data" / UNIGRAM_SOURCE_COUNTS) -> float:
     """Perplexity of the add-one unigram model of the training split (the source corpus's) on x[:, 1:]."""
     counts = torch.tensor(json.loads(counts_file.read_text())["counts"], dtype=torch.float64) + 1
     logp = counts.log() - counts.sum().log()

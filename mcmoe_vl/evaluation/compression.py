@@ -63,12 +63,18 @@ class QuantInfo(_Strict):
     accounting: QuantAccounting | None = None
 
 
-class ODPInfo(_Strict):
+class _PruneInfo(_Strict):
+    """What every pruning method records: its method, requested rate and the decoder layers it ran on."""
+
+    method: PruningMethod
+    prune_rate: float | None = None
+    layers: list[int] | None = None
+
+
+class ODPInfo(_PruneInfo):
     """ODP settings and the fitted thresholds (per decoder layer)."""
 
     method: Literal[PruningMethod.ODP]
-    prune_rate: float | None = None
-    layers: list[int] | None = None
     protect_ratio: float = 0.02
     quantile: float = 0.5
     mu_fixed: float | None = None
@@ -76,12 +82,10 @@ class ODPInfo(_Strict):
     calibration_pruned_fraction: dict[str, float] | None = None
 
 
-class OTPInfo(_Strict):
+class OTPInfo(_PruneInfo):
     """OTP settings and the trained predictors' summary (per decoder layer)."""
 
     method: Literal[PruningMethod.OTP]
-    prune_rate: float | None = None
-    layers: list[int] | None = None
     steps: int = 300
     width: int = 32
     summary: dict[str, dict[str, float]] | None = None
