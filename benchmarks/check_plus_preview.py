@@ -22,7 +22,6 @@ from mcmoe_vl.calibration.data import batches_from_ids, token_windows
 from mcmoe_vl.data.text import stdlib_splits
 from mcmoe_vl.data.tokenizer import encode_bytes
 from mcmoe_vl.quant.model import QuantizeConfig, quantize_model
-from mcmoe_vl.quant.plan import QuantPlan
 from mcmoe_vl.quant.qlinear import Runtime
 
 
@@ -50,7 +49,7 @@ def main() -> None:
     for c in cands:
         m = copy.deepcopy(model)
         plan = c.plan.model_copy(update={"refit_1bit": True})
-        quantize_model(m, QuantPlan.from_bit_plan(plan), fit, QuantizeConfig(runtime=Runtime.FAKE, progress=False))
+        quantize_model(m, plan, fit, QuantizeConfig(runtime=Runtime.FAKE, progress=False))
         engine = " | ".join(f"{calibration_loss(m, sels[n])[0]:.5f}" for n in args.select_seqs)
         print(f"| {c.name} | {previewed[c.name]:.5f} | {engine} | {byte_ppl(m, wins)[0]:.4f} |", flush=True)
 

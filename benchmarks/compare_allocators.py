@@ -47,7 +47,6 @@ from mcmoe_vl.calibration.data import batches_from_ids, token_windows
 from mcmoe_vl.data.tokenizer import EOS_ID, encode_bytes
 from mcmoe_vl.io import write_json_atomic
 from mcmoe_vl.quant.model import QuantizeConfig, quantize_model
-from mcmoe_vl.quant.plan import QuantPlan
 from mcmoe_vl.quant.qlinear import Runtime
 
 log = logging.getLogger("compare_allocators")
@@ -82,7 +81,7 @@ def quantized_ppl(model, plan, fit, windows) -> tuple[float, float]:
     """(perplexity, quantization seconds) of a fresh copy of ``model`` quantized to ``plan``."""
     m = copy.deepcopy(model)
     t0 = time.perf_counter()
-    quantize_model(m, QuantPlan.from_bit_plan(plan), fit, QuantizeConfig(runtime=Runtime.FAKE, progress=False))
+    quantize_model(m, plan, fit, QuantizeConfig(runtime=Runtime.FAKE, progress=False))
     secs = time.perf_counter() - t0
     return byte_ppl(m, windows)[0], secs
 

@@ -32,7 +32,6 @@ from mcmoe_vl.data.embedded import load_embedded_vlm
 from mcmoe_vl.data.quality import VQA_CHANCE, vqa_exact_match, vqa_rows
 from mcmoe_vl.io import write_json_atomic
 from mcmoe_vl.quant.model import QuantizeConfig, quantize_model
-from mcmoe_vl.quant.plan import QuantPlan
 from mcmoe_vl.quant.qlinear import Runtime
 from mcmoe_vl.suite.stages import vlm_batches, vlm_samples
 
@@ -104,7 +103,7 @@ def main() -> None:
                     log.info("seed %d target %g %s: unreachable (%s)", seed, target, row, exc)
                     continue
                 m = copy.deepcopy(model)
-                quantize_model(m, QuantPlan.from_bit_plan(plan), fit, QuantizeConfig(runtime=Runtime.FAKE,
+                quantize_model(m, plan, fit, QuantizeConfig(runtime=Runtime.FAKE,
                                                                                      progress=False))
                 acc = accuracy(m, processor, rows)
                 rec = {"seed": seed, "target": target, "row": row, "exact_match": acc["mean"], "accuracy": acc,

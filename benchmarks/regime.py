@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 from mcmoe_vl.data.tokenizer import EOS_ID  # noqa: E402
 from mcmoe_vl.io import write_json_atomic  # noqa: E402
 from mcmoe_vl.quant.model import QuantizeConfig, quantize_model  # noqa: E402
-from mcmoe_vl.quant.plan import QuantPlan  # noqa: E402
+from mcmoe_vl.quant.plan import BitPlan  # noqa: E402
 from mcmoe_vl.quant.qlinear import Runtime  # noqa: E402
 
 log = logging.getLogger("regime")
@@ -92,13 +92,13 @@ def ppl_summary(nll: np.ndarray, cnt: np.ndarray, idx: np.ndarray, base: tuple |
     return out
 
 
-def expert_plan(model, bits: int, model_type: str) -> QuantPlan:
+def expert_plan(model, bits: int, model_type: str) -> BitPlan:
     """Every routed expert at ``bits``; every other module left at 16 bits."""
     from model_adapters import get_adapter
 
     layers = list(get_adapter(model).moe_layers(model))
-    return QuantPlan(model_type=model_type, experts={la.index: [bits] * la.num_experts for la in layers},
-                     default_bits=16, shared_experts_bits=16, metadata={"allocator": f"uniform-experts-{bits}"})
+    return BitPlan.from_experts({la.index: [bits] * la.num_experts for la in layers}, model_type=model_type,
+                                allocator=f"uniform-experts-{bits}", other_bits=16, shared_experts_bits=16)
 
 
 def quantized(model, bits: int, method: str, fit, model_type: str, adapter=None):

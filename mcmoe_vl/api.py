@@ -36,8 +36,7 @@ class CompressedModel:
     """The result of :func:`compress`: the quantized model in memory and everything it was made from."""
 
     model: nn.Module
-    plan: Any  # QuantPlan the engine used
-    bit_plan: Any | None  # the allocator's BitPlan (None when a plan was passed in)
+    plan: Any  # the BitPlan the engine quantized to (the allocator's, or the one passed in)
     report: Any  # QuantReport (starved experts, widths per module)
     stats: Any | None  # CalibrationStats
     tokenizer: Any | None = None
@@ -118,13 +117,11 @@ def compress(
     (``embedded:train``, ``hf:<dataset>[:<config>[:<split>]]``, or a text / token-ids file), or token ids (an
     (N, S) tensor or a list of lists). ``allocator``: any registered allocator (``pmq``, the paper's, by default;
     ``pmq+`` where installed, with a quarter of the sequences held apart from the statistics for its selection);
-    ``plan``: a plan to use instead (``QuantPlan``, the allocator's ``BitPlan``, a plan
-    dict or a plan file). ``prune``: None, ``"odp"``, ``"otp"``, or an ``ODPConfig`` / ``OTPConfig``.
+    ``plan``: a plan to use instead (a :class:`~mcmoe_vl.quant.plan.BitPlan`, its JSON as a dict, or a plan
+    file). ``prune``: None, ``"odp"``, ``"otp"``, or an ``ODPConfig`` / ``OTPConfig``.
     ``calibration`` / ``allocation`` / ``quantize``: the stages' configs for anything not named here.
     """
-    from mcmoe_vl.quant.plan import as_quant_plan
-
-    given_plan = as_quant_plan(plan) if plan is not None else None  # bad plans fail before any work
+    given_plan = _given_plan(plan) if plan is not None else None  # bad plans fail before any work
     alloc_cfg = None if given_plan is not None else _allocation_config(allocator, target_bits, allocation)
     prune_method = _prune_method(prune)
     source = Path(model_or_path) if not isinstance(model_or_path, nn.Module) else None
@@ -136,15 +133,14 @@ def compress(
         tokenizer = _tokenizer(_source_of(model))
     _check_ids(ids, model)
     batches = [{"input_ids": row[None]} for row in ids]
-    stats = bit_plan = None
-    if given_plan is None:
+    stats, used_plan = None, given_plan
+    if used_plan is None:
         fit, select = _held_apart(batches, alloc_cfg)
         stats = _calibrate(model, fit, calibration)
-        bit_plan = _allocate(model, stats, fit, select, alloc_cfg)
-    qplan = given_plan or as_quant_plan(bit_plan)
-    report = _quantize(model, qplan, batches, quantize)
+        used_plan = _allocate(model, stats, fit, select, alloc_cfg)
+    report = _quantize(model, used_plan, batches, quantize)
     art = _fit_pruning(model, batches, prune, prune_method) if prune_method else None
-    return CompressedModel(model=model, plan=qplan, bit_plan=bit_plan, report=report, stats=stats,
+    return CompressedModel(model=model, plan=used_plan, report=report, stats=stats,
                            tokenizer=tokenizer, source_dir=source or _source_of(model), pruning=art,
                            quantize_config=quantize)
 
@@ -157,6 +153,17 @@ def _allocation_config(allocator: str, target_bits: float, allocation: Any | Non
     ALLOCATORS.get(allocator)  # an unknown name fails here, with the registered names and close matches
     base = allocation.model_dump() if allocation is not None else {}
     return AllocationConfig(**{**base, "method": allocator, "target_bits": target_bits})
+
+
+def _given_plan(plan: Any) -> Any:
+    """The plan passed to :func:`compress`: a BitPlan as it is, its JSON (a dict) or a plan file read."""
+    from mcmoe_vl.quant.plan import check_plan_type, load_plan, plan_from_dict
+
+    if isinstance(plan, dict):
+        return plan_from_dict(plan)
+    if isinstance(plan, (str, os.PathLike)):
+        return load_plan(plan)
+    return check_plan_type(plan)
 
 
 def _prune_method(prune: Any) -> str | None:

@@ -12,8 +12,8 @@ from mcmoe_vl.allocation.allocate import allocate
 from mcmoe_vl.allocation.allocators import ALLOCATORS
 from mcmoe_vl.allocation.budget import AllocationError, effective_bits
 from mcmoe_vl.allocation.config import AllocationConfig
-from mcmoe_vl.allocation.plan import BitPlan
 from mcmoe_vl.calibration.stats import CalibrationStats, LayerStats, TokenGroupStats
+from mcmoe_vl.quant.plan import BitPlan, PlanError
 from mcmoe_vl.registry import RegistryError
 
 
@@ -104,7 +104,7 @@ def test_gamma_is_the_eps_exponent():
             ref, _ = brute_force_layer(pmq_cost(la, (1, 2, 3), 1, 1, g), (1, 2, 3), 16)
             assert plan_cost(BitPlan(model_type="x", allocator="x", layers=[lp]),
                              [pmq_cost(la, (1, 2, 3), 1, 1, g)], [1, 2, 3]) == pytest.approx(ref, rel=1e-9)
-    assert len({json.dumps(p.expert_bits()) for p in plans.values()}) > 1  # not vacuous: gamma changes plans
+    assert len({json.dumps(p.experts) for p in plans.values()}) > 1  # not vacuous: gamma changes plans
 
 
 def test_four_bit_set_and_effective_budget():
@@ -152,7 +152,7 @@ def test_random_is_seeded():
     a = allocate(stats, AllocationConfig(method="random", seed=1))
     b = allocate(stats, AllocationConfig(method="random", seed=1))
     c = allocate(stats, AllocationConfig(method="random", seed=2))
-    assert a.expert_bits() == b.expert_bits() != c.expert_bits()
+    assert a.experts == b.experts != c.experts
 
 
 def test_uniform_and_block():
@@ -181,7 +181,7 @@ def test_deterministic_json(tmp_path):
         allocate(stats, cfg).save(p2)
         assert p1.read_text() == p2.read_text()
         loaded = BitPlan.load(p1)
-        assert loaded.expert_bits() == allocate(stats, cfg).expert_bits()
+        assert loaded.experts == allocate(stats, cfg).experts
         data = json.loads(p1.read_text())
         assert data["layers"][0]["bits"] and data["allocator"] == "pmq" and data["settings"]["gamma"] == 2.0
 
@@ -231,6 +231,8 @@ def test_registry_lists_every_baseline():
 
 def test_plan_rejects_other_model():
     plan = allocate(synthetic_stats(experts=8))
-    plan.check_matches({1: 8, 2: 8})
-    with pytest.raises(AllocationError, match="layer 1: the plan describes 8 experts but the model has 72"):
-        plan.check_matches({1: 72, 2: 72})
+    plan.check_layers({1: 8, 2: 8})
+    with pytest.raises(PlanError, match="layer 1: the plan gives 8 widths but the model has 72 experts"):
+        plan.check_layers({1: 72, 2: 72})
+    with pytest.raises(PlanError, match="no widths for MoE layer 3"):
+        plan.check_layers({1: 8, 2: 8, 3: 8})

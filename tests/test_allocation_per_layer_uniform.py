@@ -44,7 +44,7 @@ def test_required_widths_conflict_and_unreachable_budget():
 
 def test_cli_flag(tmp_path):
     from mcmoe_vl.cli import main
-    from mcmoe_vl.allocation.plan import BitPlan
+    from mcmoe_vl.quant.plan import BitPlan
 
     from mcmoe_vl.calibration.stats import save_stats
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import mcmoe_vl
-from mcmoe_vl.quant.plan import PlanError, QuantPlan, as_quant_plan
+from mcmoe_vl.quant.plan import BitPlan, PlanError
 
 ROOT = Path(__file__).resolve().parents[1]
 EMBEDDED = ROOT / "embedded" / "mixtral-tiny"
@@ -37,7 +37,7 @@ def test_bad_arguments_fail_before_the_model_is_loaded(monkeypatch):
         mcmoe_vl.compress(EMBEDDED, _ids(), allocator="pmqq")
     with pytest.raises(ValueError, match="prune="):
         mcmoe_vl.compress(EMBEDDED, _ids(), prune="magic")
-    with pytest.raises(PlanError, match="QuantPlan, the allocator's BitPlan"):
+    with pytest.raises(PlanError, match="a plan must be a BitPlan"):
         mcmoe_vl.compress(EMBEDDED, _ids(), plan=42)
     with pytest.raises(ValueError, match="integer"):
         mcmoe_vl.compress(EMBEDDED, torch.rand(2, 8))
@@ -47,16 +47,15 @@ def test_bad_arguments_fail_before_the_model_is_loaded(monkeypatch):
 
 def test_token_ids_in_bit_plan_out_and_its_plan_reused(tmp_path):
     cm = mcmoe_vl.compress(str(EMBEDDED), _ids().tolist(), target_bits=2.0, num_sequences=3)
-    assert type(cm.bit_plan).__name__ == "BitPlan"
-    assert cm.plan.experts == {lp.index: lp.bits for lp in cm.bit_plan.layers}
+    assert isinstance(cm.plan, BitPlan) and cm.plan.allocator == "pmq" and cm.plan.target["bits"] == 2.0
     assert cm.stats.num_sequences == 3
     acc = cm.accounting
     assert acc.bytes_on_disk is None and 1.5 < acc.summary()["effective_bits_experts"] < 3.0
     saved = cm.save(tmp_path / "q")
     assert saved.bytes_on_disk == (tmp_path / "q" / "model.safetensors").stat().st_size
-    # the allocator's BitPlan goes straight back in: no conversion by hand
-    again = mcmoe_vl.compress(str(EMBEDDED), _ids(), plan=cm.bit_plan)
-    assert again.stats is None and again.plan.experts == cm.plan.experts
+    # the allocator's plan goes straight back in, as it is
+    again = mcmoe_vl.compress(str(EMBEDDED), _ids(), plan=cm.plan)
+    assert again.stats is None and again.plan is cm.plan
     ids = _ids(1, 40, seed=9)
     with torch.no_grad():
         assert torch.equal(again.model(ids).logits, cm.model(ids).logits)
@@ -82,30 +81,31 @@ def test_strings_and_odp_pruning_travel_with_the_checkpoint(tmp_path):
         assert not torch.equal(dense(ids).logits, cm.model(ids).logits)  # the pruning really drops experts
 
 
-def test_every_plan_taking_function_accepts_both_plan_types(tmp_path):
+def test_every_plan_taking_function_takes_the_plan_as_it_is(tmp_path):
     from tiny import batches, tiny_mixtral_q
 
-    from mcmoe_vl.allocation.plan import BitPlan, LayerPlan
+    from mcmoe_vl.api import _given_plan
     from mcmoe_vl.quant.checkpoint import read_manifest, save_quantized
     from mcmoe_vl.quant.model import QuantizeConfig, quantize_model
+    from mcmoe_vl.quant.plan import LayerPlan
 
     bp = BitPlan(model_type="mixtral", allocator="hand", settings={}, target={"bits": 2.0}, achieved={},
                  layers=[LayerPlan(index=i, path=f"model.layers.{i}.mlp", bits=[2, 3, 1, 2], nominal=2.0,
                                    effective=2.25, starved=[]) for i in range(2)],
                  shared_experts_bits=4, other_bits=4)
-    qp = as_quant_plan(bp)
-    assert isinstance(qp, QuantPlan) and as_quant_plan(qp) is qp
-    assert as_quant_plan(qp.model_dump(mode="json")).experts == qp.experts
+    assert _given_plan(bp) is bp and _given_plan(bp.model_dump(mode="json")) == bp
+    bp.save(tmp_path / "plan.json")
+    assert _given_plan(str(tmp_path / "plan.json")) == bp
     model = tiny_mixtral_q(dtype=torch.bfloat16)
     report = quantize_model(model, bp, batches(1), QuantizeConfig(progress=False, min_tokens=0))
     save_quantized(model, tmp_path / "q", plan=bp, report=report)
-    assert read_manifest(tmp_path / "q")["plan"]["experts"]["1"] == [2, 3, 1, 2]
-    with pytest.raises(PlanError, match="pass|QuantPlan"):
+    assert read_manifest(tmp_path / "q").plan == bp  # the plan travels with the checkpoint unchanged
+    with pytest.raises(PlanError, match="a plan must be a BitPlan"):
         quantize_model(tiny_mixtral_q(), ["not", "a", "plan"], batches(1))
 
 
 def test_pmq_plus_by_name_with_a_held_apart_selection_split():
     pytest.importorskip("mcmoe_vl.allocation.plus", reason="the pmq+ allocator is merged separately")
     cm = mcmoe_vl.compress(EMBEDDED, _ids(4, 64), allocator="pmq+", target_bits=2.0, num_sequences=4)
-    assert cm.bit_plan.allocator == "pmq+" and cm.bit_plan.selection["chosen"]
+    assert cm.plan.allocator == "pmq+" and cm.plan.selection["chosen"]
     assert cm.stats.num_sequences == 3  # the fourth sequence was held apart for the selection

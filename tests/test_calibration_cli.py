@@ -9,11 +9,11 @@ import pytest
 import torch
 from tiny_models import tiny_mixtral
 
-from mcmoe_vl.allocation.plan import BitPlan
 from mcmoe_vl.calibration.data import load_token_ids, token_windows
 from mcmoe_vl.calibration.stats import load_stats
 from mcmoe_vl.cli import allocate as allocate_cli
 from mcmoe_vl.cli import calibrate as calibrate_cli
+from mcmoe_vl.quant.plan import BitPlan
 
 
 def run_cli(module, argv):

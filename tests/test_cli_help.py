@@ -104,16 +104,16 @@ def test_eval_and_export_help_examples_run(tmp_path, monkeypatch, capsys):
     from mcmoe_vl.data.embedded import load_embedded_vlm
     from mcmoe_vl.quant.checkpoint import save_quantized
     from mcmoe_vl.quant.model import QuantizeConfig, quantize_model
-    from mcmoe_vl.quant.plan import QuantPlan
+    from mcmoe_vl.quant.plan import BitPlan
     from model_adapters import get_adapter
 
     monkeypatch.chdir(tmp_path)
     ids = torch.randint(0, 256, (2, 64), generator=torch.Generator().manual_seed(0))
-    plan = QuantPlan(model_type="mixtral", experts={i: [2] * 8 for i in range(4)})
+    plan = BitPlan.from_experts({i: [2] * 8 for i in range(4)}, model_type="mixtral")
     mcmoe_vl.compress(EMBEDDED, ids, plan=plan).save("runs/q")
     vlm, _ = load_embedded_vlm(dtype=torch.bfloat16)
     layers = {la.index: la.num_experts for la in get_adapter(vlm).moe_layers(vlm)}
-    vplan = QuantPlan(model_type="deepseek_vl_v2", experts={i: [2] * n for i, n in layers.items()})
+    vplan = BitPlan.from_experts({i: [2] * n for i, n in layers.items()}, model_type="deepseek_vl_v2")
     report = quantize_model(vlm, vplan, [{"input_ids": ids[:1]}], QuantizeConfig(progress=False, min_tokens=1))
     save_quantized(vlm, "runs/vl2-q", plan=vplan, report=report)
     ran = 0

@@ -20,7 +20,7 @@ from mcmoe_vl.cli import main  # noqa: E402
 from mcmoe_vl.export.modules import ExportError  # noqa: E402
 from mcmoe_vl.quant.checkpoint import load_quantized, save_quantized  # noqa: E402
 from mcmoe_vl.quant.model import QuantizeConfig, quantize_model  # noqa: E402
-from mcmoe_vl.quant.plan import QuantPlan  # noqa: E402
+from mcmoe_vl.quant.plan import BitPlan  # noqa: E402
 from mcmoe_vl.quant.qlinear import QuantExperts, QuantLinear  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent / "quant"))
@@ -30,7 +30,7 @@ from tiny import batches, tiny_mixtral_q  # noqa: E402
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory) -> Path:
     model = tiny_mixtral_q(dtype=torch.bfloat16)
-    plan = QuantPlan(model_type="mixtral", experts={0: [2, 3, 1, 4], 1: [1, 2, 16, 3]})
+    plan = BitPlan.from_experts({0: [2, 3, 1, 4], 1: [1, 2, 16, 3]}, model_type="mixtral")
     report = quantize_model(model, plan, batches(2), QuantizeConfig(progress=False, min_tokens=1))
     out = tmp_path_factory.mktemp("ct") / "q"
     save_quantized(model, out, plan=plan, report=report)
@@ -87,7 +87,7 @@ def test_act_order_and_own_directory_are_refused(ckpt, tmp_path):
     with pytest.raises(CheckpointError, match="source model's directory"):
         export_compressed_tensors(ckpt, ckpt)
     model = tiny_mixtral_q(dtype=torch.bfloat16)
-    plan = QuantPlan(model_type="mixtral", experts={0: [2] * 4, 1: [2] * 4})
+    plan = BitPlan.from_experts({0: [2] * 4, 1: [2] * 4}, model_type="mixtral")
     report = quantize_model(model, plan, batches(2), QuantizeConfig(progress=False, min_tokens=1, act_order=True))
     save_quantized(model, tmp_path / "ao", plan=plan, report=report)
     with pytest.raises(ExportError, match="act-order"):

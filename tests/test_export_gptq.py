@@ -19,7 +19,7 @@ from mcmoe_vl.cli import main  # noqa: E402
 from mcmoe_vl.export.gptq import pack_bitstream  # noqa: E402
 from mcmoe_vl.quant.checkpoint import load_quantized, save_quantized  # noqa: E402
 from mcmoe_vl.quant.model import QuantizeConfig, quantize_model  # noqa: E402
-from mcmoe_vl.quant.plan import QuantPlan  # noqa: E402
+from mcmoe_vl.quant.plan import BitPlan  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_export_compressed_tensors import _reference_weights  # noqa: E402
@@ -46,7 +46,7 @@ def test_bitstream_matches_an_independent_unpacker(bits):
 
 def test_gptq_export_reads_back_exactly(tmp_path, capsys):
     model = tiny_mixtral_q(dtype=torch.bfloat16)
-    plan = QuantPlan(model_type="mixtral", experts={0: [2, 3, 1, 4], 1: [1, 2, 16, 3]})
+    plan = BitPlan.from_experts({0: [2, 3, 1, 4], 1: [1, 2, 16, 3]}, model_type="mixtral")
     report = quantize_model(model, plan, batches(2), QuantizeConfig(progress=False, min_tokens=1))
     save_quantized(model, tmp_path / "q", plan=plan, report=report)
     out = tmp_path / "gptq"

@@ -16,7 +16,7 @@ from mcmoe_vl.moe.layerwise import iterate_layers
 from mcmoe_vl.pruning.odp import ODPConfig, fit_odp
 from mcmoe_vl.pruning.otp import OTPConfig, train_otp
 from mcmoe_vl.quant.model import QuantizeConfig, quantize_model
-from mcmoe_vl.quant.plan import QuantPlan
+from mcmoe_vl.quant.plan import BitPlan
 
 E, K, PAD = 4, 2, 6
 
@@ -59,7 +59,7 @@ def test_calibration_odp_otp_and_gptq_agree_on_the_real_tokens():
     odp = fit_odp(_model(), batches, ODPConfig(prune_rate=0.2))
     _, otp = train_otp(_model(), batches, OTPConfig(prune_rate=0.2, steps=2), progress=False)
     model = _model()
-    report = quantize_model(model, QuantPlan.uniform({0: E, 1: E}, 2, group_size=16), batches,
+    report = quantize_model(model, BitPlan.uniform({0: E, 1: E}, 2, group_size=16), batches,
                             QuantizeConfig(progress=False, min_tokens=0))
     gptq_counts = {la.index: [e.tokens for e in la.experts] for la in report.layers}
     for la in stats.layers:

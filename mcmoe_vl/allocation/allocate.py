@@ -21,11 +21,11 @@ from collections.abc import Mapping
 import numpy as np
 
 from mcmoe_vl.calibration.stats import CalibrationStats
+from mcmoe_vl.quant.plan import BitPlan, LayerPlan
 
 from .allocators import LayerInputs, allocate_layers
-from .budget import AllocationError, BudgetKind
+from .budget import AllocationError, BudgetKind, effective_bits
 from .config import AllocationConfig
-from .plan import BitPlan, LayerPlan, check_layout, layer_averages
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +73,27 @@ def check_feasible(layout: Mapping[int, int], config: AllocationConfig) -> None:
     allocate_layers(stand_in, config)
 
 
+def check_layout(have: Mapping[int, int], want: Mapping[int, int], *, what: str) -> None:
+    """Raise :class:`AllocationError` naming the first layer whose expert count differs (or that is missing)."""
+    for idx in sorted(set(have) | set(want)):
+        if idx not in have:
+            raise AllocationError(f"layer {idx}: the model has a MoE layer here but the {what} does not cover it")
+        if idx not in want:
+            raise AllocationError(f"layer {idx}: the {what} describes a MoE layer here but the model has none "
+                                  f"(model MoE layers: {sorted(want)})")
+        if have[idx] != want[idx]:
+            raise AllocationError(f"layer {idx}: the {what} describes {have[idx]} experts but the model has "
+                                  f"{want[idx]}; it was made for another model")
+
+
+def layer_averages(bits: list[int], *, group_size: int = 128, param_bits: int = 16) -> tuple[float, float]:
+    """(nominal, effective) average bits of a layer's expert widths (equal-sized experts)."""
+    n = len(bits)
+    nominal = sum(bits) / n
+    eff = sum(effective_bits(b, group_size=group_size, param_bits=param_bits) for b in bits) / n
+    return nominal, eff
+
+
 def allocate(
     stats: CalibrationStats,
     config: AllocationConfig | None = None,
@@ -107,6 +128,7 @@ def allocate(
         target={"bits": config.target_bits, "budget": config.budget.value},
         achieved={"nominal": nominal, "effective": eff},
         layers=plans,
+        group_size=config.group_size,
         shared_experts_bits=config.shared_experts_bits,
         other_bits=config.other_bits,
         source={"model_fingerprint": stats.model_fingerprint, "data_fingerprint": stats.data_fingerprint},

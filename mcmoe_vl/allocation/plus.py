@@ -41,11 +41,11 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
 from mcmoe_vl.calibration.stats import CalibrationStats
+from mcmoe_vl.quant.plan import BitPlan
 
 from .allocate import allocate
 from .budget import AllocationError
 from .config import AllocationConfig, Scope
-from .plan import BitPlan
 
 log = logging.getLogger(__name__)
 

@@ -11,10 +11,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from mcmoe_vl.calibration.stats import load_stats
 from mcmoe_vl.io import check_output_outside
+from mcmoe_vl.quant.plan import BitPlan
 
 from .allocate import allocate
 from .config import AllocationConfig
-from .plan import BitPlan
 from .plus import PlusConfig, allocate_plus, build_candidates
 
 

@@ -2,7 +2,8 @@
 
     mcmoe-vl quantize MODEL_DIR --plan plan.json --data calib.txt --output runs/q [--act-order]
 
-The plan is a hand-written ``mcmoe_vl.quant_plan`` JSON or the allocator's BitPlan (``mcmoe-vl allocate``).
+The plan is a bit plan JSON: the allocator's (``mcmoe-vl allocate``) or a hand-written one
+(:mod:`mcmoe_vl.quant.plan`).
 Writes a Hugging Face model directory: config.json (with a quantization_config), the tokenizer and generation
 files of MODEL_DIR, model.safetensors (packed weights) and quant_manifest.json (plan, bits per tensor, accounting).
 After ``import mcmoe_vl``, transformers' ``AutoModelForCausalLM.from_pretrained(OUTPUT)`` loads it. Calls

@@ -106,7 +106,7 @@ def load_for_export(ckpt_dir: str | os.PathLike[str]) -> nn.Module:
     from mcmoe_vl.quant.checkpoint import load_quantized, read_manifest
 
     man = read_manifest(ckpt_dir)
-    if man["model_type"] == "deepseek_vl_v2":
+    if man.model_type == "deepseek_vl_v2":
         from model_adapters.deepseek_vl2.loading import from_pretrained
 
         return from_pretrained(Path(ckpt_dir), apply_pruning=False)

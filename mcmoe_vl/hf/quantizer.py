@@ -89,7 +89,7 @@ def _classes() -> tuple[type, type]:
         def __init__(self, quantization_config: Any, **kwargs: Any) -> None:
             super().__init__(quantization_config, **kwargs)
             self.ckpt_dir: Path | None = None
-            self.manifest: dict | None = None
+            self.manifest: Any | None = None  # mcmoe_vl.quant.manifest.Manifest, once read
 
         def validate_environment(self, *args: Any, **kwargs: Any) -> None:
             return None
@@ -118,7 +118,7 @@ def _classes() -> tuple[type, type]:
                 raise CheckpointError("an mcmoe_vl checkpoint must be loaded from a local directory")
             d = Path(checkpoint_files[0]).parent
             man = read_manifest(d)
-            bad = config_mismatches(json.loads(json.dumps(man["config"] or {})),
+            bad = config_mismatches(man.config or {},
                                     json.loads(model.config.to_json_string(use_diff=False)))
             if bad:
                 raise CheckpointError(f"{d / 'config.json'} differs from the model config in {MANIFEST_FILE} in "

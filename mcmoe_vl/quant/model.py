@@ -36,7 +36,7 @@ from mcmoe_vl.moe.layerwise import LayerInput, LayerStep, run_layer
 
 from .gptq import HessianAccumulator, QuantResult, gptq_quantize, prepare_inverse, rtn_quantize
 from .packed import PackedTensor
-from .plan import PlanError, QuantPlan, as_quant_plan
+from .plan import BitPlan, PlanError, check_plan_type
 from .qlinear import DenseExpert, QuantExpert, QuantExperts, QuantLinear, Runtime, concat_rows
 from .quantizer import get_quantizer
 
@@ -78,7 +78,7 @@ class QuantizeConfig(BaseModel):
     dtype: ModelDtype | None = None  # compute dtype of quantized modules; None = the model's parameter dtype
     quantize_router: bool = True  # the router weight at the plan's default width (stored dequantised)
     # 1-bit scales re-solved by Hessian-weighted least squares after GPTQ (quantizer.refit_binary_scales).
-    # None: as the plan says (metadata "refit_1bit", set by the pmq+ allocator), else off (the paper).
+    # None: as the plan says (its refit_1bit, set by the pmq+ allocator), else off (the paper).
     refit_1bit: bool | None = None
     progress: bool = True
 
@@ -224,7 +224,7 @@ def _experts_module_name(model: nn.Module, layer: MoELayer) -> str:
 # -- the whole model ------------------------------------------------------------------------------------------------
 def quantize_model(
     model: nn.Module,
-    plan: QuantPlan,
+    plan: BitPlan,
     batches: Iterable[Mapping[str, Any]],
     config: QuantizeConfig | None = None,
     *,
@@ -235,14 +235,15 @@ def quantize_model(
 
     Returns a :class:`QuantReport`. Afterwards the model holds :class:`QuantLinear` / :class:`QuantExperts`
     modules in ``config.runtime`` and can be saved with :func:`mcmoe_vl.quant.checkpoint.save_quantized`.
-    ``plan``: a :class:`QuantPlan` or the allocator's ``BitPlan`` (or any form :func:`as_quant_plan` reads).
+    ``plan``: the allocator's :class:`~mcmoe_vl.quant.plan.BitPlan`, or a hand-written one
+    (:func:`~mcmoe_vl.quant.plan.load_plan` reads a file).
     """
-    plan = as_quant_plan(plan)  # before anything reads the plan
+    check_plan_type(plan)  # before anything reads the plan
     from mcmoe_vl.moe.layerwise import iterate_layers
 
     cfg = config or QuantizeConfig()
     if cfg.refit_1bit is None:
-        cfg = cfg.model_copy(update={"refit_1bit": bool(plan.metadata.get("refit_1bit", False))})
+        cfg = cfg.model_copy(update={"refit_1bit": plan.refit_1bit})
     if cfg.static_groups and not cfg.act_order:
         log.info("static_groups without act_order changes nothing")
     if adapter is None:
@@ -356,7 +357,7 @@ def _starved_phrase(min_tokens: int) -> str:
     return "no calibration token" if min_tokens <= 1 else f"fewer than {min_tokens} calibration tokens"
 
 
-def _quantize_experts(model: nn.Module, moe: MoELayer, plan: QuantPlan, cfg: QuantizeConfig,
+def _quantize_experts(model: nn.Module, moe: MoELayer, plan: BitPlan, cfg: QuantizeConfig,
                       col: _ExpertCollector, dtype: torch.dtype, names: dict) -> LayerRecord:
     bits_list = plan.expert_bits(moe.index, moe.num_experts)
     st = moe.storage

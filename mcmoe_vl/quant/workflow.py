@@ -19,7 +19,7 @@ from mcmoe_vl.dtypes import parse_dtype
 from .accounting import Accounting
 from .checkpoint import save_quantized
 from .model import QuantizeConfig, quantize_model
-from .plan import QuantPlan, load_plan
+from .plan import BitPlan, load_plan
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ class QuantizeRun(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str  # model directory (Hugging Face layout, or an official DeepSeek-VL2 checkpoint)
-    plan: str  # plan JSON: hand-written QuantPlan or the allocator's BitPlan
+    plan: str  # bit plan JSON: from `mcmoe-vl allocate` or hand-written
     data: str  # text file, token-ids file (.json / .safetensors), or embedded:<split>
     output: str  # checkpoint directory to write
     quantize: QuantizeConfig = Field(default_factory=QuantizeConfig)
@@ -48,13 +48,13 @@ def _weights_part(files: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in files.items() if k == "config.json" or k.endswith((".safetensors", ".bin", ".pt"))}
 
 
-def check_plan_source(plan: QuantPlan, model_dir: str) -> None:
+def check_plan_source(plan: BitPlan, model_dir: str) -> None:
     """An allocator plan records the weights its statistics were measured on; quantizing other weights with it is an
     error naming the files that differ (hand-written plans, and plans from in-memory calibration, carry no file
     fingerprint and are not checked)."""
     from mcmoe_vl.io import checkpoint_fingerprint
 
-    recorded = (plan.metadata.get("source") or {}).get("model_fingerprint")
+    recorded = plan.source.get("model_fingerprint")
     if not isinstance(recorded, dict):
         return
     want, have = _weights_part(recorded), _weights_part(checkpoint_fingerprint(model_dir)["files"])

@@ -10,7 +10,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-from mcmoe_vl.allocation.plan import BitPlan
 from mcmoe_vl.evaluation.compression import QuantAccounting, QuantInfo
 from mcmoe_vl.evaluation.results import (
     CompressionBlock,
@@ -23,6 +22,7 @@ from mcmoe_vl.evaluation.results import (
 )
 from mcmoe_vl.evaluation.samples import samples_path_for
 from mcmoe_vl.io import read_json, write_bytes_atomic
+from mcmoe_vl.quant.plan import BitPlan
 
 from . import stages
 from .context import ModelContext

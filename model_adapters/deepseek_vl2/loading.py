@@ -289,13 +289,13 @@ def load_compressed(path: str | Path, *, device: str | torch.device = "cpu", app
     official = {k: v for k, v in read_official_config(path).items() if k != "quantization_config"}
     cfg = DeepseekVL2Config.from_official(official)
     have = json.loads(json.dumps(cfg.to_dict(), default=lambda o: o.model_dump(mode="json")))
-    bad = config_mismatches(man["config"] or {}, have)
+    bad = config_mismatches(man.config or {}, have)
     if bad:
         raise CheckpointError(f"{path / 'config.json'} differs from the model config in the manifest in {bad[:8]}: "
                               "it was edited; the packed weights were made for the manifest's")
-    _set_attn(cfg, attn_implementation or man.get("attn_implementation") or "sdpa")
+    _set_attn(cfg, attn_implementation or man.attn_implementation or "sdpa")
     with init_empty_weights(include_buffers=False):
-        skeleton = DeepseekVL2ForCausalLM(cfg).to(getattr(torch, man["dtype"]))
+        skeleton = DeepseekVL2ForCausalLM(cfg).to(getattr(torch, man.dtype))
     model = load_quantized(path, model=skeleton.eval(), runtime=Runtime(runtime)).to(device)
     model.config._name_or_path = str(path)
     model.mcmoe_pruning = apply_saved_pruning(model, path / PRUNING_FILE) if apply_pruning else None

@@ -188,10 +188,10 @@ def test_unknown_model_type_lists_the_adapters(calibrated, tmp_path):
 
 def test_min_tokens_zero_message(caplog):
     from mcmoe_vl.quant.model import QuantizeConfig, quantize_model
-    from mcmoe_vl.quant.plan import QuantPlan
+    from mcmoe_vl.quant.plan import BitPlan
 
     model = tiny_mixtral(seed=0, experts=8)
-    plan = QuantPlan.uniform({0: 8, 1: 8}, 2, group_size=16)
+    plan = BitPlan.uniform({0: 8, 1: 8}, 2, group_size=16)
     one_token = [{"input_ids": torch.tensor([[5]])}]  # top-2 of 8: most experts see no token
     with caplog.at_level(logging.WARNING):
         report = quantize_model(model, plan, one_token, QuantizeConfig(progress=False, min_tokens=0))
@@ -209,13 +209,13 @@ def test_calibration_output_inside_the_model_directory_is_refused(calibrated):
 
 def test_non_finite_expert_weight_is_refused_by_quantization():
     from mcmoe_vl.quant.model import QuantizeConfig, quantize_model
-    from mcmoe_vl.quant.plan import QuantPlan
+    from mcmoe_vl.quant.plan import BitPlan
 
     model = tiny_mixtral(seed=0)
     with torch.no_grad():
         model.model.layers[0].mlp.experts.down_proj[5, 1, 1] = float("-inf")
     with pytest.raises(NonFiniteWeightError, match=r"model\.layers\.0\.mlp: expert 5 \(down projection\)"):
-        quantize_model(model, QuantPlan.uniform({0: 8, 1: 8}, 2, group_size=16), _batches(),
+        quantize_model(model, BitPlan.uniform({0: 8, 1: 8}, 2, group_size=16), _batches(),
                        QuantizeConfig(progress=False))
 
 
@@ -242,12 +242,12 @@ def test_checkpoint_missing_weights_is_refused_not_randomly_initialised(tiny_ckp
 @pytest.mark.parametrize("sub", ["", "compressed"])
 def test_quantize_into_the_model_directory_is_refused_before_work(calibrated, tmp_path, sub):
     """Item 1 (workflow level): `quantize m -o m` (or a folder inside m) names both paths and writes nothing."""
-    from mcmoe_vl.quant.plan import QuantPlan
+    from mcmoe_vl.quant.plan import BitPlan
     from mcmoe_vl.quant.workflow import QuantizeRun, quantize_files
 
     ckpt, text, _ = calibrated
     plan = tmp_path / "plan.json"
-    QuantPlan(model_type="mixtral", experts={0: [2] * 4, 1: [2] * 4}, group_size=16).save(plan)
+    BitPlan.from_experts({0: [2] * 4, 1: [2] * 4}, model_type="mixtral", group_size=16).save(plan)
     before = {f.name: f.read_bytes() for f in ckpt.iterdir()}
     out = ckpt / sub if sub else ckpt
     with pytest.raises(ValueError, match=rf"output directory {out} is inside the model directory {ckpt}"):

@@ -10,7 +10,7 @@ import torch
 from tiny import tiny_mixtral_q
 
 from mcmoe_vl.quant.model import QuantizeConfig, quantize_model
-from mcmoe_vl.quant.plan import QuantPlan
+from mcmoe_vl.quant.plan import BitPlan
 
 PAD = 8
 LAYER = 0  # layer 0: its inputs are the embeddings, equal for the real tokens whatever the padding
@@ -18,7 +18,7 @@ LAYER = 0  # layer 0: its inputs are the embeddings, equal for the real tokens w
 
 def _quantize(batch):
     model = tiny_mixtral_q(seed=3, experts=4, layers=2)
-    plan = QuantPlan.uniform({0: 4, 1: 4}, 2, group_size=128)
+    plan = BitPlan.uniform({0: 4, 1: 4}, 2, group_size=128)
     report = quantize_model(model, plan, [batch], QuantizeConfig(progress=False, min_tokens=0))
     layer = model.model.layers[LAYER]
     weights = {

@@ -10,7 +10,7 @@ import torch
 from mcmoe_vl.data.embedded import VLM_TINY_DIR, load_embedded_vlm
 from mcmoe_vl.quant.checkpoint import MANIFEST_FILE, CheckpointError, save_quantized
 from mcmoe_vl.quant.model import QuantizeConfig, quantize_model
-from mcmoe_vl.quant.plan import QuantPlan
+from mcmoe_vl.quant.plan import BitPlan
 from model_adapters import get_adapter
 from model_adapters.deepseek_vl2.loading import from_pretrained
 
@@ -24,7 +24,8 @@ def _logits(model, ids):
 def quantized(tmp_path_factory):
     model, _ = load_embedded_vlm(dtype=torch.bfloat16)
     layers = {la.index: la.num_experts for la in get_adapter(model).moe_layers(model)}
-    plan = QuantPlan(model_type="deepseek_vl_v2", experts={i: [2, 3, 1, 2, 2, 3, 2, 1][:n] for i, n in layers.items()})
+    plan = BitPlan.from_experts({i: [2, 3, 1, 2, 2, 3, 2, 1][:n] for i, n in layers.items()},
+                                model_type="deepseek_vl_v2")
     g = torch.Generator().manual_seed(0)
     batches = [{"input_ids": torch.randint(0, 200, (1, 48), generator=g)} for _ in range(2)]
     report = quantize_model(model, plan, batches, QuantizeConfig(progress=False, min_tokens=1))
@@ -59,7 +60,7 @@ def test_edited_config_or_manifest_is_refused(quantized, tmp_path):
         from_pretrained(bad)
     shutil.copy(out / "config.json", bad / "config.json")
     man = json.loads((bad / MANIFEST_FILE).read_text())
-    man["plan"]["default_bits"] = 3
+    man["plan"]["other_bits"] = 3
     (bad / MANIFEST_FILE).write_text(json.dumps(man))
     with pytest.raises(CheckpointError, match="edited after it was written"):
         from_pretrained(bad)

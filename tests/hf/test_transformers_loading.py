@@ -14,7 +14,7 @@ from mcmoe_vl.calibration.workflow import load_model
 from mcmoe_vl.quant.checkpoint import (MANIFEST_FILE, TENSOR_FILE, CheckpointError, load_quantized, save_quantized,
                                        seal_manifest)
 from mcmoe_vl.quant.model import QuantizeConfig, quantize_model
-from mcmoe_vl.quant.plan import QuantPlan
+from mcmoe_vl.quant.plan import BitPlan
 
 EMBEDDED = Path(__file__).resolve().parents[2] / "embedded" / "mixtral-tiny"
 
@@ -27,7 +27,7 @@ def _ids(n: int = 2, seq: int = 48, seed: int = 0) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory) -> Path:
     model = load_model(EMBEDDED, dtype=torch.bfloat16)
-    plan = QuantPlan(model_type="mixtral", experts={i: [2, 3, 1, 2, 2, 3, 2, 1] for i in range(4)})
+    plan = BitPlan.from_experts({i: [2, 3, 1, 2, 2, 3, 2, 1] for i in range(4)}, model_type="mixtral")
     batches = [{"input_ids": row[None]} for row in _ids(2, 64, seed=1)]
     report = quantize_model(model, plan, batches, QuantizeConfig(progress=False, min_tokens=1))
     out = tmp_path_factory.mktemp("hf") / "q"
@@ -97,10 +97,10 @@ def test_a_missing_tensor_is_an_error_not_a_fresh_initialisation(ckpt, tmp_path)
         AutoModelForCausalLM.from_pretrained(str(bad))
     # even with a manifest rewritten to match the file, the model's missing tensor is named
     man = json.loads((bad / MANIFEST_FILE).read_text())
-    from mcmoe_vl.quant.checkpoint import _sha256
+    from mcmoe_vl.io import file_sha256
 
     del man["tensors"]["model.layers.1.self_attn.o_proj.qdata"]
-    man["file"].update(bytes=os.stat(bad / TENSOR_FILE).st_size, sha256=_sha256(bad / TENSOR_FILE))
+    man["file"].update(bytes=os.stat(bad / TENSOR_FILE).st_size, sha256=file_sha256(bad / TENSOR_FILE))
     (bad / MANIFEST_FILE).write_text(json.dumps(seal_manifest(man)))
     with pytest.raises(CheckpointError, match="o_proj"):
         AutoModelForCausalLM.from_pretrained(str(bad))

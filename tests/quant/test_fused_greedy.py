@@ -9,7 +9,7 @@ from mcmoe_vl.quant import kernels
 from mcmoe_vl.quant.checkpoint import load_quantized, save_quantized
 from mcmoe_vl.quant.model import QuantizeConfig, quantize_model
 from mcmoe_vl.quant.native import Isa
-from mcmoe_vl.quant.plan import QuantPlan
+from mcmoe_vl.quant.plan import BitPlan
 from mcmoe_vl.quant.qlinear import Kernel, QuantExperts, Runtime, set_kernel, set_runtime
 from model_adapters import get_adapter
 
@@ -18,8 +18,8 @@ PROMPTS = ["def read_file(path):\n    \"\"\"", "Return the number of", "class Pa
 
 def _plan(model, gs=128):
     layers = {la.index: la.num_experts for la in get_adapter(model).moe_layers(model)}
-    return QuantPlan(experts={i: [(2, 3, 1, 4, 2, 3, 2, 2)[e % 8] for e in range(n)] for i, n in layers.items()},
-                     group_size=gs)
+    return BitPlan.from_experts({i: [(2, 3, 1, 4, 2, 3, 2, 2)[e % 8] for e in range(n)] for i, n in layers.items()},
+                                group_size=gs)
 
 
 def _greedy(model, ids, n):

@@ -13,7 +13,7 @@ from mcmoe_vl.moe.fused import FusedMoE, install_fused
 from mcmoe_vl.quant.gptq import rtn_quantize
 from mcmoe_vl.quant.model import QuantizeConfig, quantize_model
 from mcmoe_vl.quant.packed import PackedTensor
-from mcmoe_vl.quant.plan import QuantPlan
+from mcmoe_vl.quant.plan import BitPlan
 from mcmoe_vl.quant.qlinear import Kernel, QuantExpert, QuantLinear, concat_rows, set_kernel
 from mcmoe_vl.quant.quantizer import get_quantizer
 from model_adapters import get_adapter
@@ -92,7 +92,7 @@ def test_fused_model_equals_dispatch_with_pruning(native_lib, family):
     torch.set_num_threads(1)
     model, gs = _tiny(family)
     layers = {la.index: la.num_experts for la in get_adapter(model).moe_layers(model)}
-    plan = QuantPlan(experts={i: [(1, 2, 3, 4)[e % 4] for e in range(n)] for i, n in layers.items()}, group_size=gs)
+    plan = BitPlan.from_experts({i: [(1, 2, 3, 4)[e % 4] for e in range(n)] for i, n in layers.items()}, group_size=gs)
     quantize_model(model, plan, batches(1, seq=8), QuantizeConfig(progress=False, min_tokens=10**9))  # RTN: fast
     ids = batches(1, seq=12, seed=3)[0]["input_ids"]
     calls = []
@@ -123,7 +123,7 @@ def test_fused_model_equals_dispatch_with_pruning(native_lib, family):
 def test_quant_experts_module_runs_fused_with_the_simd_kernel(native_lib):
     torch.set_num_threads(1)
     model = tiny_mixtral_q(experts=4)
-    quantize_model(model, QuantPlan(experts={0: [2, 3, 1, 4], 1: [2, 2, 3, 3]}, group_size=32), batches(1, seq=8),
+    quantize_model(model, BitPlan.from_experts({0: [2, 3, 1, 4], 1: [2, 2, 3, 3]}, group_size=32), batches(1, seq=8),
                    QuantizeConfig(progress=False, min_tokens=10**9))
     ids = batches(1, seq=6, seed=5)[0]["input_ids"]
     with torch.no_grad():

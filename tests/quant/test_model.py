@@ -13,7 +13,7 @@ from mcmoe_vl.quant.checkpoint import (MANIFEST_FILE, TENSOR_FILE, CheckpointErr
                                       seal_manifest)
 from mcmoe_vl.quant.gptq import HessianAccumulator
 from mcmoe_vl.quant.model import HessianDtype, QuantizeConfig, quantize_expert, quantize_model
-from mcmoe_vl.quant.plan import PlanError, QuantPlan, load_plan
+from mcmoe_vl.quant.plan import BitPlan, PlanError, load_plan
 from mcmoe_vl.quant.qlinear import QuantExpert, QuantExperts, QuantLinear, Runtime
 from model_adapters import get_adapter
 
@@ -25,7 +25,7 @@ def quantized(tmp_path_factory):
     torch.set_num_threads(1)
     orig = tiny_mixtral_q(dtype=torch.bfloat16)
     model = tiny_mixtral_q(dtype=torch.bfloat16)
-    plan = QuantPlan(experts=PLAN)
+    plan = BitPlan.from_experts(PLAN)
     cfg = QuantizeConfig(min_tokens=14, progress=False, act_order=True)
     report = quantize_model(model, plan, batches(), cfg)
     out = tmp_path_factory.mktemp("ckpt")
@@ -149,7 +149,7 @@ def test_refuses_truncated_edited_or_foreign_checkpoints(quantized, tmp_path):
 def test_two_bit_plan_costs_2_25_bits_on_disk(tmp_path):
     torch.set_num_threads(1)
     model = tiny_mixtral_q(dtype=torch.bfloat16)
-    plan = QuantPlan.uniform({0: 4, 1: 4}, 2)
+    plan = BitPlan.uniform({0: 4, 1: 4}, 2)
     report = quantize_model(model, plan, batches(1), QuantizeConfig(progress=False, min_tokens=0))
     acc = save_quantized(model, tmp_path, plan=plan, report=report)
     assert acc.effective_bits_experts == pytest.approx(2.25)  # 2 + (16 + 16) / 128, not 16 with a label
@@ -184,7 +184,7 @@ def test_paper_nominal_bits_from_mixtral_8x7b_shapes():
 
 
 def test_plan_files_and_errors(tmp_path):
-    plan = QuantPlan(experts=PLAN, modules={"re:.*\\.o_proj": 16}, metadata={"allocator": "hand"})
+    plan = BitPlan.from_experts(PLAN, modules={"re:.*\\.o_proj": 16}, allocator="hand")
     plan.save(tmp_path / "p.json")
     back = load_plan(tmp_path / "p.json")
     assert back == plan
@@ -192,26 +192,27 @@ def test_plan_files_and_errors(tmp_path):
     assert back.module_bits("model.layers.0.self_attn.q_proj") == 4
     assert back.module_bits("lm_head") == 16 and back.module_bits("model.vision_tower.blocks.0.fc1") == 16
     with pytest.raises(PlanError, match="3 widths but the model has 4"):
-        QuantPlan(experts={0: [2, 2, 2]}).expert_bits(0, 4)
+        BitPlan.from_experts({0: [2, 2, 2]}).expert_bits(0, 4)
     with pytest.raises(ValueError, match="valid widths"):
-        QuantPlan(experts={0: [5]})
+        BitPlan.from_experts({0: [5]})
     (tmp_path / "x.json").write_text("{\"experts\": {}}")
-    with pytest.raises(PlanError, match="not a plan"):
+    with pytest.raises(PlanError, match="layers: required key is missing; experts: unknown key"):
         load_plan(tmp_path / "x.json")
     model = tiny_mixtral_q()
     with pytest.raises(PlanError, match="layers \\[5\\]"):
-        quantize_model(model, QuantPlan(experts={0: [2] * 4, 1: [2] * 4, 5: [2]}), batches(1),
+        quantize_model(model, BitPlan.from_experts({0: [2] * 4, 1: [2] * 4, 5: [2]}), batches(1),
                        QuantizeConfig(progress=False))
 
 
-def test_allocator_bit_plan_is_accepted(tmp_path):
-    from mcmoe_vl.allocation.plan import BitPlan, LayerPlan
+def test_allocator_bit_plan_file_round_trips(tmp_path):
+    from mcmoe_vl.quant.plan import LayerPlan
 
     bp = BitPlan(model_type="mixtral", allocator="pmq", layers=[LayerPlan(index=0, path="model.layers.0.mlp",
                                                                           bits=[1, 2, 3, 4])], other_bits=3)
     bp.save(tmp_path / "plan.json")
     plan = load_plan(tmp_path / "plan.json")
-    assert plan.experts == {0: [1, 2, 3, 4]} and plan.default_bits == 3 and plan.metadata["allocator"] == "pmq"
+    assert plan == bp and plan.experts == {0: [1, 2, 3, 4]}
+    assert plan.module_bits("model.layers.0.self_attn.q_proj") == 3
 
 
 def test_hessian_dtype_option():
@@ -239,7 +240,7 @@ def test_other_families_quantize_save_and_load(family, tmp_path):
     torch.set_num_threads(1)
     model = getattr(tiny_models, family)()
     layers = {la.index: la.num_experts for la in get_adapter(model).moe_layers(model)}
-    plan = QuantPlan.uniform(layers, 2, group_size=16)
+    plan = BitPlan.uniform(layers, 2, group_size=16)
     ids = torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(0))
     report = quantize_model(model, plan, [{"input_ids": ids}], QuantizeConfig(progress=False, min_tokens=2))
     assert len(report.layers) == len(layers) and report.routers

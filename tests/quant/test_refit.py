@@ -99,14 +99,14 @@ def test_engine_follows_the_plans_refit_unless_told():
     from tiny import batches, tiny_mixtral_q
 
     from mcmoe_vl.quant.model import QuantizeConfig, quantize_model
-    from mcmoe_vl.quant.plan import QuantPlan
+    from mcmoe_vl.quant.plan import BitPlan
 
     torch.set_num_threads(1)
     experts = {0: [1, 2, 1, 3], 1: [1, 1, 2, 2]}
 
     def one_bit_expert(plan_refit: bool, cfg_refit: bool | None):
         model = tiny_mixtral_q()
-        plan = QuantPlan(experts=experts, metadata={"refit_1bit": plan_refit})
+        plan = BitPlan.from_experts(experts, refit_1bit=plan_refit)
         quantize_model(model, plan, batches(2), QuantizeConfig(progress=False, min_tokens=0, refit_1bit=cfg_refit))
         return model.model.layers[0].mlp.experts.experts[0].gate_up.packed
 

@@ -5,10 +5,9 @@ from __future__ import annotations
 import pytest
 
 from mcmoe_vl.allocation.config import AllocationConfig
-from mcmoe_vl.allocation.plan import BitPlan, LayerPlan
 from mcmoe_vl.calibration.calibrate import CalibrationConfig
 from mcmoe_vl.quant.packing import SUPPORTED_BITS
-from mcmoe_vl.quant.plan import QuantPlan
+from mcmoe_vl.quant.plan import BitPlan, LayerPlan, plan_from_dict
 from mcmoe_vl.quant.widths import QUANT_WIDTHS, check_width, check_widths
 from mcmoe_vl.suite.schema import QuantSpec
 
@@ -34,13 +33,14 @@ def test_every_config_refuses_the_same_widths(width):
         lambda: AllocationConfig(bits=(1, width)),
         lambda: CalibrationConfig(eps_bits=(1, width)),
         lambda: BitPlan(model_type="m", allocator="a", layers=[LayerPlan(index=0, path="p", bits=[2, width])]),
-        lambda: QuantPlan(experts={0: [2, width]}),
+        lambda: BitPlan.from_experts({0: [2, width]}),
+        lambda: plan_from_dict({"format": "mcmoe_vl.quant_plan", "version": 1, "experts": {"0": [2, width]}}),
     ]
     for make in makers:
         with pytest.raises(ValueError, match=msg):
             make()
     # 16 (unquantized) is a plan width, never an allocatable or measurable one
     BitPlan(model_type="m", allocator="a", layers=[LayerPlan(index=0, path="p", bits=[2, 16])])
-    QuantPlan(experts={0: [2, 16]})
+    BitPlan.from_experts({0: [2, 16]})
     with pytest.raises(ValueError, match="width 16 is not supported"):
         AllocationConfig(bits=(1, 16))
