@@ -125,15 +125,15 @@ def manifest_digest(manifest: dict) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def seal_manifest(manifest: dict) -> dict:
-    """``manifest`` (as plain JSON values) with its ``integrity`` digest (re)computed."""
-    manifest = json.loads(json.dumps(manifest, default=_json_default))  # the digest is of what lands on disk
-    return {**manifest, "integrity": {"algorithm": "sha256", "digest": manifest_digest(manifest)}}
-
-
 def json_values(obj: Any) -> Any:
     """``obj`` as plain JSON values (a Hugging Face config dict may hold dtypes and other objects)."""
     return json.loads(json.dumps(obj, default=_json_default))
+
+
+def seal_manifest(manifest: dict) -> dict:
+    """``manifest`` (a raw manifest dict) with its ``integrity`` digest (re)computed."""
+    manifest = json_values(manifest)  # the digest is of what lands on disk
+    return {**manifest, "integrity": {"algorithm": "sha256", "digest": manifest_digest(manifest)}}
 
 
 def read_manifest(ckpt_dir: str | os.PathLike[str]) -> Manifest:
