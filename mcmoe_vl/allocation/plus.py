@@ -187,7 +187,8 @@ def preview_experts(model: nn.Module, fit_batches: Sequence[Mapping[str, Any]], 
     are the engine's packed :class:`QuantExpert` (codes at the true width).
     """
     from mcmoe_vl.moe.layerwise import iterate_layers
-    from mcmoe_vl.quant.model import QuantizeConfig, _collect, _ExpertCollector, _ValidTokens
+    from mcmoe_vl.quant.collect import ExpertCollector, ValidTokens, collect_layer
+    from mcmoe_vl.quant.model import QuantizeConfig
 
     if adapter is None:
         from model_adapters import get_adapter
@@ -198,15 +199,15 @@ def preview_experts(model: nn.Module, fit_batches: Sequence[Mapping[str, Any]], 
     cfg = QuantizeConfig(damp=plus.damp, refit_1bit=plus.refit_1bit, min_tokens=plus.min_tokens, progress=False)
     dtype = next(model.parameters()).dtype
     out = Preview()
-    valid = _ValidTokens()  # the engine's padding handling: Hessians and token counts over real tokens only
+    valid = ValidTokens()  # the engine's padding handling: Hessians and token counts over real tokens only
     for step in iterate_layers(model, fit_batches, adapter=adapter, progress=False):
         layer = moe.get(step.index)
         if layer is None:
             continue
-        col = _ExpertCollector(layer, torch.float32, valid)
+        col = ExpertCollector(layer, torch.float32, valid)
         hook = layer.block.register_forward_pre_hook(col, with_kwargs=True)
         try:
-            _collect(step, valid)
+            collect_layer(step, valid)
         finally:
             hook.remove()
         out.tokens[step.index] = list(col.tokens)

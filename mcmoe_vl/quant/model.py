@@ -23,6 +23,7 @@ from __future__ import annotations
 import enum
 import logging
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -32,8 +33,9 @@ from tqdm.auto import tqdm
 
 from mcmoe_vl.moe.checks import check_finite_weights
 from mcmoe_vl.moe.interface import ExpertWeights, FusedExpertStorage, ModuleListExpertStorage, MoELayer
-from mcmoe_vl.moe.layerwise import LayerInput, LayerStep, run_layer
+from mcmoe_vl.moe.layerwise import LayerStep
 
+from .collect import ExpertCollector, ValidTokens, collect_layer
 from .gptq import HessianAccumulator, QuantResult, gptq_quantize, prepare_inverse, rtn_quantize
 from .packed import PackedTensor
 from .plan import BitPlan, PlanError, check_plan_type
@@ -141,68 +143,6 @@ def quantize_expert(weights: ExpertWeights, bits: int, cfg: QuantizeConfig, *, g
     }
 
 
-# -- collecting Hessians for one decoder layer --------------------------------------------------------------------
-class _ValidTokens:
-    """The valid-token mask of the cached batch the layer is running on now (set by :func:`_collect` from
-    :attr:`~mcmoe_vl.moe.layerwise.LayerInput.valid`), applied to inputs."""
-
-    def __init__(self) -> None:
-        self.current: LayerInput | None = None  # the cached batch running now (None: every token is real)
-        self.rerouting = False  # the expert collector is calling the router itself: not a forward of the layer
-
-    def rows(self, x: torch.Tensor, where: str) -> torch.Tensor:
-        """``x`` (..., C) flattened to (T, C), padding rows removed."""
-        if self.current is None:
-            return x.reshape(-1, x.shape[-1])
-        return self.current.valid_rows(x, where)
-
-
-def _collect(step: LayerStep, valid: _ValidTokens) -> None:
-    """One forward of the layer per cached batch, with ``valid`` set to that batch's padding mask."""
-    try:
-        with torch.no_grad():
-            for inp in step.inputs:
-                valid.current = inp
-                run_layer(step.layer, inp)
-    finally:
-        valid.current = None
-
-
-class _ExpertCollector:
-    """Hessians of the (real) tokens routed to each expert of one MoE layer (computed with the dense weights)."""
-
-    def __init__(self, layer: MoELayer, dtype: torch.dtype, valid: _ValidTokens) -> None:
-        self.layer = layer
-        self.dtype = dtype
-        self.valid = valid
-        self.h_in: dict[int, HessianAccumulator] = {}
-        self.h_down: dict[int, HessianAccumulator] = {}
-        self.tokens = [0] * layer.num_experts
-
-    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        hidden = args[0] if args else kwargs["hidden_states"]
-        x = self.valid.rows(hidden, self.layer.path)  # (T, H), padding removed
-        self.valid.rerouting = True
-        try:
-            routing = self.layer.route(x)
-        finally:
-            self.valid.rerouting = False
-        st = self.layer.storage
-        for e in range(self.layer.num_experts):
-            tok = (routing.topk_idx == e).any(dim=-1).nonzero().squeeze(-1)
-            if tok.numel() == 0:
-                continue
-            xe = x[tok]  # (n, H)
-            w = st.weights(e)
-            h = (st.act_fn(xe @ w.gate.t().to(xe.dtype)) * (xe @ w.up.t().to(xe.dtype)))  # (n, I)
-            if e not in self.h_in:
-                self.h_in[e] = HessianAccumulator(x.shape[1], dtype=self.dtype)
-                self.h_down[e] = HessianAccumulator(h.shape[1], dtype=self.dtype)
-            self.h_in[e].add(xe)
-            self.h_down[e].add(h)
-            self.tokens[e] += int(tok.numel())
-
-
 def _set_module(root: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, attr = name.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
@@ -222,6 +162,28 @@ def _experts_module_name(model: nn.Module, layer: MoELayer) -> str:
 
 
 # -- the whole model ------------------------------------------------------------------------------------------------
+@dataclass
+class _Run:
+    """What every layer of one :func:`quantize_model` call shares."""
+
+    model: nn.Module
+    plan: BitPlan
+    cfg: QuantizeConfig
+    adapter: Any
+    dtype: torch.dtype  # of the quantized modules' outputs
+    names: dict[nn.Module, str]  # module -> qualified name
+    report: QuantReport = field(default_factory=QuantReport)
+    done: set[str] = field(default_factory=set)  # linears already given their width (inside decoder layers)
+    valid: ValidTokens = field(default_factory=ValidTokens)
+
+    def linear(self, name: str, mod: nn.Linear, bits: int, inv: torch.Tensor | None) -> None:
+        """Replace the linear ``name`` by its packed ``bits``-wide GPTQ (``inv`` given) or RTN quantization."""
+        res = quantize_weight(mod.weight.data, bits, self.cfg, group_size=self.plan.group_size, inv=inv)
+        self.report.module_methods[name] = "gptq" if inv is not None else "rtn"
+        _set_module(self.model, name, QuantLinear(PackedTensor.from_result(res), mod.bias, runtime=self.cfg.runtime,
+                                                  dtype=self.dtype))
+
+
 def quantize_model(
     model: nn.Module,
     plan: BitPlan,
@@ -250,6 +212,32 @@ def quantize_model(
         from model_adapters import get_adapter
 
         adapter = get_adapter(model)
+    moe_layers = _checked_moe_layers(model, plan, adapter)
+    dtype = cfg.dtype.torch if cfg.dtype is not None else next(model.parameters()).dtype
+    run = _Run(model, plan, cfg, adapter, dtype, {m: n for n, m in model.named_modules()})
+
+    prepared = [{k: v for k, v in b.items() if k != extras_key} for b in batches] if extras_key else batches
+    for step in iterate_layers(model, prepared, adapter=adapter, progress=cfg.progress):
+        _quantize_layer(run, step, moe_layers.get(step.index))
+        step.run()  # quantized layer: inputs of the next one
+
+    # linears outside the decoder layers (lm_head, vision, ...): RTN if the plan asks for a width
+    for name, mod in list(model.named_modules()):
+        if isinstance(mod, nn.Linear) and name not in run.done:
+            bits = plan.module_bits(name)
+            if bits < 16:
+                run.linear(name, mod, bits, None)
+                run.report.modules[name] = bits
+    n_starved = sum(len(v) for v in run.report.starved.values())
+    if n_starved:
+        log.warning("%d experts had %s and were quantized by round-to-nearest: %s", n_starved,
+                    _starved_phrase(cfg.min_tokens), run.report.starved)
+    return run.report
+
+
+def _checked_moe_layers(model: nn.Module, plan: BitPlan, adapter: Any) -> dict[int, MoELayer]:
+    """The model's MoE layers by decoder index, after checking that the plan, the weights and the expert storage
+    can be quantized (before any long work)."""
     moe_layers = {la.index: la for la in adapter.moe_layers(model)}
     plan.check_layers({i: la.num_experts for i, la in moe_layers.items()})
     check_finite_weights(model, moe_layers.values())  # a NaN expert is named here, not by a Cholesky failure
@@ -257,99 +245,86 @@ def quantize_model(
         if not isinstance(la.storage, (FusedExpertStorage, ModuleListExpertStorage)):
             raise PlanError(f"{la.path}: expert storage {type(la.storage).__name__} is not supported "
                             "(supported: fused 3-D tensors, or a module list of gate/up/down Linears)")
-    param = next(model.parameters())
-    dtype = cfg.dtype.torch if cfg.dtype is not None else param.dtype
-    g = plan.group_size
-    hdt = cfg.hessian_dtype.torch
-    names = {m: n for n, m in model.named_modules()}
-    report = QuantReport()
-    done: set[str] = set()
+    return moe_layers
 
-    valid = _ValidTokens()
-    prepared = [{k: v for k, v in b.items() if k != extras_key} for b in batches] if extras_key else batches
-    for step in iterate_layers(model, prepared, adapter=adapter, progress=cfg.progress):
-        moe = moe_layers.get(step.index)
-        experts_mod = moe.storage.module if moe is not None else None
-        expert_linears = {id(m) for m in experts_mod.modules()} if experts_mod is not None else set()
-        shared = moe.shared_experts if moe is not None else None
-        shared_ids = {id(m) for m in shared.modules()} if shared is not None else set()
-        # linears of this layer (not inside routed experts) and their widths
-        targets: dict[str, tuple[nn.Module, int]] = {}
-        for mod in step.layer.modules():
-            if isinstance(mod, nn.Linear) and id(mod) not in expert_linears:
-                name = names[mod]
-                bits = plan.module_bits(name, shared_expert=id(mod) in shared_ids)
-                report.modules[name] = bits
-                done.add(name)
-                if bits < 16:
-                    targets[name] = (mod, bits)
-        router = _router_module(adapter, moe) if moe is not None else None
-        router_bits = 16
-        if router is not None and not isinstance(router, nn.Linear) and cfg.quantize_router:
-            rw = getattr(router, "weight", None)
-            if isinstance(rw, torch.Tensor) and rw.dim() == 2:
-                router_bits = plan.module_bits(names[router])
-        accs: dict[str, HessianAccumulator] = {}
-        hooks = []
 
-        def make_hook(key: str, cols: int):
-            def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-                if valid.rerouting:  # the expert collector's own routing call: counted once, by the forward
-                    return
-                x = args[0] if args else next(iter(kwargs.values()))
-                accs.setdefault(key, HessianAccumulator(cols, dtype=hdt)).add(valid.rows(x.detach(), key))
-            return hook
-
-        for name, (mod, _) in targets.items():
-            hooks.append(mod.register_forward_pre_hook(make_hook(name, mod.in_features), with_kwargs=True))
-        if router_bits < 16:
-            hooks.append(router.register_forward_pre_hook(make_hook(names[router], router.weight.shape[1]),
-                                                          with_kwargs=True))
-        collector = None
-        if moe is not None:
-            collector = _ExpertCollector(moe, hdt, valid)
-            hooks.append(moe.block.register_forward_pre_hook(collector, with_kwargs=True))
-        try:
-            _collect(step, valid)  # original weights: collect over the real tokens
-        finally:
-            for h in hooks:
-                h.remove()
-
-        # other linears
-        for name, (mod, bits) in targets.items():
-            acc = accs.get(name)
-            inv = prepare_inverse(acc.hessian(), damp=cfg.damp, act_order=cfg.act_order) if acc and acc.n else None
-            res = quantize_weight(mod.weight.data, bits, cfg, group_size=g, inv=inv)
-            report.module_methods[name] = "gptq" if inv is not None else "rtn"
-            _set_module(model, name, QuantLinear(PackedTensor.from_result(res), mod.bias, runtime=cfg.runtime,
-                                                 dtype=dtype))
-        if router_bits < 16:
-            acc = accs.get(names[router])
-            inv = prepare_inverse(acc.hessian(), damp=cfg.damp, act_order=cfg.act_order) if acc and acc.n else None
-            res = quantize_weight(router.weight.data, router_bits, cfg, group_size=g, inv=inv)
-            with torch.no_grad():
-                router.weight.copy_(PackedTensor.from_result(res).dequantize(router.weight.dtype))
-            report.routers[names[router]] = router_bits
-        # routed experts
-        if moe is not None:
-            report.layers.append(_quantize_experts(model, moe, plan, cfg, collector, dtype, names))
-        step.run()  # quantized layer: inputs of the next one
-
-    # linears outside the decoder layers (lm_head, vision, ...): RTN if the plan asks for a width
-    for name, mod in list(model.named_modules()):
-        if isinstance(mod, nn.Linear) and name not in done:
-            bits = plan.module_bits(name)
+def _layer_targets(run: _Run, step: LayerStep, moe: MoELayer | None) -> dict[str, tuple[nn.Module, int]]:
+    """The linears of this decoder layer outside the routed experts (attention, shared experts, dense MLPs) that
+    the plan quantizes, with their widths; every one of them is recorded in the report."""
+    experts_mod = moe.storage.module if moe is not None else None
+    expert_linears = {id(m) for m in experts_mod.modules()} if experts_mod is not None else set()
+    shared = moe.shared_experts if moe is not None else None
+    shared_ids = {id(m) for m in shared.modules()} if shared is not None else set()
+    targets: dict[str, tuple[nn.Module, int]] = {}
+    for mod in step.layer.modules():
+        if isinstance(mod, nn.Linear) and id(mod) not in expert_linears:
+            name = run.names[mod]
+            bits = run.plan.module_bits(name, shared_expert=id(mod) in shared_ids)
+            run.report.modules[name] = bits
+            run.done.add(name)
             if bits < 16:
-                res = quantize_weight(mod.weight.data, bits, cfg, group_size=g, inv=None)
-                _set_module(model, name, QuantLinear(PackedTensor.from_result(res), mod.bias,
-                                                     runtime=cfg.runtime, dtype=dtype))
-                report.module_methods[name] = "rtn"
-                report.modules[name] = bits
-    n_starved = sum(len(v) for v in report.starved.values())
-    if n_starved:
-        log.warning("%d experts had %s and were quantized by round-to-nearest: %s", n_starved,
-                    _starved_phrase(cfg.min_tokens), report.starved)
-    return report
+                targets[name] = (mod, bits)
+    return targets
+
+
+def _router_bits(run: _Run, router: nn.Module | None) -> int:
+    """The width of a router weight that is not an ``nn.Linear`` (16: left alone)."""
+    if router is not None and not isinstance(router, nn.Linear) and run.cfg.quantize_router:
+        rw = getattr(router, "weight", None)
+        if isinstance(rw, torch.Tensor) and rw.dim() == 2:
+            return run.plan.module_bits(run.names[router])
+    return 16
+
+
+def _quantize_layer(run: _Run, step: LayerStep, moe: MoELayer | None) -> None:
+    """Collect this layer's Hessians over the real tokens with its original weights, then quantize its linears,
+    its router weight and its routed experts."""
+    targets = _layer_targets(run, step, moe)
+    router = _router_module(run.adapter, moe) if moe is not None else None
+    router_bits = _router_bits(run, router)
+    hdt = run.cfg.hessian_dtype.torch
+    accs: dict[str, HessianAccumulator] = {}
+    valid = run.valid
+
+    def make_hook(key: str, cols: int):
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            if valid.rerouting:  # the expert collector's own routing call: counted once, by the forward
+                return
+            x = args[0] if args else next(iter(kwargs.values()))
+            accs.setdefault(key, HessianAccumulator(cols, dtype=hdt)).add(valid.rows(x.detach(), key))
+        return hook
+
+    hooks = [mod.register_forward_pre_hook(make_hook(name, mod.in_features), with_kwargs=True)
+             for name, (mod, _) in targets.items()]
+    if router_bits < 16:
+        hooks.append(router.register_forward_pre_hook(make_hook(run.names[router], router.weight.shape[1]),
+                                                      with_kwargs=True))
+    collector = None
+    if moe is not None:
+        collector = ExpertCollector(moe, hdt, valid)
+        hooks.append(moe.block.register_forward_pre_hook(collector, with_kwargs=True))
+    try:
+        collect_layer(step, valid)  # original weights: collect over the real tokens
+    finally:
+        for h in hooks:
+            h.remove()
+
+    for name, (mod, bits) in targets.items():
+        run.linear(name, mod, bits, _inverse(accs.get(name), run.cfg))
+    if router_bits < 16:
+        res = quantize_weight(router.weight.data, router_bits, run.cfg, group_size=run.plan.group_size,
+                              inv=_inverse(accs.get(run.names[router]), run.cfg))
+        with torch.no_grad():
+            router.weight.copy_(PackedTensor.from_result(res).dequantize(router.weight.dtype))
+        run.report.routers[run.names[router]] = router_bits
+    if moe is not None:
+        run.report.layers.append(_quantize_experts(run.model, moe, run.plan, run.cfg, collector, run.dtype,
+                                                   run.names))
+
+
+def _inverse(acc: HessianAccumulator | None, cfg: QuantizeConfig) -> torch.Tensor | None:
+    """GPTQ's inverse-Hessian factor of a collected Hessian (None when no token reached the weight: RTN)."""
+    return prepare_inverse(acc.hessian(), damp=cfg.damp, act_order=cfg.act_order) if acc and acc.n else None
 
 
 def _starved_phrase(min_tokens: int) -> str:
@@ -358,7 +333,7 @@ def _starved_phrase(min_tokens: int) -> str:
 
 
 def _quantize_experts(model: nn.Module, moe: MoELayer, plan: BitPlan, cfg: QuantizeConfig,
-                      col: _ExpertCollector, dtype: torch.dtype, names: dict) -> LayerRecord:
+                      col: ExpertCollector, dtype: torch.dtype, names: dict) -> LayerRecord:
     bits_list = plan.expert_bits(moe.index, moe.num_experts)
     st = moe.storage
     fused = isinstance(st, FusedExpertStorage)

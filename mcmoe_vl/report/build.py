@@ -180,6 +180,22 @@ def build_report(
     fig_dir.mkdir(parents=True, exist_ok=True)
 
     models = sorted({f.model for f in files})
+    lines = _header(files, title, command, notes)
+    rows_by_model: dict[str, list[Row]] = {}
+    for model in models:
+        rows_by_model[model] = rows = built[model]
+        if baseline:
+            _set_baseline(rows, baseline)
+        lines += _model_section(model, rows, columns[model], files, baseline, compare_to, settings)
+    lines += _figures(files, origin, rows_by_model, fig_dir, out)
+    lines += _sources(files, paths, out)
+    report = out / REPORT_NAME
+    write_text_atomic(report, "\n".join(lines) + "\n")
+    log.info("wrote %s (%d results files, %d models)", report, len(files), len(models))
+    return report
+
+
+def _header(files: list[ResultsFile], title: str | None, command: str | None, notes: list[str] | None) -> list[str]:
     suites = sorted({f.suite for f in files})
     dates = sorted({f.date for f in files})
     lines = [f"# {title or 'Compression report: ' + ', '.join(suites)}", ""]
@@ -189,46 +205,54 @@ def build_report(
               f"run between {dates[0]} and {dates[-1]}. Every number below is read from those files.", ""]
     if notes:
         lines += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
+    return lines
 
-    rows_by_model: dict[str, list[Row]] = {}
-    for model in models:
-        cols, rows = columns[model], built[model]
-        if baseline:
-            from .tables import reference_row
 
-            for r in rows:
-                r.baseline = r.recipe == baseline
-            rows.sort(key=lambda r: (not r.baseline, -r.nominal_bits, r.recipe, r.run))
-            for r in rows:
-                ref = reference_row(rows, r, baseline)
-                r.delta = None if ref is None or r.average is None or ref.average is None else r.average - ref.average
-                r.speedup = (r.tokens_per_second / ref.tokens_per_second
-                             if ref is not None and r.tokens_per_second and ref.tokens_per_second else None)
-        rows_by_model[model] = rows
-        base_label = baseline or next((r.recipe for r in rows if r.baseline), "baseline")
-        lines += [f"## {model}", ""]
-        lines += _task_table(rows, cols, base_label, files, settings)
-        lines += ["", _metric_legend(cols, rows, settings), ""]
-        spread = seed_spread_table(rows, cols)
-        if spread:
-            lines += ["Spread over calibration seeds (sample standard deviation of each task's score, display "
-                      "units); the intervals above and below include it.", ""] + spread + [""]
-        ptab = paired_table(rows, cols, baseline, compare_to, settings)
-        if ptab:
-            lines += [f"**Paired differences** (row minus the recipe it is compared with; accuracies in points, "
-                      f"perplexities in % of the other recipe's), with {settings.pct} intervals from a paired "
-                      f"bootstrap over the same documents ({settings.iters} resamples; seeds resampled too). "
-                      f"**Bold** ▲ / ▼: significantly better / worse at {settings.pct} (the interval excludes 0); "
-                      "anything else is within noise.", ""] + ptab + [""]
-        lines += _details(rows)
+def _set_baseline(rows: list[Row], baseline: str) -> None:
+    """Mark ``baseline``'s rows, sort them first and give every row its Δ and speed-up against its reference."""
+    from .tables import reference_row
 
-    lines += ["## Accuracy against bits", ""]
+    for r in rows:
+        r.baseline = r.recipe == baseline
+    rows.sort(key=lambda r: (not r.baseline, -r.nominal_bits, r.recipe, r.run))
+    for r in rows:
+        ref = reference_row(rows, r, baseline)
+        r.delta = None if ref is None or r.average is None or ref.average is None else r.average - ref.average
+        r.speedup = (r.tokens_per_second / ref.tokens_per_second
+                     if ref is not None and r.tokens_per_second and ref.tokens_per_second else None)
+
+
+def _model_section(model: str, rows: list[Row], cols: list[TaskColumn], files: list[ResultsFile],
+                   baseline: str | None, compare_to: str | None, settings: Settings) -> list[str]:
+    """One model's tables: scores with intervals, seed spread, paired differences, details."""
+    base_label = baseline or next((r.recipe for r in rows if r.baseline), "baseline")
+    lines = [f"## {model}", ""]
+    lines += _task_table(rows, cols, base_label, files, settings)
+    lines += ["", _metric_legend(cols, rows, settings), ""]
+    spread = seed_spread_table(rows, cols)
+    if spread:
+        lines += ["Spread over calibration seeds (sample standard deviation of each task's score, display "
+                  "units); the intervals above and below include it.", ""] + spread + [""]
+    ptab = paired_table(rows, cols, baseline, compare_to, settings)
+    if ptab:
+        lines += [f"**Paired differences** (row minus the recipe it is compared with; accuracies in points, "
+                  f"perplexities in % of the other recipe's), with {settings.pct} intervals from a paired "
+                  f"bootstrap over the same documents ({settings.iters} resamples; seeds resampled too). "
+                  f"**Bold** ▲ / ▼: significantly better / worse at {settings.pct} (the interval excludes 0); "
+                  "anything else is within noise.", ""] + ptab + [""]
+    return lines + _details(rows)
+
+
+def _figures(files: list[ResultsFile], origin: dict[int, Path], rows_by_model: dict[str, list[Row]],
+             fig_dir: Path, out: Path) -> list[str]:
+    """The accuracy-against-bits panel, the pruned recipes' active experts, the bit-allocation heatmaps."""
+    lines = ["## Accuracy against bits", ""]
     pareto = pareto_plot(rows_by_model, fig_dir / "pareto.png")
     lines += [f"![accuracy against bits]({_rel(pareto, out)})", "",
               "One panel per model: its average over the higher-is-better tasks (± standard error) against nominal "
               "bits; the line joins the model's Pareto-optimal recipes (no recipe with fewer bits scores higher).", ""]
 
-    active = [(m, [r for r in rows_by_model[m] if r.files[0].compression.prune]) for m in models]
+    active = [(m, [r for r in rows if r.files[0].compression.prune]) for m, rows in rows_by_model.items()]
     active = [(m, rs) for m, rs in active if rs]
     if active:
         lines += ["## Active experts per layer", "", "The pruned recipes only (every other recipe runs top-k).", ""]
@@ -241,17 +265,17 @@ def build_report(
     heat = _heatmaps(files, origin, fig_dir, out)
     if heat:
         lines += ["## Bit allocation and expert significance", ""] + heat
+    return lines
 
-    lines += ["## Sources", "", "| File | Suite | Model | Recipe | Seed | Date | SHA-256 |",
-              "|---|---|---|---|---:|---|---|"]
+
+def _sources(files: list[ResultsFile], paths: list[Path], out: Path) -> list[str]:
+    """The results files read, with their digests, and every distinct provenance value."""
+    lines = ["## Sources", "", "| File | Suite | Model | Recipe | Seed | Date | SHA-256 |",
+             "|---|---|---|---|---:|---|---|"]
     for f, p in sorted(zip(files, paths), key=lambda fp: (fp[0].model, fp[0].recipe, fp[0].seed, fp[0].date)):
         digest = hashlib.sha256(p.read_bytes()).hexdigest()[:12]
         lines.append(f"| `{_rel(p, out)}` | {f.suite} | {f.model} | {f.recipe} | {f.seed} | {f.date} | {digest} |")
-    lines += [""] + _provenance(files)
-    report = out / REPORT_NAME
-    write_text_atomic(report, "\n".join(lines) + "\n")
-    log.info("wrote %s (%d results files, %d models)", report, len(files), len(models))
-    return report
+    return lines + [""] + _provenance(files)
 
 
 def _provenance(files: list[ResultsFile]) -> list[str]:
