@@ -17,7 +17,7 @@ import enum
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
@@ -32,6 +32,9 @@ from mcmoe_vl.moe.interface import (
     Scoring,
     scores_from_logits,
 )
+
+if TYPE_CHECKING:
+    from mcmoe_vl.moe.layerwise import LayerAdditions
 
 
 class Modality(str, enum.Enum):
@@ -206,6 +209,12 @@ class MoEAdapter:
     def check_layerwise(self, model: nn.Module, batches: Sequence[Mapping[str, Any]]) -> None:
         """Raise when running ``model``'s decoder layer by layer from captured inputs (calibration, GPTQ, ODP,
         OTP, pmq+) would not reproduce its own forward on ``batches``; the default: it always does."""
+
+    def layer_additions(self, model: nn.Module) -> LayerAdditions | None:
+        """What ``model``'s forward adds to the hidden states between decoder layers, outside the layers, for the
+        layer-by-layer pass to replay (:class:`mcmoe_vl.moe.layerwise.LayerAdditions`); the default: None, the
+        forward only chains the layers."""
+        return None
 
     def lmms_model(self, model: nn.Module, processor: Any, *, batch_size: int = 1, max_new_tokens: int = 32) -> Any:
         """The lmms-eval model around an in-memory model (imports lmms-eval); vision-language families only."""

@@ -10,12 +10,17 @@ The adapter owns the modality: the model is vision-language (lmms-eval evaluates
 (``Qwen3VLMoeForConditionalGeneration``, not ``AutoModelForCausalLM``), and its image tokens are the positions whose
 id is the config's ``image_token_id`` (``image_token_mask``, which the calibration batches of
 :mod:`.qwen3_vl_moe_processing` carry).
+
+Its forward adds the vision encoder's "deepstack" features to the hidden states after the first decoder layers,
+outside the layers; :class:`DeepstackAdditions` (``layer_additions()``) lets the layer-by-layer pass replay them.
 """
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -76,20 +81,71 @@ class Qwen3VLMoeAdapter(MoEAdapter):
         return lmms_model(model, processor, batch_size=batch_size, max_new_tokens=max_new_tokens)
 
     def check_layerwise(self, model: nn.Module, batches: Sequence[Mapping[str, Any]]) -> None:
-        """Refuse image batches when the vision encoder feeds "deepstack" features into the first decoder layers
-        (``vision_config.deepstack_visual_indexes``; every released Qwen3-VL-MoE does): the layer-by-layer pass
-        replays each layer from its captured input only, without those additions, so its statistics and GPTQ
-        Hessians would silently differ from the model's own forward. Text-only batches are exact."""
+        """Refuse image batches on a deepstack model (``vision_config.deepstack_visual_indexes``; every released
+        Qwen3-VL-MoE) when the installed transformers' text model does not take the deepstack features as the
+        keyword arguments :class:`DeepstackAdditions` records: the layer-by-layer pass would skip them."""
         vision = getattr(model.config, "vision_config", None)
         deepstack = list(getattr(vision, "deepstack_visual_indexes", None) or [])
-        with_images = sum(b.get("pixel_values") is not None for b in batches)
-        if deepstack and with_images:
+        with_images = sum(b.get("pixel_values") is not None or b.get("pixel_values_videos") is not None
+                          for b in batches)
+        if not (deepstack and with_images):
+            return
+        params = inspect.signature(self.language_model(model).forward).parameters
+        missing = [k for k in DeepstackAdditions.KWARGS if k not in params]
+        if missing:
             raise NotImplementedError(
-                f"{self.name}: {with_images} calibration batch(es) hold images, and this model adds deepstack "
-                f"visual features (vision_config.deepstack_visual_indexes={deepstack}) inside its first decoder "
-                "layers, which the layer-by-layer pass does not replay; valid: text-only calibration data for this "
-                "model, or a model with deepstack_visual_indexes=[]")
+                f"{self.name}: {with_images} calibration batch(es) hold images and this model adds deepstack visual "
+                f"features (vision_config.deepstack_visual_indexes={deepstack}), but its text model's forward takes "
+                f"no {', '.join(missing)}, so the layer-by-layer pass cannot replay them; valid: a transformers "
+                "version whose Qwen3VLMoeTextModel.forward takes visual_pos_masks and deepstack_visual_embeds, or "
+                "text-only calibration data")
+
+    def layer_additions(self, model: nn.Module) -> DeepstackAdditions:
+        """The deepstack visual features the text model adds after its first decoder layers."""
+        return DeepstackAdditions(self.language_model(model))
 
     def image_token_mask(self, batch: Mapping[str, Any]) -> torch.Tensor | None:
         """``image_token_mask`` as the batch gives it (calibration batches of this family carry one)."""
         return batch.get("image_token_mask")
+
+
+@dataclass
+class DeepstackState:
+    """One batch's deepstack features, as the model passed them to its text model."""
+
+    visual_pos_masks: torch.Tensor  # (B, S) bool: the image and video token positions
+    embeds: list[torch.Tensor]  # per decoder layer i < len(embeds): (n_visual, H) added after layer i
+
+
+class DeepstackAdditions:
+    """Qwen3-VL-MoE's deepstack: after decoder layer ``i < len(deepstack_visual_embeds)`` the text model adds
+    ``deepstack_visual_embeds[i]`` (features of a vision-encoder layer, one row per visual token) to the hidden
+    states at ``visual_pos_masks``. :meth:`record` keeps both from the keyword arguments of the text model's forward
+    (``Qwen3VLMoeTextModel.forward``); :meth:`after_layer` adds them as that forward does. A
+    :class:`mcmoe_vl.moe.layerwise.LayerAdditions`."""
+
+    KWARGS = ("visual_pos_masks", "deepstack_visual_embeds")
+
+    def __init__(self, language_model: nn.Module) -> None:
+        self.source = language_model
+
+    def record(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> DeepstackState | None:
+        mask, embeds = (kwargs.get(k) for k in self.KWARGS)
+        if embeds is None or len(embeds) == 0:  # a text-only batch, or a model without deepstack
+            return None
+        if mask is None:
+            raise ValueError("the text model received deepstack_visual_embeds without visual_pos_masks")
+        mask = mask.detach().bool()
+        n = int(mask.sum())
+        for i, e in enumerate(embeds):
+            if e.shape[0] != n:
+                raise ValueError(f"deepstack_visual_embeds[{i}] has {e.shape[0]} rows for {n} visual positions")
+        return DeepstackState(mask, [e.detach() for e in embeds])
+
+    def after_layer(self, index: int, hidden: torch.Tensor, state: DeepstackState | None) -> torch.Tensor:
+        if state is None or index >= len(state.embeds):
+            return hidden
+        mask = state.visual_pos_masks.to(hidden.device)
+        out = hidden.clone()  # (B, S, H); the layer's own outputs stay as they were
+        out[mask] = out[mask] + state.embeds[index].to(hidden.device, hidden.dtype)
+        return out

@@ -3,10 +3,14 @@ quantization engine: on left-padded batches all four count exactly the real toke
 calibration and GPTQ agree expert by expert.
 
 Not vacuous: the batches carry padding that would route (a real token id), and counting it changes every number.
+
+The layer step also replays what an adapter says the model's forward adds between decoder layers
+(``layer_additions``), for any family.
 """
 
 from __future__ import annotations
 
+import pytest
 import torch
 from tiny_models import tiny_mixtral
 
@@ -75,3 +79,52 @@ def test_calibration_odp_otp_and_gptq_agree_on_the_real_tokens():
     stats_c = calibrate(_model(), counted, CalibrationConfig(eps_bits=(2,), group_size=16), progress=False)
     assert all(la.all.num_tokens == REAL + 4 * PAD for la in stats_c.layers)
     assert fit_odp(_model(), counted, ODPConfig(prune_rate=0.2)).calibration_tokens == REAL + 4 * PAD
+
+
+class _AddAfterLayer0:
+    """The between-layer addition of a made-up family (a LayerAdditions): the model's forward adds a per-batch
+    (B, S, H) tensor to decoder layer 0's outputs; ``record`` takes it in batch order when ``source`` runs."""
+
+    def __init__(self, source: torch.nn.Module, delta: list[torch.Tensor]) -> None:
+        self.source, self.pending = source, list(delta)
+
+    def record(self, args: tuple, kwargs: dict) -> torch.Tensor:
+        return self.pending.pop(0)
+
+    def after_layer(self, index: int, hidden: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+        return hidden + state if index == 0 else hidden
+
+
+def _logits_with_addition(model, batches, delta: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The model's own forward with ``delta[b]`` added to decoder layer 0's outputs on batch ``b``."""
+    out = []
+    with torch.no_grad():
+        for batch, d in zip(batches, delta, strict=True):
+            handle = model.model.layers[0].register_forward_hook(lambda m, a, h, d=d: h + d)
+            try:
+                out.append(model(**batch).logits)
+            finally:
+                handle.remove()
+    return out
+
+
+def test_the_layer_step_replays_an_adapters_between_layer_additions(monkeypatch):
+    model, batches = _model(), _batches()
+    g = torch.Generator().manual_seed(9)
+    delta = [torch.randn(*b["input_ids"].shape, model.config.hidden_size, generator=g) for b in batches]
+    refs = _logits_with_addition(model, batches, delta)
+    with torch.no_grad():
+        assert (model(**batches[0]).logits - refs[0]).abs().max() > 1e-2  # the addition changes the output
+    with ExpertInterface(model) as iface:
+        adapter = type(iface.adapter)
+        monkeypatch.setattr(adapter, "layer_additions", lambda self, m: _AddAfterLayer0(m.model, delta))
+        for step in iterate_layers(model, batches, adapter=iface.adapter, progress=False):
+            outs = step.run()
+        with torch.no_grad():
+            logits = [model.lm_head(model.model.norm(h)) for h in outs]
+        for a, b in zip(logits, refs, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        # a source the forward does not run before decoder layer 0 is an error, not a silent skip
+        monkeypatch.setattr(adapter, "layer_additions", lambda self, m: _AddAfterLayer0(m.lm_head, delta))
+        with pytest.raises(RuntimeError, match="did not run exactly once before decoder layer 0"):
+            next(iterate_layers(model, batches, adapter=iface.adapter, progress=False))

@@ -1,8 +1,9 @@
 """Qwen3-VL-MoE through the library with nothing but its adapter: image+text calibration batches from the adapter,
 calibration statistics split by image and text tokens, PMQ allocation, GPTQ, save / load, ODP and OTP.
 
-A tiny random Qwen3VLMoeForConditionalGeneration (tests/tiny_models.py) with an offline tokenizer and the
-torchvision-free PIL image processor; each image is 49 image tokens.
+A tiny random Qwen3VLMoeForConditionalGeneration (tests/tiny_models.py) with deepstack visual features, an offline
+tokenizer and the torchvision-free PIL image processor; each image is 49 image tokens. The deepstack replay in the
+layer-by-layer pass is tested in tests/test_qwen3_vl_moe_deepstack.py.
 """
 
 from __future__ import annotations
@@ -104,19 +105,3 @@ def test_lmms_eval_runs_the_offline_image_tasks(setup):
         metrics = {k: v for k, v in out["results"][name].items() if "," in k and "stderr" not in k}
         assert metrics and all(isinstance(v, (int, float)) for v in metrics.values()), out["results"][name]
 
-
-def test_layerwise_passes_refuse_image_batches_when_deepstack_features_would_be_skipped(setup):
-    """Released checkpoints add deepstack visual features inside the first decoder layers; the layer-by-layer pass
-    would skip them, so image batches are refused before any work (text-only batches stay exact)."""
-    import copy
-
-    model, _, batches = setup
-    deep = copy.deepcopy(model)
-    deep.config.vision_config.deepstack_visual_indexes = [0]
-    with pytest.raises(NotImplementedError, match="deepstack"):
-        calibrate(deep, batches, CalibrationConfig(eps_bits=(2,), group_size=8, min_tokens=0), progress=False)
-    text_only = [{k: v for k, v in b.items() if k not in ("pixel_values", "image_grid_thw")} for b in batches]
-    text_only = [{**b, "input_ids": b["input_ids"].masked_fill(b["image_token_mask"], 0),
-                  "image_token_mask": torch.zeros_like(b["image_token_mask"])} for b in text_only]
-    stats = calibrate(deep, text_only, CalibrationConfig(eps_bits=(2,), group_size=8, min_tokens=0), progress=False)
-    assert stats.layers and all(la.image.num_tokens == 0 for la in stats.layers)

@@ -1,5 +1,6 @@
-"""The second vision-language family end to end through the unchanged suite: a tiny random Qwen3-VL-MoE checkpoint,
-image+text calibration (statistics split by image and text tokens), PMQ, GPTQ with save / load, ODP and OTP, and
+"""The second vision-language family end to end through the unchanged suite: a tiny random Qwen3-VL-MoE checkpoint
+with deepstack visual features (replayed by the layer-by-layer passes, as in released checkpoints), image+text
+calibration (statistics split by image and text tokens), PMQ, GPTQ with save / load, ODP and OTP, and
 lmms-eval on two of the offline image tasks (one generated answer, one multiple choice)."""
 
 from __future__ import annotations
@@ -34,7 +35,9 @@ def _calibration(root: Path) -> None:
 
 def test_qwen3_vl_moe_suite_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf_cache"))
-    tiny_qwen3_vl_moe().save_pretrained(tmp_path / "q3vl")
+    model = tiny_qwen3_vl_moe()
+    assert model.config.vision_config.deepstack_visual_indexes  # image calibration goes through the deepstack replay
+    model.save_pretrained(tmp_path / "q3vl")
     tiny_qwen3_vl_tokenizer().save_pretrained(tmp_path / "q3vl")
     _calibration(tmp_path)
     suite = {

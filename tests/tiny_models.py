@@ -97,8 +97,9 @@ def tiny_qwen3_vl_tokenizer():
 
 
 def tiny_qwen3_vl_moe(seed: int = 0):
-    """Qwen3-VL-MoE: a 2-layer MoE language model (8 experts, top-2) behind a 1-block vision encoder (4-px
-    patches, 2x2 merge: a 32-px image is 16 image tokens); token ids match :func:`tiny_qwen3_vl_tokenizer`."""
+    """Qwen3-VL-MoE: a 2-layer MoE language model (8 experts, top-2) behind a 2-block vision encoder (4-px
+    patches, 2x2 merge); token ids match :func:`tiny_qwen3_vl_tokenizer`. As in every released checkpoint, the
+    text model adds "deepstack" features (of both vision blocks) at the image positions after decoder layers 0 and 1."""
     from transformers import Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration
 
     cfg = Qwen3VLMoeConfig(
@@ -107,9 +108,9 @@ def tiny_qwen3_vl_moe(seed: int = 0):
                          num_experts=8, num_experts_per_tok=2, max_position_embeddings=128,
                          rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
                                           "mrope_section": [1, 1, 2], "mrope_interleaved": True}),
-        vision_config=dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, patch_size=4,
+        vision_config=dict(depth=2, hidden_size=16, intermediate_size=32, num_heads=2, patch_size=4,
                            temporal_patch_size=2, spatial_merge_size=2, out_hidden_size=32,
-                           num_position_embeddings=16, deepstack_visual_indexes=[]),
+                           num_position_embeddings=16, deepstack_visual_indexes=[0, 1]),
         image_token_id=5, video_token_id=6, vision_start_token_id=3, vision_end_token_id=4,
     )
     cfg._attn_implementation = "eager"

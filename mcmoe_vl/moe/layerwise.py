@@ -24,6 +24,12 @@ consumer that needs a MoE layer's tokens asks the step for them::
 
 The calibration pass, OTP, ODP and the quantization engine all read MoE tokens this way, so they agree on which
 tokens count.
+
+Some forwards add to the hidden states between decoder layers, outside any layer (Qwen3-VL-MoE adds its vision
+encoder's "deepstack" features after its first decoder layers). The adapter describes such additions as a
+:class:`LayerAdditions` (``adapter.layer_additions(model)``; None, the default, adds nothing): the capture records
+its per-batch state from the keyword arguments of one module's forward (``source``, e.g. the language model) and
+each step applies ``after_layer`` to the layer's outputs, so the replay passes on what the model's forward passes on.
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import nn
@@ -52,6 +58,21 @@ class _StopForward(Exception):
     pass
 
 
+class LayerAdditions(Protocol):
+    """What a model's forward adds to the hidden states after a decoder layer, outside the layer itself.
+
+    ``record`` runs once per calibration batch, on the arguments of ``source``'s forward (a module whose forward
+    runs before decoder layer 0, e.g. the language model), and returns that batch's state (None: nothing to add);
+    ``after_layer`` returns the hidden states (B, S, H) the model passes on after decoder layer ``index``.
+    """
+
+    source: nn.Module
+
+    def record(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any: ...
+
+    def after_layer(self, index: int, hidden: torch.Tensor, state: Any) -> torch.Tensor: ...
+
+
 @dataclass
 class LayerInput:
     """What one decoder layer receives for one batch."""
@@ -61,6 +82,7 @@ class LayerInput:
     extras: dict[str, Any] = field(default_factory=dict)  # per-batch side data under a caller's extras_key
     valid: torch.Tensor | None = None  # (B, S) bool: real tokens (the batch's attention_mask); None = all real
     image: torch.Tensor | None = None  # (B, S) bool: image tokens (the batch's image_token_mask); None = none given
+    added: Any = None  # this batch's state of the model's between-layer additions (LayerAdditions.record)
 
     def valid_rows(self, x: torch.Tensor, where: str) -> torch.Tensor:
         """``x`` (..., C) of this batch flattened to (T, C) with the padding rows removed."""
@@ -74,20 +96,8 @@ class LayerInput:
         return x[keep]
 
 
-def capture_layer_inputs(
-    model: nn.Module,
-    layers: nn.ModuleList,
-    batches: Iterable[Mapping[str, Any]],
-    *,
-    extras_key: str | None = None,
-) -> list[LayerInput]:
-    """Run ``model(**batch)`` up to decoder layer 0 for every batch and keep that layer's inputs.
-
-    ``extras_key``: a key of each batch that is not a model input; it is removed from the call and attached to the
-    :class:`LayerInput`. The batch's ``attention_mask`` and ``image_token_mask`` become :attr:`LayerInput.valid`
-    and :attr:`LayerInput.image`.
-    """
-    captured: list[LayerInput] = []
+def _keep_and_stop(captured: list[LayerInput]):
+    """A forward pre-hook that keeps the inputs of the layer it is installed on and stops the model's forward."""
 
     def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
         hidden = args[0] if args else kwargs.pop("hidden_states")
@@ -99,7 +109,33 @@ def capture_layer_inputs(
         captured.append(LayerInput(hidden.detach(), kw))
         raise _StopForward
 
-    handle = layers[0].register_forward_pre_hook(pre_hook, with_kwargs=True)
+    return pre_hook
+
+
+def capture_layer_inputs(
+    model: nn.Module,
+    layers: nn.ModuleList,
+    batches: Iterable[Mapping[str, Any]],
+    *,
+    extras_key: str | None = None,
+    additions: LayerAdditions | None = None,
+) -> list[LayerInput]:
+    """Run ``model(**batch)`` up to decoder layer 0 for every batch and keep that layer's inputs.
+
+    ``extras_key``: a key of each batch that is not a model input; it is removed from the call and attached to the
+    :class:`LayerInput`. The batch's ``attention_mask`` and ``image_token_mask`` become :attr:`LayerInput.valid`
+    and :attr:`LayerInput.image`. ``additions``: the state ``additions.record`` takes from ``additions.source``'s
+    forward becomes :attr:`LayerInput.added`.
+    """
+    captured: list[LayerInput] = []
+    recorded: list[Any] = []
+
+    def record(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        recorded.append(additions.record(args, kwargs))
+
+    handles = [layers[0].register_forward_pre_hook(_keep_and_stop(captured), with_kwargs=True)]
+    if additions is not None:
+        handles.append(additions.source.register_forward_pre_hook(record, with_kwargs=True))
     try:
         with torch.no_grad():
             for batch in batches:
@@ -115,12 +151,19 @@ def capture_layer_inputs(
                     pass
                 if len(captured) != n_before + 1:
                     raise RuntimeError("the model's forward did not reach decoder layer 0 exactly once")
+                inp = captured[-1]
+                if additions is not None:
+                    if len(recorded) != n_before + 1:
+                        raise RuntimeError(f"{type(additions.source).__name__} (the source of the model's "
+                                           "between-layer additions) did not run exactly once before decoder layer 0")
+                    inp.added = recorded[-1]
                 if extras_key:
-                    captured[-1].extras[extras_key] = extra
-                captured[-1].valid = None if am is None else torch.as_tensor(am).bool()
-                captured[-1].image = None if image is None else torch.as_tensor(image).bool()
+                    inp.extras[extras_key] = extra
+                inp.valid = None if am is None else torch.as_tensor(am).bool()
+                inp.image = None if image is None else torch.as_tensor(image).bool()
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
     if not captured:
         raise ValueError("no calibration batches were given")
     return captured
@@ -140,11 +183,16 @@ class LayerStep:
     layer: nn.Module
     inputs: list[LayerInput]
     outputs: list[torch.Tensor] | None = None
+    additions: LayerAdditions | None = None  # what the model's forward adds after each layer (None: nothing)
 
     def run(self) -> list[torch.Tensor]:
-        """Forward this layer on every cached input (with whatever was installed on it) and keep the outputs."""
+        """Forward this layer on every cached input (with whatever was installed on it) and keep the outputs: the
+        hidden states the model passes on, its between-layer additions (:class:`LayerAdditions`) applied."""
         with torch.no_grad():
             self.outputs = [run_layer(self.layer, inp) for inp in self.inputs]
+            if self.additions is not None:
+                self.outputs = [self.additions.after_layer(self.index, h, inp.added)
+                                for h, inp in zip(self.outputs, self.inputs, strict=True)]
         return self.outputs
 
     def capture(self, iface: ExpertInterface) -> CapturedLayer:
@@ -227,9 +275,10 @@ def iterate_layers(
 ) -> Iterator[LayerStep]:
     """Yield a :class:`LayerStep` per decoder layer; the outputs of one step are the inputs of the next.
 
-    ``start`` / ``stop`` restrict which steps are yielded (earlier layers are still run to produce the inputs,
-    which is how a resumed run catches up). The iterator re-runs the layer after the caller's body only when the
-    caller did not call ``step.run()`` itself.
+    ``adapter.layer_additions(model)`` says what the model's forward adds between layers (with ``layers`` given and
+    no ``adapter``: nothing). ``start`` / ``stop`` restrict which steps are yielded (earlier layers are still run to
+    produce the inputs, which is how a resumed run catches up). The iterator re-runs the layer after the caller's
+    body only when the caller did not call ``step.run()`` itself.
     """
     if layers is None:
         if adapter is None:
@@ -237,16 +286,18 @@ def iterate_layers(
 
             adapter = get_adapter(model)
         layers = adapter.decoder_layers(model)
+    additions = None
     if adapter is not None:
         batches = list(batches)
         adapter.check_layerwise(model, batches)  # before any work: a family whose replay would be wrong refuses
-    inputs = capture_layer_inputs(model, layers, batches, extras_key=extras_key)
+        additions = adapter.layer_additions(model)
+    inputs = capture_layer_inputs(model, layers, batches, extras_key=extras_key, additions=additions)
     n = len(layers)
     stop = n if stop is None else min(stop, n)
     desc = progress if isinstance(progress, str) else "layers"
     bar = tqdm(range(stop), desc=desc, disable=not progress, leave=False)
     for i in bar:
-        step = LayerStep(i, layers[i], inputs)
+        step = LayerStep(i, layers[i], inputs, additions=additions)
         if i >= start:
             yield step
         outputs = step.outputs if step.outputs is not None else step.run()
