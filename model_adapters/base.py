@@ -22,16 +22,9 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import nn
 
-from mcmoe_vl.moe.interface import (
-    ExpertStorage,
-    FusedExpertStorage,
-    ModuleListExpertStorage,
-    MoELayer,
-    Routing,
-    RoutingSpec,
-    Scoring,
-    scores_from_logits,
-)
+from mcmoe_vl.moe.layer import MoELayer
+from mcmoe_vl.moe.routing import Routing, RoutingSpec, Scoring, scores_from_logits
+from mcmoe_vl.moe.storage import ExpertStorage, FusedExpertStorage, ModuleListExpertStorage
 
 if TYPE_CHECKING:
     from mcmoe_vl.moe.layerwise import LayerAdditions

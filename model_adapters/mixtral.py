@@ -6,7 +6,7 @@ from typing import Any
 
 from torch import nn
 
-from mcmoe_vl.moe.interface import RoutingSpec, Scoring
+from mcmoe_vl.moe.routing import RoutingSpec, Scoring
 
 from .base import MoEAdapter
 from .registry import ADAPTERS

@@ -13,7 +13,7 @@ from typing import Any
 
 from torch import nn
 
-from mcmoe_vl.moe.interface import RoutingSpec, Scoring
+from mcmoe_vl.moe.routing import RoutingSpec, Scoring
 
 from .base import MoEAdapter
 

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mcmoe_vl.moe.interface import RoutingSpec, Scoring
+from mcmoe_vl.moe.routing import RoutingSpec, Scoring
 
 from .base import Modality, MoEAdapter
 from .registry import ADAPTERS

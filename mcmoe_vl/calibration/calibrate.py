@@ -33,7 +33,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from torch import nn
 
 from mcmoe_vl.moe.checks import check_finite_weights, weights_fingerprint
-from mcmoe_vl.moe.interface import ExpertInterface, MoELayer
+from mcmoe_vl.moe.interface import ExpertInterface
+from mcmoe_vl.moe.layer import MoELayer
 from mcmoe_vl.moe.layerwise import IMAGE_MASK_KEY, CapturedLayer, iterate_layers
 from mcmoe_vl.quant.widths import check_widths
 

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from mcmoe_vl.moe.interface import ExpertWeights
+from mcmoe_vl.moe.storage import ExpertWeights
 
 
 Quantizer = Callable[[torch.Tensor, int], torch.Tensor]  # (W, bits) -> dequantized W

@@ -1,20 +1,21 @@
-"""The common expert interface (see :mod:`mcmoe_vl.moe.interface`) and layer-by-layer execution."""
+"""The common expert interface and layer-by-layer execution.
 
-from .interface import (
-    ExpertInterface,
-    ExpertStorage,
-    ExpertWeights,
-    FusedExpertStorage,
-    ModuleListExpertStorage,
-    MoELayer,
-    ObserverHandle,
+Routing (:mod:`.routing`), expert storage (:mod:`.storage`), one MoE layer (:mod:`.layer`), the interface over a
+whole model (:mod:`.interface`) and layer-by-layer execution (:mod:`.layerwise`).
+"""
+
+from .interface import ExpertInterface, ObserverHandle
+from .layer import MoELayer
+from .routing import (
     Routing,
     RoutingDecision,
     RoutingEvent,
+    RoutingOverride,
     RoutingSpec,
     Scoring,
     scores_from_logits,
 )
+from .storage import ExpertStorage, ExpertWeights, FusedExpertStorage, ModuleListExpertStorage
 
 __all__ = [
     "ExpertInterface",
@@ -27,6 +28,7 @@ __all__ = [
     "Routing",
     "RoutingDecision",
     "RoutingEvent",
+    "RoutingOverride",
     "RoutingSpec",
     "Scoring",
     "scores_from_logits",

@@ -14,7 +14,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from .interface import MoELayer
+from .layer import MoELayer
 
 
 class NonFiniteWeightError(ValueError):

@@ -44,7 +44,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..compat import pop_cache
-from .interface import Routing, RoutingEvent
+from .routing import Routing, RoutingEvent
 
 if TYPE_CHECKING:
     from .interface import ExpertInterface

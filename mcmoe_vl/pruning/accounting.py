@@ -25,7 +25,8 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from mcmoe_vl.moe.interface import ExpertInterface, ObserverHandle, RoutingEvent
+from mcmoe_vl.moe.interface import ExpertInterface, ObserverHandle
+from mcmoe_vl.moe.routing import RoutingEvent
 
 
 class LayerActivation(BaseModel):

@@ -35,8 +35,10 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
-from mcmoe_vl.moe.interface import ExpertInterface, MoELayer, Routing, RoutingDecision, RoutingEvent
+from mcmoe_vl.moe.interface import ExpertInterface
+from mcmoe_vl.moe.layer import MoELayer
 from mcmoe_vl.moe.layerwise import iterate_layers
+from mcmoe_vl.moe.routing import Routing, RoutingDecision, RoutingEvent
 
 from .importance import AttentionColumnCapture, ColumnStats, ProtectScope, protection_mask, token_importance
 

@@ -37,8 +37,10 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 from tqdm.auto import tqdm
 
-from mcmoe_vl.moe.interface import ExpertInterface, MoELayer, Routing, RoutingDecision
+from mcmoe_vl.moe.interface import ExpertInterface
+from mcmoe_vl.moe.layer import MoELayer
 from mcmoe_vl.moe.layerwise import iterate_layers
+from mcmoe_vl.moe.routing import Routing, RoutingDecision
 
 from .odp import RoutingRule, decision_from_keep, select_layers
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mcmoe_vl.moe.interface import MoELayer
+from mcmoe_vl.moe.layer import MoELayer
 from mcmoe_vl.moe.layerwise import LayerInput, LayerStep, run_layer
 
 from .gptq import HessianAccumulator

@@ -32,8 +32,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from mcmoe_vl.moe.checks import check_finite_weights
-from mcmoe_vl.moe.interface import ExpertWeights, FusedExpertStorage, ModuleListExpertStorage, MoELayer
+from mcmoe_vl.moe.layer import MoELayer
 from mcmoe_vl.moe.layerwise import LayerStep
+from mcmoe_vl.moe.storage import ExpertWeights, FusedExpertStorage, ModuleListExpertStorage
 
 from .collect import ExpertCollector, ValidTokens, collect_layer
 from .gptq import HessianAccumulator, QuantResult, gptq_quantize, prepare_inverse, rtn_quantize

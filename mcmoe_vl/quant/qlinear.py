@@ -272,7 +272,7 @@ class QuantExpertStorage:
         self.act_fn = experts.act_fn
 
     def weights(self, i: int):
-        from mcmoe_vl.moe.interface import ExpertWeights
+        from mcmoe_vl.moe.storage import ExpertWeights
 
         e = self.module.experts[i]
         if isinstance(e, DenseExpert):

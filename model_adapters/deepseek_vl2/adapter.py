@@ -27,7 +27,7 @@ from torch import nn
 
 from mcmoe_vl.calibration.image_text import ImageTextSample, open_image
 from mcmoe_vl.calibration.image_text import load_image_text_samples  # noqa: F401  (re-exported: older imports)
-from mcmoe_vl.moe.interface import RoutingSpec
+from mcmoe_vl.moe.routing import RoutingSpec
 from model_adapters.base import Modality, MoEAdapter
 from model_adapters.deepseek import DeepseekV2Adapter, DeepseekV3Adapter
 from model_adapters.registry import ADAPTERS

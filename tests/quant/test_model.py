@@ -7,7 +7,7 @@ import pytest
 import torch
 from tiny import batches, tiny_mixtral_q
 
-from mcmoe_vl.moe.interface import ExpertWeights
+from mcmoe_vl.moe.storage import ExpertWeights
 from mcmoe_vl.quant.accounting import nominal_bits, resident_bytes
 from mcmoe_vl.quant.checkpoint import (MANIFEST_FILE, TENSOR_FILE, CheckpointError, load_quantized, save_quantized,
                                       seal_manifest)
