@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
+from pathlib import Path
 from typing import Any
 
 from .base import MoEAdapter
@@ -39,4 +41,30 @@ def get_adapter(model_or_type: Any) -> MoEAdapter:
     return ADAPTERS.get(model_type)()
 
 
-__all__ = ["ADAPTERS", "ENTRY_POINT_GROUP", "MoEAdapter", "get_adapter"]
+def adapter_of_directory(path: str | os.PathLike[str]) -> MoEAdapter:
+    """The adapter of a local model directory: a compressed checkpoint's manifest names it (the adapter it was
+    quantized with, else its ``model_type``; the manifest is integrity-checked), an original checkpoint's
+    ``config.json`` gives its ``model_type``."""
+    from mcmoe_vl.io import read_json
+    from mcmoe_vl.quant.checkpoint import MANIFEST_FILE, read_manifest
+    from mcmoe_vl.registry import RegistryError
+
+    p = Path(path)
+    if (p / MANIFEST_FILE).is_file():
+        man = read_manifest(p)
+        source, name = p / MANIFEST_FILE, man.adapter or man.model_type
+    elif (p / "config.json").is_file():
+        cfg = read_json(p / "config.json", what="model config")
+        source, name = p / "config.json", cfg.get("model_type") if isinstance(cfg, dict) else None
+    else:
+        raise FileNotFoundError(f"{p} is not a model directory: it has neither {MANIFEST_FILE} (a compressed "
+                                "checkpoint) nor config.json (an original checkpoint)")
+    if not name:
+        raise ValueError(f"{source} names no model_type; valid model types: {', '.join(ADAPTERS.names())}")
+    try:
+        return ADAPTERS.get(str(name))()
+    except RegistryError as exc:
+        raise ValueError(f"{source}: model_type {name!r} has no adapter: {exc}") from None
+
+
+__all__ = ["ADAPTERS", "ENTRY_POINT_GROUP", "MoEAdapter", "adapter_of_directory", "get_adapter"]

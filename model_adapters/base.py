@@ -61,6 +61,10 @@ class MoEAdapter:
     # transformers' AutoModelForCausalLM loads the family from a directory or the Hub (and shards it with
     # device_map); False: a port that loads local files on one device (a Hub id is first downloaded)
     hub_loadable: ClassVar[bool] = True
+    # how the family's hub checkpoints (and serving engines' loaders) name tensors, for exports: substring renames
+    # applied to every module name, and the names of a routed expert's (gate, up, down) projections
+    hub_renames: ClassVar[tuple[tuple[str, str], ...]] = ()
+    hub_expert_names: ClassVar[tuple[str, str, str]] = ("gate_proj", "up_proj", "down_proj")
 
     # -- where things are --------------------------------------------------------------------------------------
     def text_config(self, model: nn.Module) -> Any:
@@ -176,6 +180,27 @@ class MoEAdapter:
                              "not an intact checkpoint (a quantized checkpoint loads with mcmoe_vl.quant.checkpoint."
                              "load_quantized)")
         return model.to(device).eval()
+
+    def load_compressed(self, path: str | os.PathLike[str], *, runtime: str = "packed", apply_pruning: bool = True,
+                        device: str | torch.device = "cpu") -> nn.Module:
+        """The model of a compressed checkpoint directory (:mod:`mcmoe_vl.quant.checkpoint`) in eval mode:
+        ``runtime`` ``packed`` or ``fake`` (:class:`mcmoe_vl.quant.qlinear.Runtime`), the directory's pruning
+        settings installed unless ``apply_pruning=False`` (``model.mcmoe_pruning``: the rule, or None). The
+        default builds the transformers class the manifest names, empty, and loads it strictly
+        (:func:`~mcmoe_vl.quant.checkpoint.load_quantized`); a family with its own port overrides it."""
+        from mcmoe_vl.hf.quantizer import apply_saved_pruning
+        from mcmoe_vl.quant.checkpoint import PRUNING_FILE, load_quantized
+        from mcmoe_vl.quant.qlinear import Runtime
+
+        model = load_quantized(path, runtime=Runtime(runtime)).to(device)
+        model.mcmoe_pruning = apply_saved_pruning(model, Path(path) / PRUNING_FILE) if apply_pruning else None
+        return model.eval()
+
+    def hub_name(self, name: str) -> str:
+        """A module or tensor name of the loaded model as the family's hub checkpoints spell it (``hub_renames``)."""
+        for old, new in self.hub_renames:
+            name = name.replace(old, new)
+        return name
 
     def meta_model(self, path: str | os.PathLike[str]) -> nn.Module:
         """The architecture of a local directory built on the meta device from its config alone (no weights)."""

@@ -17,6 +17,9 @@ class MixtralAdapter(MoEAdapter):
     name = "mixtral"
     family = "Mixtral (MixtralForCausalLM): 8 experts, top-2, softmax, renormalised"
     moe_block_classes = ("MixtralSparseMoeBlock",)
+    # hub checkpoints keep the pre-transformers-5 names: block_sparse_moe, experts w1 (gate), w3 (up), w2 (down)
+    hub_renames = ((".mlp.", ".block_sparse_moe."),)
+    hub_expert_names = ("w1", "w3", "w2")
 
     def routing_spec(self, config: Any, block: nn.Module) -> RoutingSpec:
         return RoutingSpec(

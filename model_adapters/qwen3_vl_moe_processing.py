@@ -9,6 +9,7 @@ image processor (``Qwen2VLImageProcessorPil``). Each image becomes ``<|vision_st
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -76,6 +77,7 @@ def lmms_model(model: Any, processor: Qwen3VLMoeProcessor, *, batch_size: int = 
     return _lmms_class()(model, processor, batch_size=batch_size, max_new_tokens=max_new_tokens)
 
 
+@functools.cache  # one class (lmms-eval is imported on first use): instances share their type
 def _lmms_class() -> type:
     from lmms_eval.api.instance import GenerationResult, TokenCounts
     from lmms_eval.api.model import lmms

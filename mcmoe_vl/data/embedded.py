@@ -46,12 +46,13 @@ def load_embedded_mixtral(dtype: torch.dtype = torch.float32, device: str | torc
 
 def load_embedded_vlm(dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                       path: str | Path | None = None) -> tuple[Any, Any]:
-    """(model in eval mode, ``DeepseekVL2Processor``) of the embedded DeepSeek-VL2-architecture model."""
+    """(model in eval mode, its processor) of the embedded vision-language model (DeepSeek-VL2 architecture), both
+    from the adapter of the directory's ``model_type``."""
     from transformers import AutoTokenizer
 
-    from model_adapters.deepseek_vl2 import load_official
-    from model_adapters.deepseek_vl2.processing import DeepseekVL2Processor
+    from model_adapters import adapter_of_directory
 
     p = _check(Path(path) if path else VLM_TINY_DIR)
-    model = load_official(p, dtype=dtype, device=device).eval()
-    return model, DeepseekVL2Processor.from_config(AutoTokenizer.from_pretrained(str(p)), model)
+    adapter = adapter_of_directory(p)
+    model = adapter.load_model(p, dtype=dtype, device=device).eval()
+    return model, adapter.load_processor(AutoTokenizer.from_pretrained(str(p)), model)

@@ -80,11 +80,11 @@ def export_compressed_tensors(ckpt_dir: str | os.PathLike[str], out_dir: str | o
 
     ct = _ct()
     check_export_dir(ckpt_dir, out_dir)
-    model = load_for_export(ckpt_dir)
+    model, adapter = load_for_export(ckpt_dir)
     tensors: dict[str, torch.Tensor] = {}
     groups: dict[tuple[int, int], list[str]] = defaultdict(list)
     widened, dense_linears = [], []
-    for item in model_linears(model):
+    for item in model_linears(model, adapter):
         if isinstance(item, IntLinear):
             tensors.update(module_tensors(item, ct))
             groups[(item.bits, item.group_size)].append(item.name)
@@ -93,7 +93,7 @@ def export_compressed_tensors(ckpt_dir: str | os.PathLike[str], out_dir: str | o
         else:
             tensors[item[0]] = item[1].contiguous()
             dense_linears.append(item[0].removesuffix(".weight"))
-    tensors.update(dense_tensors(model))
+    tensors.update(dense_tensors(model, adapter))
     out = Path(out_dir)
     save_safetensors_atomic(out / "model.safetensors", tensors, metadata={"format": "pt"})
     cfg = source_config(ckpt_dir)

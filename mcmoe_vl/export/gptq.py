@@ -55,11 +55,15 @@ def module_tensors(lin: IntLinear) -> dict[str, torch.Tensor]:
     """GPTQ's tensors of one linear."""
     if lin.bits not in GPTQ_BITS:
         raise ExportError(f"{lin.name}: {lin.bits}-bit codes have no GPTQ form (GPTQ widths: {list(GPTQ_BITS)})")
+    n, k = lin.codes.shape
+    if n % 32 or k % 32:
+        raise ExportError(f"{lin.name}: {n} outputs x {k} inputs; GPTQ packs codes 32 at a time along the inputs "
+                          "and zero points along the outputs, so both must be multiples of 32; use --format "
+                          "compressed-tensors")
     zero = lin.zero.round().to(torch.int64)  # (N, G)
     if bool((zero < 1).any()):
         raise ExportError(f"{lin.name}: a group has zero point 0, which GPTQ's format (it stores zero - 1) cannot "
                           "hold; use --format compressed-tensors")
-    k = lin.codes.shape[1]
     out = {
         f"{lin.name}.qweight": pack_bitstream(lin.codes.t().contiguous(), lin.bits),
         f"{lin.name}.qzeros": pack_bitstream(zero - 1, lin.bits).t().contiguous(),  # (N, G) packed along N
@@ -88,11 +92,11 @@ def export_gptq(ckpt_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str
     from .directory import check_export_dir, copy_side_files, source_config
 
     check_export_dir(ckpt_dir, out_dir)
-    model = load_for_export(ckpt_dir)
+    model, adapter = load_for_export(ckpt_dir)
     tensors: dict[str, torch.Tensor] = {}
     widths: dict[str, int] = {}
     groups, widened, dense = set(), [], []
-    for item in model_linears(model):
+    for item in model_linears(model, adapter):
         if isinstance(item, IntLinear):
             tensors.update(module_tensors(item))
             widths[item.name] = item.bits
@@ -104,7 +108,7 @@ def export_gptq(ckpt_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str
             dense.append(item[0].removesuffix(".weight"))
     if len(groups) > 1:
         raise ExportError(f"GPTQ has one group size per model; this checkpoint uses {sorted(groups)}")
-    tensors.update(dense_tensors(model))
+    tensors.update(dense_tensors(model, adapter))
     out = Path(out_dir)
     save_safetensors_atomic(out / "model.safetensors", tensors, metadata={"format": "pt"})
     cfg = source_config(ckpt_dir)

@@ -10,19 +10,13 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from mcmoe_vl.quant.packed import PackedTensor
 from mcmoe_vl.quant.qlinear import DenseExpert, QuantExpert, QuantExperts, QuantLinear
-
-# Names as the model family's hub checkpoints (and the serving engines' loaders) spell them: renames applied to
-# every tensor name, and the routed experts' (gate, up, down) projection names.
-HUB_RENAMES: dict[str, tuple[tuple[str, str], ...]] = {"mixtral": ((".mlp.", ".block_sparse_moe."),)}
-EXPERT_NAMES: dict[str, tuple[str, str, str]] = {"mixtral": ("w1", "w3", "w2")}
-DEFAULT_EXPERT_NAMES = ("gate_proj", "up_proj", "down_proj")
+from model_adapters.base import MoEAdapter
 
 
 class ExportError(ValueError):
@@ -54,24 +48,18 @@ def int_linear(name: str, p: PackedTensor, bias: torch.Tensor | None = None, row
     return IntLinear(name, p.meta.bits, p.meta.bits, codes, scale, p.zero[rows].float(), p.meta.group_size, bias)
 
 
-def hub_name(model_type: str | None, name: str) -> str:
-    for a, b in HUB_RENAMES.get(model_type or "", ()):
-        name = name.replace(a, b)
-    return name
-
-
-def model_linears(model: nn.Module) -> Iterator[IntLinear | tuple[str, torch.Tensor]]:
+def model_linears(model: nn.Module, adapter: MoEAdapter) -> Iterator[IntLinear | tuple[str, torch.Tensor]]:
     """Every quantized linear of ``model`` as :class:`IntLinear`, and every 16-bit expert weight as
-    ``(name.weight, tensor)``; other tensors are not included (see :func:`dense_tensors`)."""
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    ``(name.weight, tensor)``, named as the family's hub checkpoints name them (:meth:`MoEAdapter.hub_name`,
+    ``MoEAdapter.hub_expert_names``); other tensors are not included (see :func:`dense_tensors`)."""
     owned = {id(m) for _, mod in model.named_modules() if isinstance(mod, QuantExperts) for m in mod.modules()}
     for name, mod in model.named_modules():
         if isinstance(mod, QuantLinear) and id(mod) not in owned:
-            yield int_linear(hub_name(model_type, name), mod.packed, None if mod.bias is None else mod.bias.detach())
+            yield int_linear(adapter.hub_name(name), mod.packed, None if mod.bias is None else mod.bias.detach())
         elif isinstance(mod, QuantExperts):
-            gate, up, down = EXPERT_NAMES.get(model_type or "", DEFAULT_EXPERT_NAMES)
+            gate, up, down = adapter.hub_expert_names
             for e, ex in enumerate(mod.experts):
-                yield from _expert(hub_name(model_type, f"{name}.{e}"), ex, gate, up, down)
+                yield from _expert(adapter.hub_name(f"{name}.{e}"), ex, gate, up, down)
 
 
 def _expert(prefix: str, ex: nn.Module, gate: str, up: str,
@@ -93,21 +81,18 @@ def _expert(prefix: str, ex: nn.Module, gate: str, up: str,
         raise ExportError(f"{prefix}: expert of type {type(ex).__name__} cannot be exported")
 
 
-def dense_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The model's tensors that are not part of a quantized linear or an expert module (embeddings, norms, ...)."""
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
+def dense_tensors(model: nn.Module, adapter: MoEAdapter) -> dict[str, torch.Tensor]:
+    """The model's tensors that are not part of a quantized linear or an expert module (embeddings, norms, ...),
+    under their hub names."""
     skip = {name + "." for name, mod in model.named_modules() if isinstance(mod, (QuantLinear, QuantExperts))}
-    return {hub_name(model_type, k): v.detach().contiguous() for k, v in model.state_dict().items()
+    return {adapter.hub_name(k): v.detach().contiguous() for k, v in model.state_dict().items()
             if not any(k.startswith(p) for p in skip)}
 
 
-def load_for_export(ckpt_dir: str | os.PathLike[str]) -> nn.Module:
-    """The compressed model of ``ckpt_dir`` (packed runtime), through the model family's own loader."""
-    from mcmoe_vl.quant.checkpoint import load_quantized, read_manifest
+def load_for_export(ckpt_dir: str | os.PathLike[str]) -> tuple[nn.Module, MoEAdapter]:
+    """The compressed model of ``ckpt_dir`` (packed runtime, without its pruning settings) and its family's
+    adapter, which loads it (:meth:`MoEAdapter.load_compressed`) and names its tensors."""
+    from model_adapters import adapter_of_directory
 
-    man = read_manifest(ckpt_dir)
-    if man.model_type == "deepseek_vl_v2":
-        from model_adapters.deepseek_vl2.loading import from_pretrained
-
-        return from_pretrained(Path(ckpt_dir), apply_pruning=False)
-    return load_quantized(ckpt_dir)
+    adapter = adapter_of_directory(ckpt_dir)
+    return adapter.load_compressed(ckpt_dir, runtime="packed", apply_pruning=False), adapter

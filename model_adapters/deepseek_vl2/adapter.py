@@ -74,6 +74,14 @@ class DeepseekVL2Adapter(MoEAdapter):
 
         return load_official(path, dtype=dtype, device=device)
 
+    def load_compressed(self, path: str | os.PathLike[str], *, runtime: str = "packed", apply_pruning: bool = True,
+                        device: str | torch.device = "cpu") -> nn.Module:
+        """Through the port (:func:`.loading.load_compressed`: config.json in the official layout, checked against
+        the manifest)."""
+        from .loading import load_compressed
+
+        return load_compressed(path, device=device, apply_pruning=apply_pruning, runtime=runtime)
+
     def meta_model(self, path: str | os.PathLike[str]) -> nn.Module:
         from .configuration import DeepseekVL2Config
         from .loading import read_official_config
