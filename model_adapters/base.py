@@ -202,6 +202,12 @@ class MoEAdapter:
             name = name.replace(old, new)
         return name
 
+    def hub_tensors(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The model's 16-bit tensors outside its quantized linears and expert modules (embeddings, norms, a vision
+        encoder, ...), by their names in the loaded model, under the names and shapes of the family's hub
+        checkpoints, for exports; the default renames each with :meth:`hub_name`."""
+        return {self.hub_name(k): v for k, v in tensors.items()}
+
     def meta_model(self, path: str | os.PathLike[str]) -> nn.Module:
         """The architecture of a local directory built on the meta device from its config alone (no weights)."""
         from transformers import AutoConfig, AutoModelForCausalLM

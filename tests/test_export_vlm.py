@@ -1,7 +1,8 @@
 """Export of the vision-language families' compressed checkpoints: each is loaded by its adapter, and the
 compressed-tensors export decompresses (with compressed-tensors' own code) to exactly the weights the compressed
-model runs, under the names of the family's hub checkpoints (routed experts split into gate_proj / up_proj /
-down_proj). GPTQ refuses what its format cannot hold, naming the module and the format that works."""
+model runs, and every tensor is named (and shaped) as in the family's hub checkpoints (routed experts split into
+gate_proj / up_proj / down_proj; DeepSeek-VL2's vision encoder in its official layout). GPTQ refuses what its
+format cannot hold, naming the module and the format that works."""
 
 from __future__ import annotations
 
@@ -70,9 +71,46 @@ def test_compressed_tensors_export_is_exact_under_hub_names(compressed, tmp_path
         assert want.abs().sum() > 0 and torch.equal(got, want), name
     for name in dense:
         assert name in qcfg.ignore and f"{name}.weight" in tensors
-    # the rest of the model (vision encoder, embeddings, head) is there under the loaded model's names
-    state = {k for k in model.state_dict() if ".experts." not in k and not any(k.startswith(n + ".") for n in ref)}
-    assert state and state <= set(tensors)
+    # every tensor of the family's hub checkpoint is there, quantized or not, and nothing else
+    packed = (".weight_packed", ".weight_scale", ".weight_zero_point", ".weight_shape")
+    written = {k for k in tensors if not k.endswith(packed)} | {f"{n}.weight" for n in ref}
+    assert written == _hub_checkpoint_names(family)
+
+
+def _hub_checkpoint_names(family: str) -> set[str]:
+    """The tensor names of the family's original checkpoints, from an unquantized model of the same shape: the
+    DeepSeek-VL2 port's official layout; Qwen3-VL-MoE's transformers names with each expert's projections apart."""
+    if family == "deepseek_vl_v2":
+        from mcmoe_vl.data.embedded import load_embedded_vlm
+        from model_adapters.deepseek_vl2.loading import official_layout
+
+        return set(official_layout(load_embedded_vlm()[0]))
+    from tiny_models import tiny_qwen3_vl_moe
+
+    state = tiny_qwen3_vl_moe().state_dict()
+    names = {k for k in state if ".experts." not in k}
+    for k, t in state.items():
+        if k.endswith(".experts.gate_up_proj"):
+            prefix = k.removesuffix(".gate_up_proj")
+            names |= {f"{prefix}.{e}.{p}.weight" for e in range(t.shape[0]) for p in ("gate_proj", "up_proj",
+                                                                                     "down_proj")}
+    return names
+
+
+def test_deepseek_vl2_official_tensors_are_the_official_layout():
+    """The export's renaming of DeepSeek-VL2's 16-bit tensors equals the port's official layout (its loader's)."""
+    from mcmoe_vl.data.embedded import load_embedded_vlm
+    from model_adapters.deepseek_vl2.loading import official_state_dict, official_tensors
+
+    model, _ = load_embedded_vlm()
+    state = {k: v for k, v in model.state_dict().items() if ".mlp.experts." not in k}
+    got, want = official_tensors(state), official_state_dict(model)
+    assert "vision.blocks.0.attn.qkv.weight" in got and "vision.pos_embed" in got
+    assert set(got) == {k for k in want if ".mlp.experts." not in k}
+    for k, v in got.items():
+        assert torch.equal(v, want[k]), k
+    with pytest.raises(ValueError, match="needs q, k and v; got \\['k', 'v'\\]"):
+        official_tensors({k: v for k, v in state.items() if not k.endswith("self_attn.q_proj.weight")})
 
 
 # what the GPTQ format cannot hold in each tiny checkpoint: the tiny Qwen3-VL-MoE's vision attention has 16 inputs

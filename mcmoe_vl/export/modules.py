@@ -83,10 +83,10 @@ def _expert(prefix: str, ex: nn.Module, gate: str, up: str,
 
 def dense_tensors(model: nn.Module, adapter: MoEAdapter) -> dict[str, torch.Tensor]:
     """The model's tensors that are not part of a quantized linear or an expert module (embeddings, norms, ...),
-    under their hub names."""
+    under their hub names and shapes (:meth:`MoEAdapter.hub_tensors`)."""
     skip = {name + "." for name, mod in model.named_modules() if isinstance(mod, (QuantLinear, QuantExperts))}
-    return {adapter.hub_name(k): v.detach().contiguous() for k, v in model.state_dict().items()
-            if not any(k.startswith(p) for p in skip)}
+    rest = {k: v.detach() for k, v in model.state_dict().items() if not any(k.startswith(p) for p in skip)}
+    return {k: v.contiguous() for k, v in adapter.hub_tensors(rest).items()}
 
 
 def load_for_export(ckpt_dir: str | os.PathLike[str]) -> tuple[nn.Module, MoEAdapter]:

@@ -82,6 +82,13 @@ class DeepseekVL2Adapter(MoEAdapter):
 
         return load_compressed(path, device=device, apply_pruning=apply_pruning, runtime=runtime)
 
+    def hub_tensors(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Under the official checkpoints' names and shapes (:func:`.loading.official_tensors`: the vision
+        encoder's fused ``qkv`` and its own names)."""
+        from .loading import official_tensors
+
+        return official_tensors(dict(tensors))
+
     def meta_model(self, path: str | os.PathLike[str]) -> nn.Module:
         from .configuration import DeepseekVL2Config
         from .loading import read_official_config

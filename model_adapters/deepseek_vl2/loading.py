@@ -113,6 +113,32 @@ def official_layout(model: DeepseekVL2ForCausalLM) -> dict[str, OfficialTensor]:
     return layout
 
 
+def official_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Tensors of the model outside its routed experts (any subset of its state, e.g. what a compressed model keeps
+    in 16 bits), by their names in this port, under their official names and shapes: a vision block's q / k / v
+    merged into ``attn.qkv`` (all three must be given), the position embedding with its leading 1, the renamed
+    vision tensors; language and projector tensors keep their names. The same mapping as :func:`official_layout`."""
+    out: dict[str, torch.Tensor] = {}
+    qkv: dict[str, dict[str, torch.Tensor]] = {}
+    for name, t in tensors.items():
+        if m := _QKV.fullmatch(name):
+            qkv.setdefault(f"vision.blocks.{m.group(1)}.attn.qkv.{m.group(3)}", {})[m.group(2)] = t
+        elif name == "vision.embeddings.position_embedding.weight":
+            out["vision.pos_embed"] = t[None]
+        elif _FUSED.fullmatch(name):
+            raise ValueError(f"{name}: fused routed experts have one official tensor per expert; split them first")
+        else:
+            rule = next(((p, r) for p, r in _VISION_RULES if re.fullmatch(p, name)), None)
+            if rule is None and name.startswith("vision."):
+                raise RuntimeError(f"no official name for vision tensor {name!r}")
+            out[re.sub(rule[0], rule[1], name) if rule else name] = t
+    for key, parts in qkv.items():
+        if sorted(parts) != ["k", "q", "v"]:
+            raise ValueError(f"{key}: the official tensor needs q, k and v; got {sorted(parts)}")
+        out[key] = torch.cat([parts["q"], parts["k"], parts["v"]])
+    return out
+
+
 def _check_coverage(layout: dict[str, OfficialTensor], state: dict[str, torch.Tensor]) -> None:
     # Every element of every model tensor is written by exactly one official slice. Parts index only leading dims,
     # so counting over those dims (e.g. (E, 2I) for a fused (E, 2I, H) tensor) is exact and small.
@@ -332,6 +358,7 @@ __all__ = [
     "model_from_config",
     "official_layout",
     "official_state_dict",
+    "official_tensors",
     "parse_official_config",
     "read_official_config",
     "save_official",
