@@ -26,7 +26,7 @@ def _inputs(suite: Suite, recipe: dict, seed: int = 0) -> RecipeInputs:
 
 def test_keys_hash_exactly_what_each_stage_receives():
     suite = Suite(**SUITE)
-    plan = _inputs(suite, {"name": "Q", "quant": {"allocator": "pmq", "bits": 2.0},
+    plan = _inputs(suite, {"name": "Q", "quant": {"method": "pmq", "target_bits": 2.0},
                            "prune": {"method": "odp", "prune_rate": 0.1}})
     for name, inp in (("calibrate", plan.calibrate), ("allocate", plan.allocate), ("quantize", plan.quantize),
                       ("prune", plan.prune), ("evaluate", plan.evaluate)):
@@ -39,16 +39,16 @@ def test_keys_hash_exactly_what_each_stage_receives():
 
 
 def test_a_setting_changes_the_keys_of_the_stages_that_read_it_and_no_others():
-    base = _inputs(Suite(**SUITE), {"name": "Q", "quant": {"allocator": "pmq", "bits": 2.0}}).keys()
-    gptq = _inputs(Suite(**SUITE), {"name": "Q", "quant": {"allocator": "pmq", "bits": 2.0,
+    base = _inputs(Suite(**SUITE), {"name": "Q", "quant": {"method": "pmq", "target_bits": 2.0}}).keys()
+    gptq = _inputs(Suite(**SUITE), {"name": "Q", "quant": {"method": "pmq", "target_bits": 2.0,
                                                             "gptq": {"damp": 0.02}}}).keys()
     assert gptq["calibrate"] == base["calibrate"] and gptq["allocate"] == base["allocate"]  # the plan is reused
     assert gptq["quantize"] != base["quantize"] and gptq["evaluate"] != base["evaluate"]
     # min_tokens is a calibration setting the quantize stage reads through its inputs: it reaches its key
     other = Suite(**{**SUITE, "calibration": {**SUITE["calibration"], "min_tokens": 3}})
-    changed = _inputs(other, {"name": "Q", "quant": {"allocator": "pmq", "bits": 2.0}}).keys()
+    changed = _inputs(other, {"name": "Q", "quant": {"method": "pmq", "target_bits": 2.0}}).keys()
     assert all(changed[k] != base[k] for k in ("calibrate", "allocate", "quantize", "evaluate"))
-    seed1 = _inputs(Suite(**SUITE), {"name": "Q", "quant": {"allocator": "pmq", "bits": 2.0}}, seed=1).keys()
+    seed1 = _inputs(Suite(**SUITE), {"name": "Q", "quant": {"method": "pmq", "target_bits": 2.0}}, seed=1).keys()
     assert all(seed1[k] != base[k] for k in ("calibrate", "allocate", "quantize", "evaluate"))
 
 

@@ -13,9 +13,9 @@ from mcmoe_vl.suite.runner import run_suite
 
 def test_pmq_plus_and_global_recipes(tmp_path):
     recipes = [
-        {"name": "PMQ+ 2.0", "quant": {"allocator": "pmq+", "bits": 2.0, "group_size": 16,
+        {"name": "PMQ+ 2.0", "quant": {"method": "pmq+", "target_bits": 2.0, "group_size": 16,
                                        "plus": {"max_candidates": 3}}},
-        {"name": "PMQ global 2.0", "quant": {"allocator": "pmq", "bits": 2.0, "group_size": 16, "scope": "global"}},
+        {"name": "PMQ global 2.0", "quant": {"method": "pmq", "target_bits": 2.0, "group_size": 16, "scope": "global"}},
     ]
     summary = run_suite(load_suite(write_suite(tmp_path, recipes)), progress=False, command="mcmoe-vl run")
     assert summary.failed == []

@@ -75,7 +75,7 @@ def write_suite(root: Path, recipes: list[dict], name: str = "suite.toml", **ove
 RECIPES = [
     {"name": "16-bit"},
     {"name": "ODP", "prune": {"method": "odp", "protect_ratio": 0.1}},
-    {"name": "PMQ 2.0", "quant": {"allocator": "pmq", "bits": 2.0, "group_size": 16}},
+    {"name": "PMQ 2.0", "quant": {"method": "pmq", "target_bits": 2.0, "group_size": 16}},
 ]
 
 

@@ -38,8 +38,8 @@ def _suite_dict(**over) -> dict:
         "models": [{"name": "m", "checkpoint": "ckpt", "adapter": "mixtral"}],
         "recipes": [
             {"name": "16-bit"},
-            {"name": "uniform 2", "quant": {"allocator": "uniform", "bits": 2}},
-            {"name": "PMQ 2.0 + ODP", "quant": {"allocator": "pmq", "bits": 2.0},
+            {"name": "uniform 2", "quant": {"method": "uniform", "target_bits": 2}},
+            {"name": "PMQ 2.0 + ODP", "quant": {"method": "pmq", "target_bits": 2.0},
              "prune": {"method": "odp", "protect_ratio": 0.02}},
         ],
         "tasks": [{"harness": "lm_eval", "name": "t8_parity", "limit": 4},
@@ -71,8 +71,8 @@ def test_toml_and_yaml_give_the_same_suite(workdir: Path, fmt: str) -> None:
     s = loaded.suite
     assert [r.name for r in s.recipes] == ["16-bit", "uniform 2", "PMQ 2.0 + ODP"]
     assert s.recipes[0].is_baseline and not s.recipes[2].is_baseline
-    assert s.recipes[1].quant.resolved_bit_set == (2,)
-    assert s.recipes[2].quant.resolved_bit_set == (1, 2, 3)
+    assert s.recipes[1].quant.allocation.bits == (2,) and s.recipes[1].quant.allocation.require_widths == ()
+    assert s.recipes[2].quant.allocation.bits == (1, 2, 3) and s.recipes[2].quant.allocation.require_widths is None
     assert s.models[0].resolved_harnesses == [Harness.LM_EVAL]
     locs = preflight(loaded)
     assert locs["m"] == (str(workdir / "ckpt"), True)
@@ -83,13 +83,16 @@ def test_toml_and_yaml_give_the_same_suite(workdir: Path, fmt: str) -> None:
 @pytest.mark.parametrize(
     ("mutate", "needle"),
     [
-        (lambda d: d["recipes"][2]["quant"].update(alocator="pmq"), "recipes.2.quant.alocator: unknown key"),
-        (lambda d: d.update(modles=[]), "modles: unknown key"),
+        (lambda d: d["recipes"][2]["quant"].update(alocator="pmq"), "recipes.2.quant: Value error, unknown quant keys ['alocator']"),
+        (lambda d: d["recipes"][2]["prune"].update(steps=3),
+         "recipes.2.prune.odp.steps: unknown key; valid: method, mu, prune_rate, quantile"),
+        (lambda d: d["calibration"].update(eps_bit=[2]), "calibration.eps_bit: unknown key; valid: data, num_sequences"),
+        (lambda d: d.update(modles=[]), "modles: unknown key; valid: format_version, name"),
         (lambda d: d["tasks"][0].update(harness="lmms"), "tasks.0.harness"),
         (lambda d: d.pop("recipes"), "recipes: required key is missing"),
         (lambda d: d["recipes"].append({"name": "16-bit"}), "recipe names repeat"),
-        (lambda d: d["recipes"][1]["quant"].update(bits=2.5), "whole number of bits"),
-        (lambda d: d["recipes"][2]["prune"].update(method="xdp"), "recipes.2.prune.method"),
+        (lambda d: d["recipes"][1]["quant"].update(target_bits=2.5), "whole number of target_bits"),
+        (lambda d: d["recipes"][2]["prune"].update(method="xdp"), "recipes.2.prune: Value error, prune.method 'xdp' is not a pruning method; valid: odp, otp"),
         (lambda d: d["tasks"][0].update(models=["nope"]), "unknown models ['nope']"),
         (lambda d: d["recipes"][0].update(seeds=[1, 1]), "recipe seeds must be a non-empty list without repeats"),
         (lambda d: d.setdefault("report", {}).update(compare_to="PMQ 9"), "report.compare_to 'PMQ 9'"),
@@ -145,7 +148,7 @@ def test_hub_id_offline_not_cached(workdir: Path, monkeypatch: pytest.MonkeyPatc
 
 def test_unknown_allocator_and_missing_calibration_data(workdir: Path) -> None:
     d = _suite_dict()
-    d["recipes"][2]["quant"]["allocator"] = "pqm"
+    d["recipes"][2]["quant"]["method"] = "pqm"
     with pytest.raises(SuiteError, match="unknown allocator 'pqm'.*Did you mean 'pmq'"):
         preflight(load_suite(_write(workdir, d)))
     d = _suite_dict()

@@ -101,7 +101,7 @@ def test_vlm_suite_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
         "models": [{"name": "tiny-vl2", "checkpoint": "vl2", "adapter": "deepseek_vl_v2",
                     "calibration_data": "calib.jsonl"}],
         "recipes": [{"name": "16-bit"}, {"name": "ODP", "prune": {"method": "odp", "protect_ratio": 0.0}},
-                    {"name": "PMQ 2.0", "quant": {"allocator": "pmq", "bits": 2.0, "group_size": 32}}],
+                    {"name": "PMQ 2.0", "quant": {"method": "pmq", "target_bits": 2.0, "group_size": 32}}],
         "tasks": [{"harness": "lmms_eval", "name": "s8_colour", "label": "Colour"}],
         "calibration": {"num_sequences": 6, "batch_size": 3, "eps_bits": [1, 2, 3], "min_tokens": 1},
         "evaluation": {"lmms_eval_include": ["lmms_tasks"], "batch_size": 3, "speed_tokens": 32, "speed_seq_len": 8},

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import enum
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from mcmoe_vl.quant.widths import check_widths
+from mcmoe_vl.quant.widths import check_width, check_widths
 
 from .budget import BudgetKind
 from .program import Solver
@@ -45,8 +45,8 @@ class AllocationConfig(BaseModel):
     block_widths: tuple[int, int] = (2, 4)  # the block (BSP-like) baseline: (low, high) layer widths
     group_size: int = Field(128, ge=1)  # effective-bit accounting
     param_bits: int = Field(16, ge=1)  # bits of each stored scale / zero
-    other_bits: int = Field(4, ge=1)  # every other quantized linear layer (attention, router, dense MLPs)
-    shared_experts_bits: int = Field(4, ge=1)  # shared experts are not in the program (METHOD.md section 3)
+    other_bits: int = 4  # every other quantized linear layer (attention, router, dense MLPs)
+    shared_experts_bits: int = 4  # shared experts are not in the program (METHOD.md section 3)
     # One width for all routed experts of a layer (serving engines need one format per layer; docs/interop.md).
     # The budget is then model-wide, and the per-layer required widths cannot apply (one width cannot meet them).
     per_layer_uniform: bool = False
@@ -58,6 +58,17 @@ class AllocationConfig(BaseModel):
             raise ValueError("the bit set is empty; give at least one width, e.g. (1, 2, 3)")
         check_widths(v, where="bits", unique=True)
         return tuple(sorted(v))
+
+    @field_validator("other_bits", "shared_experts_bits")
+    @classmethod
+    def _module_width(cls, v: int, info: ValidationInfo) -> int:
+        return check_width(v, where=str(info.field_name), unquantized=True)
+
+    @field_validator("block_widths")
+    @classmethod
+    def _block_widths(cls, v: tuple[int, int]) -> tuple[int, int]:
+        check_widths(v, where="block_widths", unquantized=True)
+        return v
 
     @model_validator(mode="after")
     def _check(self) -> AllocationConfig:

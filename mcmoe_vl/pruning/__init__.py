@@ -18,7 +18,6 @@ See docs/pruning.md.
 from .accounting import ActivationMeter, ActivationReport, LayerActivation
 from .artifact import (
     PruningArtifact,
-    PruningMethod,
     apply_pruning,
     check_compatible,
     load_pruning,
@@ -27,6 +26,7 @@ from .artifact import (
     save_pruning,
 )
 from .importance import AttentionColumnCapture, ColumnStats, ProtectScope, protection_mask, token_importance
+from .method import PruningMethod
 from .odp import ODPConfig, ODPRule, ODPThresholds, fit_odp, ratio_keep, thresholds_from_calibration_stats
 from .otp import MaskPredictor, OTPConfig, OTPRule, train_otp
 from .workflow import PruneRun, fit_pruning, prune_files

@@ -15,7 +15,6 @@ The evaluation stage turns pruning on with::
 
 from __future__ import annotations
 
-import enum
 import hashlib
 import logging
 import os
@@ -28,17 +27,13 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 from mcmoe_vl.io import read_json, save_safetensors_atomic, write_json_atomic
 from mcmoe_vl.moe.interface import ExpertInterface
 
+from .method import PruningMethod  # the artifact's tag (re-exported: older imports name this module)
 from .odp import ODPRule, ODPThresholds
 from .otp import MaskPredictor, OTPRule
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
-
-
-class PruningMethod(str, enum.Enum):
-    ODP = "odp"  # ratio rule (+ token protection when protect_ratio > 0)
-    OTP = "otp"  # learned top-any masks
 
 
 class LayerShape(BaseModel):

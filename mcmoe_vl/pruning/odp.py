@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -41,6 +41,7 @@ from mcmoe_vl.moe.layerwise import iterate_layers
 from mcmoe_vl.moe.routing import Routing, RoutingDecision, RoutingEvent
 
 from .importance import AttentionColumnCapture, ColumnStats, ProtectScope, protection_mask, token_importance
+from .method import PruningMethod
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,7 @@ class ODPConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    method: Literal[PruningMethod.ODP] = PruningMethod.ODP  # the tag of a pruning config (suite recipes: "odp")
     mu: float | None = Field(None, ge=0.0)
     prune_rate: float | None = Field(None, ge=0.0, lt=1.0)
     quantile: float = Field(0.5, ge=0.0, le=1.0)

@@ -30,7 +30,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -42,6 +42,7 @@ from mcmoe_vl.moe.layer import MoELayer
 from mcmoe_vl.moe.layerwise import iterate_layers
 from mcmoe_vl.moe.routing import Routing, RoutingDecision
 
+from .method import PruningMethod
 from .odp import RoutingRule, decision_from_keep, select_layers
 
 log = logging.getLogger(__name__)
@@ -64,6 +65,7 @@ class OTPConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    method: Literal[PruningMethod.OTP] = PruningMethod.OTP  # the tag of a pruning config (suite recipes: "otp")
     width: int = Field(32, ge=0)
     prune_rate: float | None = Field(None, ge=0.0, lt=1.0)
     lam: float = Field(0.05, ge=0.0)

@@ -2,10 +2,10 @@
 
 The engine packs routed experts (and every other quantized linear layer) at :data:`QUANT_WIDTHS` bits; a plan may
 also keep a module at :data:`UNQUANTIZED` (16 bits, stored as is). Every config and plan that names widths (the
-suite's ``bit_set``, :class:`~mcmoe_vl.allocation.config.AllocationConfig`, the calibration's ``eps_bits``, the bit
+suite recipe's ``bits``, :class:`~mcmoe_vl.allocation.config.AllocationConfig`, the calibration's ``eps_bits``, the bit
 plan) validates them with :func:`check_widths`, so they cannot disagree about what a valid width is::
 
-    check_widths([1, 2, 3], where="bit_set")                  # -> (1, 2, 3)
+    check_widths([1, 2, 3], where="bits")                      # -> (1, 2, 3)
     check_widths([2, 16], where="plan", unquantized=True)     # -> (2, 16)
 """
 

@@ -2,12 +2,12 @@
 and passed to the stage, so the two cannot diverge.
 
 A stage's inputs hold every setting the stage reads; an upstream stage's inputs are held whole (the quantize stage
-reads the calibration settings through ``inputs.allocate.calibrate``) and are hashed as their key, which hashes them
+reads the group size through ``inputs.allocate.allocation``) and are hashed as their key, which hashes them
 in turn::
 
     plan = RecipeInputs.build(suite, ctx, recipe, version="0.1.0")
     plan.quantize.key                                   # stage_key("quantize", plan.quantize.hashed())
-    stages.quantize(model, plan.quantize, ...)          # reads plan.quantize.allocate.quant, ...
+    stages.quantize(model, plan_path, batches, plan.quantize.gptq, ...)   # the recipe's QuantizeConfig as is
 """
 
 from __future__ import annotations
@@ -16,10 +16,15 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict
 
+from mcmoe_vl.allocation.config import AllocationConfig
+from mcmoe_vl.allocation.plus import PlusConfig
+from mcmoe_vl.pruning.otp import OTPConfig
 from mcmoe_vl.quant.checkpoint import FORMAT_VERSION
+from mcmoe_vl.quant.model import QuantizeConfig
 
 from .cache import stage_key
-from .schema import CalibrationSpec, EvaluationSpec, ModelSpec, PruneSpec, QuantSpec, RecipeSpec, TaskSpec
+from .recipe import PruneConfig
+from .schema import CalibrationSpec, EvaluationSpec, ModelSpec, RecipeSpec, TaskSpec
 
 DEFAULT_GROUP_SIZE = 128  # the calibration's eps group size when a recipe does not quantize
 CHECKPOINT_FORMAT = FORMAT_VERSION  # a checkpoint cached in an older format is rewritten, not reloaded
@@ -53,49 +58,51 @@ class CalibrateInputs(StageInputs):
 
 
 class AllocateInputs(StageInputs):
+    """The recipe's allocation config with the run's seed, and its pmq+ settings (GPTQ settings do not change the
+    plan: a recipe that differs only in them reuses the allocation)."""
+
     stage: ClassVar[str] = "allocate"
 
     calibrate: CalibrateInputs
-    quant: QuantSpec
-    seed: int
+    allocation: AllocationConfig
+    plus: PlusConfig | None
     version: str
 
     def hashed(self) -> dict[str, Any]:
-        # GPTQ settings do not change the plan: a recipe that differs only in them reuses the allocation
-        quant = {f: v for f, v in self.quant.model_dump(mode="json").items() if f != "gptq"}
-        return {"calibrate": self.calibrate.key, "quant": quant, "seed": self.seed, "version": self.version}
+        return {"calibrate": self.calibrate.key, "allocation": self.allocation.model_dump(mode="json"),
+                "plus": self.plus.model_dump(mode="json") if self.plus is not None else None,
+                "version": self.version}
 
 
 class QuantizeInputs(StageInputs):
     stage: ClassVar[str] = "quantize"
 
     allocate: AllocateInputs
+    gptq: QuantizeConfig
     version: str
     checkpoint_format: int  # a checkpoint cached in an older format is rewritten, not reloaded
 
-    @property
-    def quant(self) -> QuantSpec:
-        return self.allocate.quant
-
     def hashed(self) -> dict[str, Any]:
+        # progress bars do not change the checkpoint
         return {"allocate": self.allocate.key, "calibrate": self.allocate.calibrate.key,
-                "quant": self.quant.model_dump(mode="json"), "version": self.version,
+                "gptq": self.gptq.model_dump(mode="json", exclude={"progress"}), "version": self.version,
                 "checkpoint_format": self.checkpoint_format}
 
 
 class PruneInputs(StageInputs):
+    """The recipe's ODP or OTP config (OTP with the run's seed) and the model it is fitted on."""
+
     stage: ClassVar[str] = "prune"
 
     base: QuantizeInputs | None  # the quantized model pruning is fitted on; None: the original
     model: dict[str, Any]  # checkpoint fingerprint of the original
     calibrate: CalibrateInputs
-    prune: PruneSpec
-    seed: int
+    prune: PruneConfig
     version: str
 
     def hashed(self) -> dict[str, Any]:
         return {"base": self.base.key if self.base is not None else self.model, "calibrate": self.calibrate.key,
-                "prune": self.prune.model_dump(mode="json"), "seed": self.seed, "version": self.version}
+                "prune": self.prune.model_dump(mode="json"), "version": self.version}
 
 
 class EvaluateInputs(StageInputs):
@@ -143,13 +150,15 @@ class RecipeInputs(BaseModel):
         if q is not None or p is not None:
             cal = CalibrateInputs(version=version, model=ctx.fingerprint, dtype=ctx.spec.dtype,
                                   calibration=suite.calibration, data=ctx.calibration_source, seed=ctx.seed,
-                                  group_size=q.group_size if q is not None else DEFAULT_GROUP_SIZE)
+                                  group_size=q.allocation.group_size if q is not None else DEFAULT_GROUP_SIZE)
         if q is not None:
-            alloc = AllocateInputs(calibrate=cal, quant=q, seed=ctx.seed, version=version)
-            quant = QuantizeInputs(allocate=alloc, version=version, checkpoint_format=checkpoint_format)
+            alloc = AllocateInputs(calibrate=cal, allocation=q.allocation.model_copy(update={"seed": ctx.seed}),
+                                   plus=q.plus, version=version)
+            quant = QuantizeInputs(allocate=alloc, gptq=q.gptq, version=version, checkpoint_format=checkpoint_format)
         if p is not None:
-            prune = PruneInputs(base=quant, model=ctx.fingerprint, calibrate=cal, prune=p, seed=ctx.seed,
-                                version=version)
+            if isinstance(p, OTPConfig):
+                p = p.model_copy(update={"seed": ctx.seed})
+            prune = PruneInputs(base=quant, model=ctx.fingerprint, calibrate=cal, prune=p, version=version)
         ev = EvaluateInputs(model=ctx.fingerprint, model_spec=ctx.spec, recipe=recipe, quantize=quant, prune=prune,
                             tasks=suite.tasks_for(ctx.spec), evaluation=suite.evaluation, seed=ctx.seed,
                             software=software)

@@ -15,12 +15,13 @@ import logging
 import os
 import re
 import tomllib
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from .schema import Harness, ModelSpec, Suite
 
@@ -55,12 +56,41 @@ class LoadedSuite:
         return self.suite.model_dump(mode="json")
 
 
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    """The config classes an annotation holds (through Optional, list, dict values, Annotated and unions)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [m for arg in typing.get_args(annotation) for m in _models_in(arg)]
+
+
+def _table_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The config class of the table at ``loc`` in a suite (a union member is picked by the tag in ``loc``)."""
+    current: list[type[BaseModel]] = [Suite]
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        if len(current) > 1:  # a tagged union: pydantic puts the tag in the location
+            current = [m for m in current if any(str(getattr(f.default, "value", f.default)) == part
+                                                 for f in m.model_fields.values())][:1]
+            continue
+        field = current[0].model_fields.get(part) if current else None
+        if field is None:
+            return None
+        current = _models_in(field.annotation)
+    return current[0] if len(current) == 1 else None
+
+
+def _unknown_key(loc: tuple[Any, ...]) -> str:
+    table = _table_at(loc[:-1])
+    return f"unknown key; valid: {', '.join(table.model_fields)}" if table is not None else "unknown key"
+
+
 def _format_validation(exc: ValidationError, where: str) -> str:
     lines = []
     for err in exc.errors():
         loc = ".".join(str(x) for x in err["loc"]) or "(top level)"
         if err["type"] == "extra_forbidden":
-            lines.append(f"  {loc}: unknown key")
+            lines.append(f"  {loc}: {_unknown_key(tuple(err['loc']))}")
         elif err["type"] == "missing":
             lines.append(f"  {loc}: required key is missing")
         else:
@@ -276,19 +306,17 @@ def check_components(loaded: LoadedSuite) -> None:
         for r in loaded.suite.recipes:
             if r.quant is not None:
                 try:
-                    ALLOCATORS.get(r.quant.allocator)
+                    ALLOCATORS.get(r.quant.allocation.method)
                 except RegistryError as exc:
                     raise SuiteError(f"recipe {r.name!r}: {exc}") from None
 
 
 def check_recipes_feasible(loaded: LoadedSuite, locations: dict[str, tuple[str, bool]]) -> None:
     """Every quantized recipe's allocation is feasible for its model's MoE layout (read from the local checkpoint's
-    config; Hub models are checked once loaded) and its GPTQ settings are valid: no statistics needed."""
+    config; Hub models are checked once loaded): no statistics needed."""
     from mcmoe_vl.allocation.allocate import check_feasible
     from mcmoe_vl.allocation.budget import AllocationError
     from mcmoe_vl.calibration.workflow import moe_layout
-
-    from . import stages
 
     for m in loaded.suite.models:
         recipes = [r for r in loaded.suite.recipes_for(m) if r.quant is not None]
@@ -299,13 +327,8 @@ def check_recipes_feasible(loaded: LoadedSuite, locations: dict[str, tuple[str, 
         for r in recipes:
             where = f"model {m.name!r}, recipe {r.name!r}"
             try:
-                stages.quantize_config(r.quant, min_tokens=loaded.suite.calibration.min_tokens, progress=False)
-            except ValueError as exc:
-                raise SuiteError(f"{where}: {exc}") from None
-            try:
-                config = stages.allocation_config(r.quant, seed=0)
                 if layout is not None:
-                    check_feasible(layout, config)
+                    check_feasible(layout, r.quant.allocation)
             except (AllocationError, ValueError) as exc:
                 raise SuiteError(f"{where}: {exc}") from None
 

@@ -69,10 +69,10 @@ def results_file(suite: Suite, ctx: ModelContext, recipe: RecipeSpec, keys: dict
     if recipe.quant is not None:
         assert acct is not None and plan_path is not None
         plan = BitPlan.load(plan_path)
-        q = recipe.quant
+        a = recipe.quant.allocation
         quant_info = QuantInfo(
-            allocator=q.allocator, target_bits=q.bits, budget=q.budget, bit_set=list(q.resolved_bit_set),
-            scope=q.scope, group_size=q.group_size, other_bits=q.other_bits, runtime=suite.evaluation.runtime,
+            allocator=a.method, target_bits=a.target_bits, budget=a.budget, bit_set=list(a.bits),
+            scope=a.scope, group_size=a.group_size, other_bits=a.other_bits, runtime=suite.evaluation.runtime,
             plan={str(la.index): la.bits for la in plan.layers}, plan_achieved=plan.achieved,
             starved_experts=sum(len(v) for v in acct.starved.values()),
             chosen=(plan.selection or {}).get("chosen"), accounting=acct)

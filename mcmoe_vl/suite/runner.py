@@ -49,6 +49,7 @@ from .evaluate import evaluate_model
 from .inputs import CHECKPOINT_FORMAT, AllocateInputs, CalibrateInputs, PruneInputs, QuantizeInputs, RecipeInputs
 from .load import LoadedSuite, SuiteError, include_dirs, preflight
 from .results import Publisher, results_file, software_versions
+from .recipe import PLUS_METHOD
 from .schema import Harness, RecipeSpec, Suite, slug
 
 log = logging.getLogger(__name__)
@@ -163,17 +164,17 @@ class SuiteRunner:
         return stats, d
 
     def _allocate(self, ctx: ModelContext, recipe: RecipeSpec, inp: AllocateInputs, stats: Any) -> Path:
-        key, q = inp.key, inp.quant
+        key, a = inp.key, inp.allocation
         d = self.cache.dir("allocate", key)
         if self.cache.lookup("allocate", key) is not None:
             self._hit("allocate")
             return d
         self._status("allocate", ctx, recipe)
         d = self.cache.begin("allocate", key)
-        stages.allocate(stats, q, inp.seed, plan_path=d / "plan.json", heatmap_path=d / "allocation.png",
-                        title=f"{q.allocator} allocation, {ctx.spec.name}, {q.bits:g} bits",
+        stages.allocate(stats, a, inp.plus, plan_path=d / "plan.json", heatmap_path=d / "allocation.png",
+                        title=f"{a.method} allocation, {ctx.spec.name}, {a.target_bits:g} bits",
                         plus_data=lambda: (ctx.model, ctx.calibration_batches(), ctx.selection_batches()))
-        files = ["plan.json", "allocation.png"] + (["stats_gptq.json"] if q.allocator == "pmq+" else [])
+        files = ["plan.json", "allocation.png"] + (["stats_gptq.json"] if a.method == PLUS_METHOD else [])
         self.cache.commit("allocate", key, inputs={"calibrate": inp.calibrate.key, "recipe": recipe.name},
                           files=files)
         self._miss("allocate")
@@ -190,8 +191,8 @@ class SuiteRunner:
         self._status("quantize", ctx, recipe)
         d = self.cache.begin("quantize", key)
         model = ctx.fresh_model()
-        acct = stages.quantize(model, plan_dir / "plan.json", ctx.calibration_batches(), inp.quant,
-                               out_dir=d / "checkpoint", min_tokens=inp.allocate.calibrate.calibration.min_tokens,
+        acct = stages.quantize(model, plan_dir / "plan.json", ctx.calibration_batches(), inp.gptq,
+                               group_size=inp.allocate.allocation.group_size, out_dir=d / "checkpoint",
                                progress=self.progress)
         del model
         files = [p.relative_to(d).as_posix() for p in sorted((d / "checkpoint").rglob("*")) if p.is_file()]
@@ -217,8 +218,7 @@ class SuiteRunner:
             return load_pruning(d / "pruning.json")
         self._status(f"prune ({inp.prune.method.value})", ctx, recipe)
         d = self.cache.begin("prune", key)
-        stages.fit_pruning(model, ctx.calibration_batches(), inp.prune, seed=inp.seed, out=d / "pruning.json",
-                           progress=self.progress)
+        stages.fit_pruning(model, ctx.calibration_batches(), inp.prune, out=d / "pruning.json", progress=self.progress)
         files = [p.name for p in sorted(d.iterdir()) if p.is_file()]
         base = inp.base.key if inp.base is not None else None
         self.cache.commit("prune", key, inputs={"base": base, "recipe": recipe.name}, files=files)

@@ -21,7 +21,7 @@ names it. A minimal TOML suite::
 
     [[recipes]]
     name = "PMQ 2.0"
-    quant = { allocator = "pmq", bits = 2.0 }
+    quant = { method = "pmq", target_bits = 2.0 }
     prune = { method = "odp", protect_ratio = 0.02 }
 
     [[tasks]]
@@ -30,29 +30,30 @@ names it. A minimal TOML suite::
     num_fewshot = 0
     limit = 200
 
-Recipes (METHOD.md sections 3-7): no ``quant`` is the 16-bit baseline; ``quant = {allocator = "uniform", bits = 2}``
-is uniform n-bit GPTQ; any other allocator (pmq, hessian, fnorm, frequency, weight, random, block) allocates the
-given average over ``bit_set`` and quantizes with GPTQ. ``prune`` adds ODP or OTP on top (or alone).
+Recipes (METHOD.md sections 3-7; :mod:`mcmoe_vl.suite.recipe`): no ``quant`` is the 16-bit baseline;
+``quant = {method = "uniform", target_bits = 2}`` is uniform n-bit GPTQ; any other allocator (pmq, pmq+, hessian,
+fnorm, frequency, weight, random, block) allocates the ``target_bits`` average over the widths ``bits`` (default 1, 2,
+3) and quantizes with GPTQ. ``quant`` takes every :class:`~mcmoe_vl.allocation.config.AllocationConfig` setting under
+its own name, ``gptq`` the :class:`~mcmoe_vl.quant.model.QuantizeConfig` and ``plus`` the
+:class:`~mcmoe_vl.allocation.plus.PlusConfig`; ``prune`` is an :class:`~mcmoe_vl.pruning.odp.ODPConfig` or an
+:class:`~mcmoe_vl.pruning.otp.OTPConfig`, chosen by its ``method``. The recipe objects are these library configs, so a
+stage receives exactly what the suite file says.
 """
 
 from __future__ import annotations
 
 import enum
-import re
-from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from mcmoe_vl.allocation.budget import BudgetKind
-from mcmoe_vl.allocation.config import Scope
 from mcmoe_vl.io import slug  # noqa: F401  (file-system names of models and recipes; re-exported)
-from mcmoe_vl.pruning.artifact import PruningMethod
 from mcmoe_vl.quant.qlinear import Runtime
 from mcmoe_vl.quant.widths import check_widths
 
+from .recipe import NAME_PATTERN, PruneConfig, QuantRecipe, RecipeSpec  # noqa: F401  (recipes: re-exported)
+
 SUITE_FORMAT_VERSION = 1
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._+()\-]*$")
 
 
 class _Strict(BaseModel):
@@ -93,7 +94,7 @@ class ModelSpec(_Strict):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        if not _NAME.match(v):
+        if not NAME_PATTERN.match(v):
             raise ValueError(f"model names use letters, digits, space and ._+()-, got {v!r}")
         return v
 
@@ -122,104 +123,6 @@ class ModelSpec(_Strict):
         if self.harnesses is not None:
             return list(self.harnesses)
         return [Harness.LMMS_EVAL] if self.is_vlm else [Harness.LM_EVAL]
-
-
-class QuantSpec(_Strict):
-    """Expert quantization of a recipe: an allocator, an average width, GPTQ settings.
-
-    ``allocator = "uniform"`` with ``bits = n`` is uniform n-bit GPTQ (``bit_set`` defaults to ``[n]``); every other
-    allocator distributes ``bits`` on average over ``bit_set`` (default 1, 2, 3). ``other_bits``: attention,
-    router, shared experts and dense MLPs. ``gptq`` holds extra settings passed to the quantization engine's config
-    (validated by it).
-    """
-
-    allocator: str = "pmq"
-    bits: float = Field(gt=0, le=16)
-    bit_set: list[int] | None = None
-    budget: BudgetKind = BudgetKind.NOMINAL
-    scope: Scope = Scope.LAYER
-    alpha: float = Field(1.0, ge=0)
-    beta: float = Field(1.0, ge=0)
-    gamma: float = Field(2.0, ge=0)
-    group_size: int = Field(128, ge=1)
-    other_bits: int = Field(4, ge=1, le=16)
-    shared_experts_bits: int = Field(4, ge=1, le=16)
-    gptq: dict[str, Any] = Field(default_factory=dict)
-    plus: dict[str, Any] = Field(default_factory=dict)  # allocator "pmq+": PlusConfig settings (validated by it)
-
-    @model_validator(mode="after")
-    def _check(self) -> QuantSpec:
-        if self.bit_set is not None:
-            if not self.bit_set:
-                raise ValueError("bit_set is empty; give at least one width, e.g. [1, 2, 3]")
-            check_widths(self.bit_set, where="bit_set")
-        if self.allocator == "uniform" and self.budget is BudgetKind.NOMINAL and self.bits != int(self.bits):
-            raise ValueError(f"uniform quantization needs a whole number of bits, got {self.bits}")
-        return self
-
-    @property
-    def resolved_bit_set(self) -> tuple[int, ...]:
-        if self.bit_set is not None:
-            return tuple(sorted(set(self.bit_set)))
-        if self.allocator == "uniform":
-            return (int(self.bits),)
-        return (1, 2, 3)
-
-
-class PruneSpec(_Strict):
-    """Dynamic pruning of a recipe (METHOD.md sections 6-7).
-
-    ODP: ``prune_rate`` (fraction of top-k pairs removed on calibration tokens) or the ratio ``quantile`` (0.5: the
-    paper's median) or a fixed ``mu``; ``protect_ratio`` of tokens protected in prefill (0.02 in the paper).
-    OTP: ``prune_rate`` target reached by the trained mask predictors; ``steps`` of training; ``width`` of each
-    predictor. ``layers``: decoder layers where pruning is on (None: every MoE layer).
-    """
-
-    method: PruningMethod
-    prune_rate: float | None = Field(None, ge=0.0, lt=1.0)
-    quantile: float = Field(0.5, ge=0.0, le=1.0)
-    mu: float | None = Field(None, ge=0.0)
-    protect_ratio: float = Field(0.02, ge=0.0, le=1.0)
-    steps: int = Field(300, ge=1)
-    width: int = Field(32, ge=0)
-    layers: list[int] | None = None
-
-    @model_validator(mode="after")
-    def _check(self) -> PruneSpec:
-        if self.method is PruningMethod.ODP and self.mu is not None and self.prune_rate is not None:
-            raise ValueError("give ODP either mu or prune_rate, not both")
-        if self.method is PruningMethod.OTP and self.mu is not None:
-            raise ValueError("mu is an ODP setting; OTP takes prune_rate")
-        return self
-
-
-class RecipeSpec(_Strict):
-    """A compression configuration: optional quantization, then optional pruning. Neither: the 16-bit baseline."""
-
-    name: str
-    quant: QuantSpec | None = None
-    prune: PruneSpec | None = None
-    models: list[str] | None = None  # restrict to these model names (default: every model)
-    # calibration seeds of this recipe (default: the suite's); e.g. [0] for the 16-bit row, which no seed changes
-    seeds: list[int] | None = None
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, v: str) -> str:
-        if not _NAME.match(v):
-            raise ValueError(f"recipe names use letters, digits, space and ._+()-, got {v!r}")
-        return v
-
-    @field_validator("seeds")
-    @classmethod
-    def _seeds(cls, v: list[int] | None) -> list[int] | None:
-        if v is not None and (not v or len(set(v)) != len(v)):
-            raise ValueError(f"recipe seeds must be a non-empty list without repeats, got {v}")
-        return v
-
-    @property
-    def is_baseline(self) -> bool:
-        return self.quant is None and self.prune is None
 
 
 class TaskSpec(_Strict):
@@ -254,8 +157,14 @@ class CalibrationSpec(_Strict):
     seq_len: int = Field(2048, ge=1)
     batch_size: int = Field(1, ge=1)
     eps_bits: list[int] = Field(default_factory=lambda: [1, 2, 3])
-    min_tokens: int = Field(16, ge=0)
+    min_tokens: int = Field(16, ge=0)  # also the GPTQ and pmq+ fallback threshold of recipes that do not set it
     text_field: str = "text"  # hf: datasets
+
+    @field_validator("eps_bits")
+    @classmethod
+    def _eps_bits(cls, v: list[int]) -> list[int]:
+        check_widths(v, where="calibration.eps_bits")
+        return v
 
 
 class EvaluationSpec(_Strict):
@@ -324,7 +233,7 @@ class Suite(_Strict):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        if not _NAME.match(v):
+        if not NAME_PATTERN.match(v):
             raise ValueError(f"suite names use letters, digits, space and ._+()-, got {v!r}")
         return v
 
@@ -364,6 +273,7 @@ class Suite(_Strict):
         if self.report.compare_to is not None and self.report.compare_to not in {r.name for r in self.recipes}:
             raise ValueError(f"report.compare_to {self.report.compare_to!r} is not a recipe of the suite; recipes: "
                              f"{sorted(r.name for r in self.recipes)}")
+        self.recipes = [r.with_min_tokens(self.calibration.min_tokens) for r in self.recipes]
         for m in self.models:
             if not any(self.tasks_for(m)):
                 raise ValueError(f"model {m.name!r} has no task for its harnesses "

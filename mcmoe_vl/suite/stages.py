@@ -21,8 +21,11 @@ from torch import nn
 
 from mcmoe_vl.dtypes import DTYPES
 
+from mcmoe_vl.allocation.config import AllocationConfig
+from mcmoe_vl.allocation.plus import PlusConfig
 from mcmoe_vl.evaluation.compression import ODPInfo, OTPInfo, QuantAccounting
-from mcmoe_vl.pruning.artifact import PruningMethod
+from mcmoe_vl.pruning.odp import ODPConfig
+from mcmoe_vl.pruning.otp import OTPConfig
 from mcmoe_vl.quant.checkpoint import load_quantized as load_checkpoint, save_quantized
 from mcmoe_vl.quant.model import QuantizeConfig, quantize_model
 from mcmoe_vl.quant.plan import load_plan
@@ -30,7 +33,8 @@ from mcmoe_vl.quant.qlinear import Runtime, set_runtime as switch_runtime
 
 from model_adapters.base import MoEAdapter
 
-from .schema import CalibrationSpec, ModelSpec, PruneSpec, QuantSpec
+from .recipe import PLUS_METHOD
+from .schema import CalibrationSpec, ModelSpec
 
 log = logging.getLogger(__name__)
 
@@ -186,68 +190,49 @@ def significance_plot(stats: Any, path: Path) -> Path:
     return significance_heatmaps(stats, path)
 
 
-def allocation_config(q: QuantSpec, seed: int) -> Any:
-    from mcmoe_vl.allocation.config import AllocationConfig
-
-    return AllocationConfig(method=q.allocator, target_bits=q.bits, budget=q.budget, bits=q.resolved_bit_set,
-                            scope=q.scope, alpha=q.alpha, beta=q.beta, gamma=q.gamma, seed=seed,
-                            group_size=q.group_size, other_bits=q.other_bits,
-                            shared_experts_bits=q.shared_experts_bits,
-                            require_widths=() if len(q.resolved_bit_set) == 1 else None)
-
-
-def allocate(stats: Any, q: QuantSpec, seed: int, *, plan_path: Path, heatmap_path: Path, title: str,
-             plus_data: Any = None) -> Any:
+def allocate(stats: Any, allocation: AllocationConfig, plus: PlusConfig | None, *, plan_path: Path,
+             heatmap_path: Path, title: str, plus_data: Any = None) -> Any:
     """The recipe's plan; ``pmq+`` also needs ``plus_data()`` -> (model, plan-building batches, selection batches)."""
     from mcmoe_vl.allocation.allocate import allocate as run
     from mcmoe_vl.plots import allocation_heatmap
 
-    if q.allocator == "pmq+":
-        plan = allocate_plus(stats, q, seed, plus_data, stats_path=plan_path.with_name("stats_gptq.json"))
+    if allocation.method == PLUS_METHOD:
+        assert plus is not None  # the recipe gives pmq+ its PlusConfig
+        plan = allocate_plus(stats, allocation, plus, plus_data, stats_path=plan_path.with_name("stats_gptq.json"))
     else:
-        plan = run(stats, allocation_config(q, seed))
+        plan = run(stats, allocation)
     plan.save(plan_path)
     allocation_heatmap([lp.bits for lp in plan.layers], heatmap_path,
                        layer_labels=[str(lp.index) for lp in plan.layers], title=title)
     return plan
 
 
-def allocate_plus(stats: Any, q: QuantSpec, seed: int, plus_data: Any, *, stats_path: Path) -> Any:
+def allocate_plus(stats: Any, allocation: AllocationConfig, plus: PlusConfig, plus_data: Any, *, stats_path: Path
+                  ) -> Any:
     """pmq+: eps re-measured with GPTQ (and the 1-bit refit) on the same data, then candidates chosen by loss."""
-    from mcmoe_vl.allocation.plus import PlusConfig, allocate_plus as run, build_candidates
+    from mcmoe_vl.allocation.plus import allocate_plus as run, build_candidates
     from mcmoe_vl.calibration.calibrate import CalibrationConfig, calibrate as measure
 
-    plus = PlusConfig(**{"min_tokens": stats.config.get("min_tokens", 16), **dict(q.plus)})
-    config = allocation_config(q, seed)
-    build_candidates(stats, config, plus)  # a bad request fails before any model work
+    build_candidates(stats, allocation, plus)  # a bad request fails before any model work
     model, fit, select = plus_data()
     cfg = CalibrationConfig(**{**stats.config, "quantizer": "gptq", "refit_1bit": plus.refit_1bit})
     stats_gptq = measure(model, fit, cfg, output=stats_path, model_name=stats.model_name, progress=False)
-    return run(model, stats_gptq, fit, select, config, plus)
+    return run(model, stats_gptq, fit, select, allocation, plus)
 
 
 # -- quantize --------------------------------------------------------------------------------------------------------
-def quantize_config(q: QuantSpec, *, min_tokens: int, progress: bool) -> Any:
-    """The engine's config from the recipe: ``gptq`` settings (validated by the engine) over the suite's defaults."""
-    settings = {"min_tokens": min_tokens, "progress": progress, **dict(q.gptq)}
-    try:
-        return QuantizeConfig(**settings)
-    except ValueError as exc:
-        raise ValueError(f"quant.gptq settings {dict(q.gptq)} are not valid for the quantization engine: {exc}") \
-            from None
-
-
-def quantize(model: nn.Module, plan_path: Path, calib_batches: list[dict[str, Any]], q: QuantSpec, *, out_dir: Path,
-             min_tokens: int, progress: bool) -> QuantAccounting:
-    """Quantize ``model`` in place to the plan with GPTQ and save the packed checkpoint in ``out_dir``.
+def quantize(model: nn.Module, plan_path: Path, calib_batches: list[dict[str, Any]], gptq: QuantizeConfig, *,
+             group_size: int, out_dir: Path, progress: bool) -> QuantAccounting:
+    """Quantize ``model`` in place to the plan with the recipe's GPTQ config and save the packed checkpoint in
+    ``out_dir`` (``group_size``: the recipe's allocation group size, which the plan was made with).
 
     Returns the engine's accounting (nominal / effective bits, bytes on disk, resident bytes) plus the starved
     experts (round-to-nearest fallback).
     """
     plan = load_plan(plan_path)
-    if plan.group_size != q.group_size:
-        plan = plan.model_copy(update={"group_size": q.group_size})
-    cfg = quantize_config(q, min_tokens=min_tokens, progress=progress)
+    if plan.group_size != group_size:
+        plan = plan.model_copy(update={"group_size": group_size})
+    cfg = gptq.model_copy(update={"progress": progress})
     report = quantize_model(model, plan, calib_batches, cfg)
     acct = save_quantized(model, out_dir, plan=plan, report=report, config=cfg)
     return QuantAccounting.from_engine(acct, report.starved)
@@ -264,24 +249,15 @@ def load_quantized(model: nn.Module, ckpt_dir: Path, runtime: str) -> nn.Module:
 
 
 # -- prune -----------------------------------------------------------------------------------------------------------
-def fit_pruning(model: nn.Module, calib_batches: list[dict[str, Any]], p: PruneSpec, *, seed: int, out: Path,
+def fit_pruning(model: nn.Module, calib_batches: list[dict[str, Any]], config: ODPConfig | OTPConfig, *, out: Path,
                 progress: bool) -> Any:
-    """Fit ODP thresholds or train OTP predictors on ``model`` (original or quantized) and save the artifact."""
-    from mcmoe_vl.moe import ExpertInterface
-    from mcmoe_vl.pruning.artifact import odp_artifact, otp_artifact, save_pruning
-    from mcmoe_vl.pruning.odp import ODPConfig, fit_odp
-    from mcmoe_vl.pruning.otp import OTPConfig, train_otp
+    """Fit ODP thresholds or train OTP predictors on ``model`` (original or quantized) with the recipe's config
+    (:func:`mcmoe_vl.pruning.workflow.fit_pruning`) and save the artifact."""
+    from mcmoe_vl.pruning.artifact import save_pruning
+    from mcmoe_vl.pruning.workflow import fit_pruning as fit
 
-    layers = tuple(p.layers) if p.layers is not None else None
-    with ExpertInterface(model) as iface:
-        if p.method is PruningMethod.ODP:
-            cfg = ODPConfig(mu=p.mu, prune_rate=p.prune_rate, quantile=p.quantile, protect_ratio=p.protect_ratio,
-                            layers=layers)
-            art = odp_artifact(iface, fit_odp(model, calib_batches, cfg, iface=iface))
-        else:
-            cfg_otp = OTPConfig(prune_rate=p.prune_rate, steps=p.steps, width=p.width, seed=seed, layers=layers)
-            predictors, summary = train_otp(model, calib_batches, cfg_otp, iface=iface, progress=progress)
-            art = otp_artifact(iface, predictors, summary, cfg_otp.model_dump(mode="json"))
+    odp, otp = (config, None) if isinstance(config, ODPConfig) else (None, config)
+    art = fit(model, calib_batches, config.method, odp=odp, otp=otp, progress=progress)
     save_pruning(art, out)
     return art
 
@@ -295,19 +271,17 @@ def original_counts(model: nn.Module) -> tuple[dict[int, int], int]:
     return routed_expert_params(iface), always_active_params(iface)
 
 
-def prune_summary(artifact: Any, spec: PruneSpec) -> ODPInfo | OTPInfo:
+def prune_summary(artifact: Any, config: ODPConfig | OTPConfig) -> ODPInfo | OTPInfo:
     """Settings and fitted numbers of a pruning artifact for the compression block."""
-    common = {"prune_rate": spec.prune_rate, "layers": spec.layers}
-    if spec.method is PruningMethod.ODP:
+    common = {"method": config.method, "prune_rate": config.prune_rate,
+              "layers": list(config.layers) if config.layers is not None else None}
+    if isinstance(config, ODPConfig):
         odp = artifact.odp
-        return ODPInfo(method=spec.method, **common, protect_ratio=spec.protect_ratio, quantile=spec.quantile,
-                       mu_fixed=spec.mu,
+        return ODPInfo(**common, protect_ratio=config.protect_ratio, quantile=config.quantile, mu_fixed=config.mu,
                        mu={str(k): v for k, v in sorted(odp.mu.items())} if odp is not None else None,
                        calibration_pruned_fraction={str(k): v for k, v in
                                                     sorted(odp.calibration_pruned_fraction.items())}
                        if odp is not None else None)
     otp = artifact.otp
-    return OTPInfo(method=spec.method, **common, steps=spec.steps, width=spec.width,
+    return OTPInfo(**common, steps=config.steps, width=config.width,
                    summary={str(k): v for k, v in sorted(otp.summary.items())} if otp is not None else None)
-
-

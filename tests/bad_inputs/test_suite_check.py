@@ -11,14 +11,13 @@ from mcmoe_vl.suite.load import SuiteError, load_suite, preflight
 from mcmoe_vl.suite.runner import run_suite
 
 INFEASIBLE = [
-    ({"allocator": "uniform", "bits": 2.0, "bit_set": [1, 3]}, r"uniform allocation needs a target equal to one "
+    ({"method": "uniform", "target_bits": 2.0, "bits": [1, 3]}, r"uniform allocation needs a target equal to one "
                                                                 r"width's nominal bits \(1, 3\), got 2"),
-    ({"allocator": "pmq", "bits": 0.5}, r"layer 0 \(8 experts\): target 0.5 nominal bits is outside the reachable "
+    ({"method": "pmq", "target_bits": 0.5}, r"layer 0 \(8 experts\): target 0.5 nominal bits is outside the reachable "
                                         r"range \[1.375, 2.875\]"),
-    ({"allocator": "pmq", "bits": 2.0, "bit_set": [3]}, r"target 2 nominal bits is outside the reachable range "
+    ({"method": "pmq", "target_bits": 2.0, "bits": [3]}, r"target 2 nominal bits is outside the reachable range "
                                                         r"\[3, 3\]"),
-    ({"allocator": "block", "bits": 5.0}, r"block allocation reaches 2..4 nominal bits"),
-    ({"allocator": "pmq", "bits": 2.0, "gptq": {"damp": -1}}, r"quant.gptq settings .* are not valid"),
+    ({"method": "block", "target_bits": 5.0}, r"block allocation reaches 2..4 nominal bits"),
 ]
 
 
@@ -27,8 +26,7 @@ def root(tmp_path_factory):
     return tmp_path_factory.mktemp("check")
 
 
-@pytest.mark.parametrize("quant, match", INFEASIBLE, ids=["uniform-2-of-1,3", "pmq-0.5", "pmq-2-of-3", "block-5",
-                                                          "gptq-damp"])
+@pytest.mark.parametrize("quant, match", INFEASIBLE, ids=["uniform-2-of-1,3", "pmq-0.5", "pmq-2-of-3", "block-5"])
 def test_check_refuses_infeasible_recipes_before_calibration(root, quant, match):
     suite = write_suite(root, [{"name": "16-bit"}, {"name": "bad", "quant": {**quant, "group_size": 16}}],
                         name="bad.toml")
@@ -38,8 +36,8 @@ def test_check_refuses_infeasible_recipes_before_calibration(root, quant, match)
 
 
 def test_check_accepts_feasible_recipes(root):
-    suite = write_suite(root, [{"name": "u2", "quant": {"allocator": "uniform", "bits": 2, "group_size": 16}},
-                               {"name": "pmq", "quant": {"allocator": "pmq", "bits": 2.5, "group_size": 16}}],
+    suite = write_suite(root, [{"name": "u2", "quant": {"method": "uniform", "target_bits": 2, "group_size": 16}},
+                               {"name": "pmq", "quant": {"method": "pmq", "target_bits": 2.5, "group_size": 16}}],
                         name="good.toml")
     assert set(preflight(load_suite(suite))) == {"tiny-mixtral"}
 

@@ -19,7 +19,7 @@ from mcmoe_vl.suite import stages
 from mcmoe_vl.suite.load import load_suite
 from mcmoe_vl.suite.runner import run_suite
 
-RECIPE = {"name": "Q", "quant": {"allocator": "pmq", "bits": 2.0, "group_size": 16}}
+RECIPE = {"name": "Q", "quant": {"method": "pmq", "target_bits": 2.0, "group_size": 16}}
 
 
 def _run(suite: Path, **kw):
@@ -103,7 +103,7 @@ def test_recipe_removed_from_the_suite_moves_its_results_aside(fresh_copy):
     root, published, _, _ = fresh_copy
     suite = root / "suite.toml"
     suite.write_text(suite.read_text().replace(
-        '{ name = "Q", quant = { allocator = "pmq", bits = 2.0, group_size = 16 } }', '{ name = "16-bit" }'))
+        '{ name = "Q", quant = { method = "pmq", target_bits = 2.0, group_size = 16 } }', '{ name = "16-bit" }'))
     load_suite(suite)  # still a valid suite: one 16-bit recipe
     summary = _run(suite)
     assert summary.failed == []
@@ -154,11 +154,10 @@ def test_suite_schema_uses_the_library_enums():
     from mcmoe_vl.allocation.config import Scope
     from mcmoe_vl.pruning.artifact import PruningMethod
     from mcmoe_vl.quant.qlinear import Runtime
-    from mcmoe_vl.suite.schema import EvaluationSpec, PruneSpec, QuantSpec
+    from mcmoe_vl.suite.schema import EvaluationSpec, RecipeSpec
 
-    q = QuantSpec(allocator="pmq", bits=2.0, budget="effective", scope="global")
-    assert q.budget is BudgetKind.EFFECTIVE and q.scope is Scope.GLOBAL
-    assert PruneSpec(method="otp").method is PruningMethod.OTP
+    r = RecipeSpec(name="r", quant={"method": "pmq", "target_bits": 2.0, "budget": "effective", "scope": "global"},
+                   prune={"method": "otp"})
+    assert r.quant.allocation.budget is BudgetKind.EFFECTIVE and r.quant.allocation.scope is Scope.GLOBAL
+    assert r.prune.method is PruningMethod.OTP
     assert EvaluationSpec(runtime="packed").runtime is Runtime.PACKED
-    cfg = stages.allocation_config(q, seed=0)
-    assert cfg.budget is q.budget and cfg.scope is q.scope

@@ -9,7 +9,7 @@ from mcmoe_vl.calibration.calibrate import CalibrationConfig
 from mcmoe_vl.quant.packing import SUPPORTED_BITS
 from mcmoe_vl.quant.plan import BitPlan, LayerPlan, plan_from_dict
 from mcmoe_vl.quant.widths import QUANT_WIDTHS, check_width, check_widths
-from mcmoe_vl.suite.schema import QuantSpec
+from mcmoe_vl.suite.schema import CalibrationSpec, QuantRecipe
 
 
 def test_the_packer_and_the_plans_share_one_set_of_widths():
@@ -25,12 +25,17 @@ def test_the_packer_and_the_plans_share_one_set_of_widths():
 
 @pytest.mark.parametrize("width", [0, 5, 8])
 def test_every_config_refuses_the_same_widths(width):
-    """The suite's bit_set, the allocation config, the calibration's eps widths, the allocator's plan and the
-    engine's plan all refuse a width the engine cannot store, with the same message."""
+    """A suite recipe's widths, the allocation config (its widths, other-module and block widths), the calibration's
+    eps widths (suite and library), the allocator's plan and the engine's plan all refuse a width the engine cannot
+    store, with the same message."""
     msg = f"width {width} is not supported"
     makers = [
-        lambda: QuantSpec(allocator="pmq", bits=2.0, bit_set=[1, width]),
+        lambda: QuantRecipe.model_validate({"method": "pmq", "target_bits": 2.0, "bits": [1, width]}),
         lambda: AllocationConfig(bits=(1, width)),
+        lambda: AllocationConfig(other_bits=width),
+        lambda: AllocationConfig(shared_experts_bits=width),
+        lambda: AllocationConfig(method="block", block_widths=(1, width)),
+        lambda: CalibrationSpec(eps_bits=[1, width]),
         lambda: CalibrationConfig(eps_bits=(1, width)),
         lambda: BitPlan(model_type="m", allocator="a", layers=[LayerPlan(index=0, path="p", bits=[2, width])]),
         lambda: BitPlan.from_experts({0: [2, width]}),
