@@ -28,18 +28,27 @@ def _models_in(annotation: Any) -> list[type[BaseModel]]:
     return out
 
 
-def _model_at(model: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel] | None:
-    """The model that holds the last element of ``loc`` (None where that is not a model's field)."""
-    current: type[BaseModel] | None = model
+def _is_member(model: type[BaseModel], tag: str) -> bool:
+    """``tag`` names this union member: its class name (a plain union) or a field default (a discriminated one)."""
+    return tag == model.__name__ or any(str(getattr(f.default, "value", f.default)) == tag
+                                        for f in model.model_fields.values())
+
+
+def model_holding(model: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The model that holds the last element of ``loc`` (None where that is not a model's field). Where a field is a
+    union of models, pydantic puts the member's tag (or class name) in ``loc``; it picks the member."""
+    candidates: list[type[BaseModel]] = [model]
     for part in loc[:-1]:
-        if current is None:
+        if len(candidates) > 1 and isinstance(part, str) and any(_is_member(m, part) for m in candidates):
+            candidates = [m for m in candidates if _is_member(m, part)][:1]
+            continue
+        if not candidates:
             return None
-        field = current.model_fields.get(part) if isinstance(part, str) else None
+        field = candidates[0].model_fields.get(part) if isinstance(part, str) else None
         if field is None:
             continue  # a list index or dict key: the same annotation's inner model applies
-        inner = _models_in(field.annotation)
-        current = inner[0] if inner else None
-    return current
+        candidates = _models_in(field.annotation)
+    return candidates[0] if candidates else None
 
 
 def describe_validation_error(exc: ValidationError, model: type[BaseModel]) -> str:
@@ -48,7 +57,7 @@ def describe_validation_error(exc: ValidationError, model: type[BaseModel]) -> s
     for err in exc.errors():
         loc = tuple(err["loc"])
         where = ".".join(str(x) for x in loc) or "(top level)"
-        holder = _model_at(model, loc) if loc else None
+        holder = model_holding(model, loc) if loc else None
         valid = f" (valid: {', '.join(holder.model_fields)})" if holder is not None else ""
         if err["type"] == "extra_forbidden":
             parts.append(f"{where}: unknown key{valid}")

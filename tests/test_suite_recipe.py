@@ -117,12 +117,16 @@ def test_bad_recipes_name_the_key(recipe, needle):
     assert needle in _error(**recipe)
 
 
-def test_suite_file_errors_list_the_valid_keys():
+@pytest.mark.parametrize(("prune", "needle"), [
+    ('{ method = "odp", stpes = 3 }',
+     "recipes.0.prune.odp.stpes: unknown key; valid: method, mu, prune_rate, quantile, layers, protect_ratio"),
+    ('{ method = "otp", mu = 0.5 }', "recipes.0.prune.otp.mu: unknown key; valid: method, width, prune_rate, lam"),
+])
+def test_suite_file_errors_list_the_valid_keys(prune, needle):
     text = "\n".join([
         'name = "s"', '[[models]]', 'name = "m"', 'checkpoint = "c"', 'adapter = "mixtral"',
         '[[tasks]]', 'harness = "lm_eval"', 'name = "t"',
-        '[[recipes]]', 'name = "R"', 'prune = { method = "odp", stpes = 3 }'])
+        '[[recipes]]', 'name = "R"', f'prune = {prune}'])
     with pytest.raises(SuiteError) as ei:
         parse_suite_text(text, fmt="toml")
-    assert "recipes.0.prune.odp.stpes: unknown key; valid: method, mu, prune_rate, quantile, layers, protect_ratio" \
-        in str(ei.value)
+    assert needle in str(ei.value)

@@ -15,13 +15,14 @@ import logging
 import os
 import re
 import tomllib
-import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
+
+from mcmoe_vl.validation import model_holding
 
 from .schema import Harness, ModelSpec, Suite
 
@@ -56,32 +57,8 @@ class LoadedSuite:
         return self.suite.model_dump(mode="json")
 
 
-def _models_in(annotation: Any) -> list[type[BaseModel]]:
-    """The config classes an annotation holds (through Optional, list, dict values, Annotated and unions)."""
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return [annotation]
-    return [m for arg in typing.get_args(annotation) for m in _models_in(arg)]
-
-
-def _table_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
-    """The config class of the table at ``loc`` in a suite (a union member is picked by the tag in ``loc``)."""
-    current: list[type[BaseModel]] = [Suite]
-    for part in loc:
-        if isinstance(part, int):
-            continue
-        if len(current) > 1:  # a tagged union: pydantic puts the tag in the location
-            current = [m for m in current if any(str(getattr(f.default, "value", f.default)) == part
-                                                 for f in m.model_fields.values())][:1]
-            continue
-        field = current[0].model_fields.get(part) if current else None
-        if field is None:
-            return None
-        current = _models_in(field.annotation)
-    return current[0] if len(current) == 1 else None
-
-
 def _unknown_key(loc: tuple[Any, ...]) -> str:
-    table = _table_at(loc[:-1])
+    table = model_holding(Suite, loc)
     return f"unknown key; valid: {', '.join(table.model_fields)}" if table is not None else "unknown key"
 
 

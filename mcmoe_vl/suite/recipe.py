@@ -16,6 +16,9 @@ table, under the allocation config's own names::
     prune = { method = "odp", prune_rate = 0.15, protect_ratio = 0.02 }
     prune = { method = "otp", prune_rate = 0.15, steps = 200 }
 
+A resolved recipe (``Suite.model_dump``, the run directory's ``suite.resolved.json``) writes the allocation settings
+under ``allocation = {...}``; both forms read back as the same recipe.
+
 What a recipe does not choose comes from the suite: the seeds (``AllocationConfig.seed`` of the random allocator,
 ``OTPConfig.seed``) and, unless ``gptq`` / ``plus`` name it, ``min_tokens`` (the ``calibration`` table's).
 """
@@ -129,7 +132,7 @@ class QuantRecipe(BaseModel):
 
 
 def _check_prune(v: Any) -> Any:
-    """A clear error for a missing or unknown pruning method (the union's own names the enum members)."""
+    """A clear error for a missing or unknown pruning method (the union's own error would print enum members)."""
     if isinstance(v, Mapping):
         method = v.get("method")
         if method is None:
