@@ -51,7 +51,7 @@ def _assert_same_metrics(got: dict, want: dict) -> None:
 def test_lm_eval_cli_scores_equal_the_suite(tmp_path: Path) -> None:
     from test_suite_run import write_suite
 
-    recipe = {"name": "PMQ 2.0", "quant": {"allocator": "pmq", "bits": 2.0, "group_size": 16}}
+    recipe = {"name": "PMQ 2.0", "quant": {"method": "pmq", "target_bits": 2.0, "group_size": 16}}
     suite = write_suite(tmp_path, [recipe], tasks=[{"harness": "lm_eval", "name": "t8_parity", "limit": 6}],
                         evaluation={"lm_eval_include": ["tasks"], "batch_size": 4, "speed_tokens": 0})
     summary = run_suite(load_suite(suite), progress=False)
@@ -94,7 +94,7 @@ def test_lmms_eval_cli_scores_equal_the_suite(tmp_path: Path, monkeypatch: pytes
         "name": "tiny vlm", "torch_threads": 1,
         "models": [{"name": "tiny-vl2", "checkpoint": "vl2", "adapter": "deepseek_vl_v2",
                     "calibration_data": "calib.jsonl"}],
-        "recipes": [{"name": "PMQ 2.0", "quant": {"allocator": "pmq", "bits": 2.0, "group_size": 32}}],
+        "recipes": [{"name": "PMQ 2.0", "quant": {"method": "pmq", "target_bits": 2.0, "group_size": 32}}],
         "tasks": [{"harness": "lmms_eval", "name": "s8_colour"}],
         "calibration": {"num_sequences": 6, "batch_size": 3, "eps_bits": [1, 2, 3], "min_tokens": 1},
         "evaluation": {"lmms_eval_include": ["lmms_tasks"], "batch_size": 3, "speed_tokens": 0},
