@@ -88,6 +88,7 @@ def test_toml_and_yaml_give_the_same_suite(workdir: Path, fmt: str) -> None:
          "recipes.2.prune.odp.steps: unknown key; valid: method, mu, prune_rate, quantile"),
         (lambda d: d["calibration"].update(eps_bit=[2]), "calibration.eps_bit: unknown key; valid: data, num_sequences"),
         (lambda d: d.update(modles=[]), "modles: unknown key; valid: format_version, name"),
+        (lambda d: d.update(format_version=1), "format 1 named the quant keys allocator / bits / bit_set"),
         (lambda d: d["tasks"][0].update(harness="lmms"), "tasks.0.harness"),
         (lambda d: d.pop("recipes"), "recipes: required key is missing"),
         (lambda d: d["recipes"].append({"name": "16-bit"}), "recipe names repeat"),

@@ -52,8 +52,7 @@ from mcmoe_vl.quant.widths import check_widths
 
 from .recipe import NAME_PATTERN, PruneConfig, QuantRecipe, RecipeSpec  # noqa: F401  (recipes: re-exported)
 
-SUITE_FORMAT_VERSION = 1
-
+SUITE_FORMAT_VERSION = 2  # 2: recipes embed the library's configs (quant: method / target_bits / bits)
 
 
 class _Strict(BaseModel):
@@ -241,7 +240,10 @@ class Suite(_Strict):
     @classmethod
     def _version(cls, v: int) -> int:
         if v != SUITE_FORMAT_VERSION:
-            raise ValueError(f"suite format_version {v} is not supported (this version reads {SUITE_FORMAT_VERSION})")
+            former = " (format 1 named the quant keys allocator / bits / bit_set, now method / target_bits / bits)" \
+                if v == 1 else ""
+            raise ValueError(f"suite format_version {v} is not supported (this version reads "
+                             f"{SUITE_FORMAT_VERSION}){former}")
         return v
 
     @model_validator(mode="after")
