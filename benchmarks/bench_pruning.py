@@ -22,10 +22,11 @@ import time
 import torch
 from transformers import DeepseekV3Config, DeepseekV3ForCausalLM, MixtralConfig, MixtralForCausalLM
 
-from mcmoe_vl.moe import ExpertInterface, RoutingDecision
+from mcmoe_vl.moe import RoutingDecision
 from mcmoe_vl.pruning.importance import attention_column_stats
 from mcmoe_vl.pruning.odp import ratio_keep
 from mcmoe_vl.pruning.otp import MaskPredictor
+from model_adapters import expert_interface
 
 
 def build(kind: str, hidden: int) -> torch.nn.Module:
@@ -80,7 +81,7 @@ def bench_layer(kind: str, tokens: int, hidden: int, repeats: int, fractions: li
     g = torch.Generator().manual_seed(1)
     x = torch.randn(1, tokens, hidden, generator=g)
     out: dict = {"kind": kind, "tokens": tokens, "hidden": hidden}
-    with torch.no_grad(), ExpertInterface(model) as iface:
+    with torch.no_grad(), expert_interface(model) as iface:
         layer = iface.layers[0]
         out["experts"], out["top_k"] = layer.num_experts, layer.top_k
         routing = layer.route(x.reshape(-1, hidden))

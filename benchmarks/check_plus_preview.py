@@ -23,6 +23,7 @@ from mcmoe_vl.data.text import stdlib_splits
 from mcmoe_vl.data.tokenizer import encode_bytes
 from mcmoe_vl.quant.model import QuantizeConfig, quantize_model
 from mcmoe_vl.quant.qlinear import Runtime
+from model_adapters import get_adapter
 
 
 def main() -> None:
@@ -39,7 +40,8 @@ def main() -> None:
     sels = {n: batches_from_ids(token_windows(train[cut:], 256, n, seed=args.seed), 8) for n in args.select_seqs}
     stats = calibrate(model, fit, CalibrationConfig(quantizer="gptq", refit_1bit=True), progress=False)
     config = AllocationConfig(method="pmq+", target_bits=args.target)
-    preview = allocate_plus(model, stats, fit, sels[args.select_seqs[0]], config).selection
+    adapter = get_adapter(model)
+    preview = allocate_plus(model, stats, fit, sels[args.select_seqs[0]], config, adapter=adapter).selection
     previewed = {c["name"]: c["loss"] for c in preview["candidates"]}
     cands, _ = build_candidates(stats, config, PlusConfig())
     wins = heldout_windows(256)
@@ -50,7 +52,7 @@ def main() -> None:
         m = copy.deepcopy(model)
         plan = c.plan.model_copy(update={"refit_1bit": True})
         quantize_model(m, plan, fit, QuantizeConfig(runtime=Runtime.FAKE, progress=False))
-        engine = " | ".join(f"{calibration_loss(m, sels[n])[0]:.5f}" for n in args.select_seqs)
+        engine = " | ".join(f"{calibration_loss(m, sels[n], adapter)[0]:.5f}" for n in args.select_seqs)
         print(f"| {c.name} | {previewed[c.name]:.5f} | {engine} | {byte_ppl(m, wins)[0]:.4f} |", flush=True)
 
 

@@ -48,6 +48,7 @@ from mcmoe_vl.data.tokenizer import EOS_ID, encode_bytes
 from mcmoe_vl.io import write_json_atomic
 from mcmoe_vl.quant.model import QuantizeConfig, quantize_model
 from mcmoe_vl.quant.qlinear import Runtime
+from model_adapters import get_adapter
 
 log = logging.getLogger("compare_allocators")
 ROOT = Path(__file__).resolve().parent.parent
@@ -144,7 +145,8 @@ def main() -> None:
                     try:
                         if row == "pmq+":
                             plan = allocate_plus(model, stats_gptq, fit, sel,
-                                                 AllocationConfig(method="pmq+", target_bits=target), PlusConfig())
+                                                 AllocationConfig(method="pmq+", target_bits=target), PlusConfig(),
+                                                 adapter=get_adapter(model))
                             rec["chosen"] = plan.selection["chosen"]
                             rec["candidates"] = {c["name"]: c["loss"] for c in plan.selection["candidates"]}
                             rec["calibration_s"] = t_cal_gptq

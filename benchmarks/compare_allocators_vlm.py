@@ -34,6 +34,7 @@ from mcmoe_vl.io import write_json_atomic
 from mcmoe_vl.quant.model import QuantizeConfig, quantize_model
 from mcmoe_vl.quant.qlinear import Runtime
 from mcmoe_vl.suite.stages import vlm_batches, vlm_samples
+from model_adapters import get_adapter
 
 log = logging.getLogger("compare_allocators_vlm")
 
@@ -95,7 +96,8 @@ def main() -> None:
                 try:
                     if row == "pmq+":
                         plan = allocate_plus(model, stats["gptq"], fit, sel,
-                                             AllocationConfig(method="pmq+", target_bits=target), PlusConfig())
+                                             AllocationConfig(method="pmq+", target_bits=target), PlusConfig(),
+                                             adapter=get_adapter(model))
                     else:
                         plan = allocate(stats["rtn"], AllocationConfig(method=row, target_bits=target,
                                                                        require_widths=() if row == "uniform" else None))

@@ -31,11 +31,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from mcmoe_vl.moe import ExpertInterface
 from mcmoe_vl.pruning.accounting import ActivationMeter
 from mcmoe_vl.pruning.importance import token_importance
 from mcmoe_vl.pruning.odp import ODPRule, ODPThresholds, RatioCollector, run_batches, threshold_from_ratios
 from mcmoe_vl.pruning.otp import OTPConfig, OTPRule, train_otp
+from model_adapters import expert_interface
 
 log = logging.getLogger("compare_pruning")
 
@@ -120,7 +120,7 @@ def main() -> None:
     results = {"model": name, "seq_len": args.seq_len, "calib_tokens": calib.numel(), "eval_tokens": held.numel(),
                "protect": args.protect, "rows": []}
 
-    with ExpertInterface(model) as iface:
+    with expert_interface(model) as iface:
         base_ppl = perplexity(model, held)
         results["unpruned_ppl"] = base_ppl
         log.info("unpruned held-out ppl %.4f", base_ppl)

@@ -129,6 +129,7 @@ def compress(
         tokenizer = _tokenizer(source)
     ids = _token_ids(data, tokenizer, source, num_sequences=num_sequences, seq_len=seq_len, seed=seed)
     model = _model(model_or_path, dtype)
+    adapter = _adapter(model)  # the model family's adapter, resolved once for every stage
     if tokenizer is None:
         tokenizer = _tokenizer(_source_of(model))
     _check_ids(ids, model)
@@ -136,10 +137,10 @@ def compress(
     stats, used_plan = None, given_plan
     if used_plan is None:
         fit, select = _held_apart(batches, alloc_cfg)
-        stats = _calibrate(model, fit, calibration)
-        used_plan = _allocate(model, stats, fit, select, alloc_cfg)
-    report = _quantize(model, used_plan, batches, quantize)
-    art = _fit_pruning(model, batches, prune, prune_method) if prune_method else None
+        stats = _calibrate(model, fit, calibration, adapter)
+        used_plan = _allocate(model, stats, fit, select, alloc_cfg, adapter)
+    report = _quantize(model, used_plan, batches, quantize, adapter)
+    art = _fit_pruning(model, batches, prune, prune_method, adapter) if prune_method else None
     return CompressedModel(model=model, plan=used_plan, report=report, stats=stats,
                            tokenizer=tokenizer, source_dir=source or _source_of(model), pruning=art,
                            quantize_config=quantize)
@@ -258,10 +259,16 @@ def _check_ids(ids: torch.Tensor, model: nn.Module) -> None:
 
 
 # -- stages ----------------------------------------------------------------------------------------------------------
-def _calibrate(model: nn.Module, batches: list[dict], calibration: Any | None) -> Any:
+def _adapter(model: nn.Module) -> Any:
+    from model_adapters import get_adapter
+
+    return get_adapter(model)
+
+
+def _calibrate(model: nn.Module, batches: list[dict], calibration: Any | None, adapter: Any) -> Any:
     from mcmoe_vl.calibration.calibrate import CalibrationConfig, calibrate
 
-    return calibrate(model, batches, calibration or CalibrationConfig(), progress=False)
+    return calibrate(model, batches, calibration or CalibrationConfig(), progress=False, adapter=adapter)
 
 
 def _held_apart(batches: list[dict], config: Any) -> tuple[list[dict], list[dict]]:
@@ -275,7 +282,7 @@ def _held_apart(batches: list[dict], config: Any) -> tuple[list[dict], list[dict
     return batches[:-n_sel], batches[-n_sel:]
 
 
-def _allocate(model: nn.Module, stats: Any, fit: list[dict], select: list[dict], config: Any) -> Any:
+def _allocate(model: nn.Module, stats: Any, fit: list[dict], select: list[dict], config: Any, adapter: Any) -> Any:
     if config.method != "pmq+":
         from mcmoe_vl.allocation.allocate import allocate
 
@@ -284,21 +291,21 @@ def _allocate(model: nn.Module, stats: Any, fit: list[dict], select: list[dict],
         from mcmoe_vl.allocation.plus import allocate_plus
     except ImportError as exc:
         raise ValueError(f"allocator 'pmq+' is registered but its implementation is missing ({exc})") from None
-    return allocate_plus(model, stats, fit, select, config)
+    return allocate_plus(model, stats, fit, select, config, adapter=adapter)
 
 
-def _quantize(model: nn.Module, plan: Any, batches: list[dict], quantize: Any | None) -> Any:
+def _quantize(model: nn.Module, plan: Any, batches: list[dict], quantize: Any | None, adapter: Any) -> Any:
     from mcmoe_vl.quant.model import QuantizeConfig, quantize_model
 
-    return quantize_model(model, plan, batches, quantize or QuantizeConfig(progress=False))
+    return quantize_model(model, plan, batches, quantize or QuantizeConfig(progress=False), adapter=adapter)
 
 
-def _fit_pruning(model: nn.Module, batches: list[dict], prune: Any, method: str) -> Any:
+def _fit_pruning(model: nn.Module, batches: list[dict], prune: Any, method: str, adapter: Any) -> Any:
     from mcmoe_vl.moe.interface import ExpertInterface
     from mcmoe_vl.pruning.artifact import PruningMethod, apply_pruning
     from mcmoe_vl.pruning.workflow import fit_pruning
 
     kw = {} if isinstance(prune, str) else {method: prune}
-    art = fit_pruning(model, batches, PruningMethod(method), progress=False, **kw)
-    apply_pruning(ExpertInterface(model), art)
+    art = fit_pruning(model, batches, PruningMethod(method), progress=False, adapter=adapter, **kw)
+    apply_pruning(ExpertInterface(model, adapter), art)
     return art

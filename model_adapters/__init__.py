@@ -1,7 +1,11 @@
 """Model adapters: one module per MoE family, registered by the Hugging Face ``model_type``.
 
 ``get_adapter(model_or_model_type)`` returns an adapter instance; ``ADAPTERS`` is the registry (third parties add
-families through the ``mcmoe_vl.adapters`` entry-point group).
+families through the ``mcmoe_vl.adapters`` entry-point group). ``expert_interface(model)`` is the common expert
+interface over a model with its family's adapter::
+
+    with expert_interface(model) as iface:      # ExpertInterface(model, get_adapter(model)), installed
+        iface.layers[0].expert_weights(3)
 """
 
 from __future__ import annotations
@@ -11,6 +15,10 @@ import logging
 import os
 from pathlib import Path
 from typing import Any
+
+from torch import nn
+
+from mcmoe_vl.moe.interface import ExpertInterface
 
 from .base import MoEAdapter
 from .registry import ADAPTERS, ENTRY_POINT_GROUP
@@ -67,4 +75,11 @@ def adapter_of_directory(path: str | os.PathLike[str]) -> MoEAdapter:
         raise ValueError(f"{source}: model_type {name!r} has no adapter: {exc}") from None
 
 
-__all__ = ["ADAPTERS", "ENTRY_POINT_GROUP", "MoEAdapter", "adapter_of_directory", "get_adapter"]
+def expert_interface(model: nn.Module, *, install: bool = False) -> ExpertInterface:
+    """The common expert interface over ``model`` with the adapter of its family (:func:`get_adapter`).
+
+    Not installed unless ``install``; ``with expert_interface(model) as iface:`` installs it for the block."""
+    return ExpertInterface(model, get_adapter(model), install=install)
+
+
+__all__ = ["ADAPTERS", "ENTRY_POINT_GROUP", "MoEAdapter", "adapter_of_directory", "expert_interface", "get_adapter"]

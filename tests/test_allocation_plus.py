@@ -20,10 +20,10 @@ from mcmoe_vl.allocation.plus import (
 )
 from mcmoe_vl.calibration.calibrate import CalibrationConfig, calibrate
 from mcmoe_vl.calibration.eps import WeightsExpert, quantize_expert, rtn_quantizer
-from mcmoe_vl.moe import ExpertInterface
 from mcmoe_vl.quant.gptq import rtn_quantize
 from mcmoe_vl.quant.plan import BitPlan
 from mcmoe_vl.quant.quantizer import get_quantizer
+from model_adapters import expert_interface, get_adapter
 
 G = 16  # group size for the tiny experts (hidden 32, intermediate 48)
 
@@ -50,7 +50,7 @@ def _direct_rtn_loss(model, plan: BitPlan, batches) -> float:
     """Independent measurement: RTN weights through WeightsExpert, plain forward, own cross-entropy."""
     q = rtn_quantizer(G)
     nll, n = 0.0, 0
-    with ExpertInterface(model) as iface, torch.no_grad():
+    with expert_interface(model) as iface, torch.no_grad():
         for lp in plan.layers:
             layer = iface.layer(lp.index)
             for e, bits in enumerate(lp.bits):
@@ -66,7 +66,8 @@ def _direct_rtn_loss(model, plan: BitPlan, batches) -> float:
 
 def test_selection_picks_the_lowest_measured_loss(setup):
     model, fit, sel, stats = setup
-    plan = allocate_plus(model, stats, fit, sel, _config(), PlusConfig(preview="rtn", refit_1bit=False))
+    plan = allocate_plus(model, stats, fit, sel, _config(), PlusConfig(preview="rtn", refit_1bit=False),
+                         adapter=get_adapter(model))
     rec = plan.selection
     names = [c["name"] for c in rec["candidates"]]
     assert names == ["pmq", "pmq-global", "uniform", "eps-global", "pmq-global-free"]
@@ -87,21 +88,24 @@ def test_selection_picks_the_lowest_measured_loss(setup):
 @pytest.mark.parametrize("target", [2.0, 3.0])
 def test_never_above_uniform(setup, target):
     model, fit, sel, stats = setup
-    plan = allocate_plus(model, stats, fit, sel, _config(target))
+    plan = allocate_plus(model, stats, fit, sel, _config(target), adapter=get_adapter(model))
     losses = {c["name"]: c["loss"] for c in plan.selection["candidates"]}
     assert "uniform" in losses
     assert losses[plan.selection["chosen"]] <= losses["uniform"]
     # re-measured with a fresh preview: the chosen plan is not worse than uniform's
-    preview = preview_experts(model, fit, {la.index: {1, 2, 3} for la in plan.layers}, PlusConfig(), group_size=G)
+    preview = preview_experts(model, fit, {la.index: {1, 2, 3} for la in plan.layers}, PlusConfig(), group_size=G,
+                              adapter=get_adapter(model))
     uni = allocate(stats, AllocationConfig(method="uniform", target_bits=target, group_size=G, require_widths=()))
-    assert plan_loss(model, plan, preview, sel)[0] <= plan_loss(model, uni, preview, sel)[0] + 1e-9
+    adapter = get_adapter(model)
+    assert plan_loss(model, plan, preview, sel, adapter=adapter)[0] <= \
+        plan_loss(model, uni, preview, sel, adapter=adapter)[0] + 1e-9
     if target == 3.0:  # the paper's constraints cannot reach 3.0 with widths {1, 2, 3}: skipped, with the reason
         assert "pmq" in plan.selection["skipped"] and "reachable range" in plan.selection["skipped"]["pmq"]
 
 
 def test_plan_file_records_the_choice(setup, tmp_path):
     model, fit, sel, stats = setup
-    plan = allocate_plus(model, stats, fit, sel, _config(), PlusConfig(max_candidates=2))
+    plan = allocate_plus(model, stats, fit, sel, _config(), PlusConfig(max_candidates=2), adapter=get_adapter(model))
     plan.save(tmp_path / "plan.json")
     back = BitPlan.load(tmp_path / "plan.json")
     assert back == plan and back.refit_1bit is True
@@ -124,14 +128,14 @@ def test_bad_requests_fail_before_any_quantization(setup, monkeypatch, target, p
     model, fit, sel, stats = setup
     monkeypatch.setattr(plus_mod, "preview_experts", _no_quantization)
     with pytest.raises(AllocationError, match=match):
-        allocate_plus(model, stats, fit, sel, _config(target), plus)
+        allocate_plus(model, stats, fit, sel, _config(target), plus, adapter=get_adapter(model))
 
 
 def test_selection_data_must_be_held_apart(setup, monkeypatch):
     model, fit, sel, stats = setup
     monkeypatch.setattr(plus_mod, "preview_experts", _no_quantization)
     with pytest.raises(AllocationError, match="held apart"):
-        allocate_plus(model, stats, fit, [fit[0]] + sel, _config())
+        allocate_plus(model, stats, fit, [fit[0]] + sel, _config(), adapter=get_adapter(model))
     with pytest.raises(ValueError, match="valid: pmq, pmq-global"):
         PlusConfig(candidates=("pmq", "lagrange"))
 
@@ -141,17 +145,18 @@ def test_starved_experts_keep_their_rtn_fallback_in_every_candidate(setup):
     counts = sorted(n for la in stats.layers for n in la.all.counts)
     threshold = counts[len(counts) // 3]  # about a third of the experts starved
     plus = PlusConfig(min_tokens=threshold)
-    preview = preview_experts(model, fit, {la.index: {1, 2, 3} for la in stats.layers}, plus, group_size=G)
+    preview = preview_experts(model, fit, {la.index: {1, 2, 3} for la in stats.layers}, plus, group_size=G,
+                              adapter=get_adapter(model))
     starved = {(i, e) for i, es in preview.starved.items() for e in es}
     assert 0 < len(starved) < sum(la.num_experts for la in stats.layers)
-    iface = ExpertInterface(model)
+    iface = expert_interface(model)
     for (i, e, bits), mod in preview.modules.items():
         w = iface.layer(i).expert_weights(e)
         gate_up = mod.linears()["gate_up"].weight(torch.float32)
         rtn = torch.cat([rtn_quantize(w.gate, get_quantizer(bits), group_size=G).weight,
                          rtn_quantize(w.up, get_quantizer(bits), group_size=G).weight])
         assert torch.equal(gate_up, rtn) == ((i, e) in starved), (i, e, bits)  # GPTQ differs from RTN otherwise
-    plan = allocate_plus(model, stats, fit, sel, _config(), plus)
+    plan = allocate_plus(model, stats, fit, sel, _config(), plus, adapter=get_adapter(model))
     assert {(int(i), e) for i, es in plan.selection["starved"].items() for e in es} == starved
     # every candidate is measured with these preview modules: the starved ones are RTN in all of them
     cands, _ = build_candidates(stats, _config(), plus)

@@ -10,7 +10,7 @@ from tiny_models import tiny_deepseek_v2
 
 from mcmoe_vl.calibration.calibrate import CalibrationConfig, calibrate
 from mcmoe_vl.calibration.eps import WeightsExpert, quantize_expert, rtn_quantizer
-from mcmoe_vl.moe import ExpertInterface
+from model_adapters import expert_interface
 
 
 def test_eps_equals_full_block_difference():
@@ -20,7 +20,7 @@ def test_eps_equals_full_block_difference():
     bits = (1, 2, 3)
     stats = calibrate(model, batches, CalibrationConfig(eps_bits=bits, group_size=16), progress=False)
     q = rtn_quantizer(16)
-    with ExpertInterface(model) as iface:
+    with expert_interface(model) as iface:
         layer = iface.layers[0]
         assert layer.shared_experts is not None
         la = stats.layer(layer.index)
@@ -72,7 +72,7 @@ def test_eps_from_gptq_equals_a_direct_measurement():
     assert stats.config["quantizer"] == "gptq" and stats.config["refit_1bit"] is True  # recorded in the file
     qcfg = QuantizeConfig(refit_1bit=True, progress=False)
     checked = 0
-    with ExpertInterface(model) as iface:
+    with expert_interface(model) as iface:
         layer = iface.layers[0]
         la, la_rtn = stats.layer(layer.index), rtn.layer(layer.index)
         xs = block_inputs(model, batches, layer.index)

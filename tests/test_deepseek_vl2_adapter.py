@@ -11,9 +11,9 @@ from PIL import Image
 
 import test_interface as contract
 from mcmoe_vl.calibration.calibrate import CalibrationConfig, calibrate
-from mcmoe_vl.moe import ExpertInterface, Scoring
+from mcmoe_vl.moe import Scoring
 from mcmoe_vl.moe.layerwise import iterate_layers
-from model_adapters import get_adapter
+from model_adapters import expert_interface, get_adapter
 from model_adapters.deepseek_vl2 import model_from_config
 from model_adapters.deepseek_vl2.adapter import DeepseekVL2Adapter, image_text_batches, load_image_text_samples
 from model_adapters.deepseek_vl2.processing import DeepseekVL2Processor
@@ -99,7 +99,7 @@ def test_image_batches_through_the_interface(model):
     seen = {}
     with torch.no_grad():
         refs = [model(**b).logits for b in batches]
-        with ExpertInterface(model) as iface:
+        with expert_interface(model) as iface:
             iface.observe(lambda ev: seen.setdefault(ev.layer.index, []).append(ev.routing))
             outs = [model(**b, output_router_logits=True) for b in batches]
     used = set()

@@ -45,7 +45,7 @@ def test_outputs_unchanged_with_interface_installed(model):
         ref_default = model(ids).logits
         _with_eager_experts(model)
         ref = model(ids).logits
-        with ExpertInterface(model) as iface:
+        with ExpertInterface(model, get_adapter(model)) as iface:
             assert iface.installed and len(iface) >= 1
             out = model(ids).logits
         after = model(ids).logits
@@ -58,7 +58,7 @@ def test_outputs_unchanged_with_interface_installed(model):
 def test_uninstall_restores_the_model(model):
     state = {k: v.clone() for k, v in model.state_dict().items()}
     blocks = [la.block for la in get_adapter(model).moe_layers(model)]
-    with ExpertInterface(model) as iface:
+    with ExpertInterface(model, get_adapter(model)) as iface:
         iface.observe(lambda ev: None)
         iface.set_routing_override(lambda *a: None)
         iface.layers[0].set_expert(0, nn.Identity())
@@ -75,7 +75,7 @@ def test_routing_equals_the_models_own(model):
     def grab(ev):
         seen[ev.layer.index] = ev.routing
 
-    with torch.no_grad(), ExpertInterface(model) as iface:
+    with torch.no_grad(), ExpertInterface(model, get_adapter(model)) as iface:
         iface.observe(grab)
         out = model(ids, output_router_logits=True)
     logits_by_layer = out.router_logits
@@ -138,7 +138,7 @@ def test_top1_keep_mask_equals_top1_model_and_skips_pruned_pairs(model):
     with torch.no_grad():
         ref = top1(ids).logits
         full = model(ids).logits
-        with ExpertInterface(model) as iface:
+        with ExpertInterface(model, get_adapter(model)) as iface:
             for layer in iface:
                 for e in range(layer.num_experts):
                     layer.set_expert(e, _Counting(layer.expert(e), rows, e))
@@ -154,7 +154,7 @@ def test_top1_keep_mask_equals_top1_model_and_skips_pruned_pairs(model):
 def test_expert_weights_are_views_and_replacement_is_used(model):
     _with_eager_experts(model)
     ids = _ids(model)
-    with torch.no_grad(), ExpertInterface(model) as iface:
+    with torch.no_grad(), ExpertInterface(model, get_adapter(model)) as iface:
         layer = iface.layers[-1]
         w = layer.expert_weights(1)
         I, H = w.gate.shape
@@ -192,7 +192,7 @@ def test_forward_block_runs_the_moe_block_alone(model):
     with torch.no_grad():
         layer = get_adapter(model).moe_layers(model)[0]
         ref = layer.block(x)
-        with ExpertInterface(model) as iface:
+        with ExpertInterface(model, get_adapter(model)) as iface:
             out = iface.layers[0].forward_block(x)
     assert ref.abs().mean() > 0
     torch.testing.assert_close(out, ref, rtol=0, atol=0)

@@ -15,12 +15,12 @@ import torch
 from tiny_models import tiny_mixtral
 
 from mcmoe_vl.calibration.calibrate import CalibrationConfig, calibrate
-from mcmoe_vl.moe import ExpertInterface
 from mcmoe_vl.moe.layerwise import iterate_layers
 from mcmoe_vl.pruning.odp import ODPConfig, fit_odp
 from mcmoe_vl.pruning.otp import OTPConfig, train_otp
 from mcmoe_vl.quant.model import QuantizeConfig, quantize_model
 from mcmoe_vl.quant.plan import BitPlan
+from model_adapters import expert_interface
 
 E, K, PAD = 4, 2, 6
 
@@ -45,7 +45,7 @@ def _model():
 
 def test_captured_layer_holds_the_real_tokens_and_the_models_own_routing():
     model, batches = _model(), _batches()
-    with ExpertInterface(model) as iface:
+    with expert_interface(model) as iface:
         for step in iterate_layers(model, batches, adapter=iface.adapter, progress=False):
             cap = step.capture(iface)
             assert cap.index == step.index and cap.num_tokens == REAL
@@ -60,8 +60,10 @@ def test_captured_layer_holds_the_real_tokens_and_the_models_own_routing():
 def test_calibration_odp_otp_and_gptq_agree_on_the_real_tokens():
     batches = _batches()
     stats = calibrate(_model(), batches, CalibrationConfig(eps_bits=(2,), group_size=16), progress=False)
-    odp = fit_odp(_model(), batches, ODPConfig(prune_rate=0.2))
-    _, otp = train_otp(_model(), batches, OTPConfig(prune_rate=0.2, steps=2), progress=False)
+    m_odp, m_otp = _model(), _model()
+    odp = fit_odp(m_odp, batches, ODPConfig(prune_rate=0.2), iface=expert_interface(m_odp))
+    _, otp = train_otp(m_otp, batches, OTPConfig(prune_rate=0.2, steps=2), iface=expert_interface(m_otp),
+                       progress=False)
     model = _model()
     report = quantize_model(model, BitPlan.uniform({0: E, 1: E}, 2, group_size=16), batches,
                             QuantizeConfig(progress=False, min_tokens=0))
@@ -78,7 +80,9 @@ def test_calibration_odp_otp_and_gptq_agree_on_the_real_tokens():
     counted = _batches(counted_padding=True)
     stats_c = calibrate(_model(), counted, CalibrationConfig(eps_bits=(2,), group_size=16), progress=False)
     assert all(la.all.num_tokens == REAL + 4 * PAD for la in stats_c.layers)
-    assert fit_odp(_model(), counted, ODPConfig(prune_rate=0.2)).calibration_tokens == REAL + 4 * PAD
+    m_odp = _model()
+    assert fit_odp(m_odp, counted, ODPConfig(prune_rate=0.2), iface=expert_interface(m_odp)).calibration_tokens \
+        == REAL + 4 * PAD
 
 
 class _AddAfterLayer0:
@@ -115,7 +119,7 @@ def test_the_layer_step_replays_an_adapters_between_layer_additions(monkeypatch)
     refs = _logits_with_addition(model, batches, delta)
     with torch.no_grad():
         assert (model(**batches[0]).logits - refs[0]).abs().max() > 1e-2  # the addition changes the output
-    with ExpertInterface(model) as iface:
+    with expert_interface(model) as iface:
         adapter = type(iface.adapter)
         monkeypatch.setattr(adapter, "layer_additions", lambda self, m: _AddAfterLayer0(m.model, delta))
         for step in iterate_layers(model, batches, adapter=iface.adapter, progress=False):

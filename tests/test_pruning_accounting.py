@@ -6,10 +6,10 @@ import pytest
 import torch
 from torch import nn
 
-from mcmoe_vl.moe import ExpertInterface
 from mcmoe_vl.pruning.accounting import ActivationMeter
 from mcmoe_vl.pruning.artifact import PruningMethod, apply_pruning, load_pruning, odp_artifact, save_pruning
 from mcmoe_vl.pruning.odp import ODPConfig, fit_odp
+from model_adapters import expert_interface
 
 from tiny_models import tiny_deepseek_v2, tiny_mixtral
 
@@ -36,9 +36,10 @@ def test_meter_counts_the_rows_experts_compute_and_activated_params(build, tmp_p
     ids = _ids(model)
     am = torch.ones_like(ids)
     am[1, :6] = 0
-    th = fit_odp(model, [{"input_ids": _ids(model, seed=3)}], ODPConfig(protect_ratio=0.1))
+    th = fit_odp(model, [{"input_ids": _ids(model, seed=3)}], ODPConfig(protect_ratio=0.1),
+                 iface=expert_interface(model))
     rows: dict[int, int] = {}
-    with torch.no_grad(), ExpertInterface(model) as iface:
+    with torch.no_grad(), expert_interface(model) as iface:
         path = save_pruning(odp_artifact(iface, th), tmp_path / "odp.json")
         art = load_pruning(path)
         assert art.method is PruningMethod.ODP and art.odp.mu == th.mu

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from mcmoe_vl.cli import prune as prune_cli
-from mcmoe_vl.moe import ExpertInterface
 from mcmoe_vl.pruning import ActivationMeter, apply_pruning, load_pruning
+from model_adapters import expert_interface
 
 from tiny_models import tiny_mixtral
 
@@ -42,7 +42,7 @@ def test_prune_cli_writes_an_applicable_artifact(model_dir, method, tmp_path, ca
     assert art.method.value == method and art.pruned_layers == [0, 1]
     model = tiny_mixtral()
     ids = torch.randint(0, 96, (4, 32), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad(), ExpertInterface(model) as iface, apply_pruning(iface, art), ActivationMeter(iface) as m:
+    with torch.no_grad(), expert_interface(model) as iface, apply_pruning(iface, art), ActivationMeter(iface) as m:
         model(ids)
     assert 0.05 < m.report().reduction < 0.4
 

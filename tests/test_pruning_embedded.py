@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from mcmoe_vl.moe import ExpertInterface
 from mcmoe_vl.pruning.otp import MaskPredictor, OTPConfig, fit_mask_predictor, layer_data
+from model_adapters import expert_interface
 
 MODEL_DIR = Path(__file__).resolve().parents[1] / "embedded" / "mixtral-tiny"
 
@@ -41,7 +41,7 @@ def embedded_layer_data():
     model.set_experts_implementation("eager")
     ids = _docstring_ids()
     got = {}
-    with torch.no_grad(), ExpertInterface(model) as iface:
+    with torch.no_grad(), expert_interface(model) as iface:
         iface.observe(lambda ev: got.setdefault(ev.layer.index, (ev.hidden.clone(), ev.routing)))
         model(ids)
         la = iface.layers[len(iface.layers) // 2]

@@ -9,7 +9,6 @@ import torch
 from torch import nn
 
 from mcmoe_vl.compat import cache_kwargs, output_cache
-from mcmoe_vl.moe import ExpertInterface
 from mcmoe_vl.pruning.importance import (
     AttentionColumnCapture,
     ProtectScope,
@@ -26,6 +25,7 @@ from mcmoe_vl.pruning.odp import (
     ratio_keep,
     threshold_from_ratios,
 )
+from model_adapters import expert_interface
 
 from tiny_models import tiny_deepseek_v2, tiny_deepseek_v3, tiny_mixtral
 
@@ -71,7 +71,7 @@ def test_token_importance_equals_direct_computation_with_padding(family, impl):
     with torch.no_grad():
         ref = model(ids, attention_mask=am, output_attentions=True)  # eager probabilities, the reference
         model.set_attn_implementation(impl)
-        with ExpertInterface(model) as iface:
+        with expert_interface(model) as iface:
             iface.observe(lambda ev: moe_inputs.__setitem__(ev.layer.index, ev.hidden.reshape(*ev.batch_shape, -1)))
             capture = AttentionColumnCapture.for_layers(iface.layers, chunk_size=4)  # several query chunks
             got = {}
@@ -159,7 +159,7 @@ def test_mu_zero_without_protection_reproduces_the_model_exactly(family):
     ids = _ids(model)
     with torch.no_grad():
         ref = model(ids).logits
-        with ExpertInterface(model) as iface:
+        with expert_interface(model) as iface:
             th = ODPThresholds(mu={la.index: 0.0 for la in iface.layers}, protect_ratio=0.0)
             with ODPRule(iface, th):
                 out = model(ids).logits
@@ -173,7 +173,7 @@ def test_mu_above_every_ratio_is_top1_routing_except_on_protected_tokens(family)
     ids, am = _padded_batch(model.config.vocab_size, seed=3)
     rows: list[int] = []
     decisions = {}
-    with torch.no_grad(), ExpertInterface(model) as iface:
+    with torch.no_grad(), expert_interface(model) as iface:
         k = iface.layers[0].top_k
         for la in iface.layers:
             for e in range(la.num_experts):
@@ -225,7 +225,7 @@ def test_mu_above_every_ratio_is_top1_routing_except_on_protected_tokens(family)
 def test_protection_changes_outputs_and_capture_is_layer_selective():
     model = _eager(tiny_mixtral(layers=3))
     ids = _ids(model, S=30)
-    with torch.no_grad(), ExpertInterface(model) as iface:
+    with torch.no_grad(), expert_interface(model) as iface:
         plain = ODPThresholds(mu={1: 0.9}, protect_ratio=0.0)
         with ODPRule(iface, plain) as r:
             assert r.capture is None
@@ -245,7 +245,7 @@ def test_decoding_applies_the_ratio_rule_only():
     model = _eager(tiny_mixtral())
     model.set_attn_implementation("sdpa")
     ids = _ids(model, B=1, S=8)
-    with torch.no_grad(), ExpertInterface(model) as iface:
+    with torch.no_grad(), expert_interface(model) as iface:
         th = ODPThresholds(mu={la.index: 1.5 for la in iface.layers}, protect_ratio=0.5)
         with ODPRule(iface, th) as rule:
             out = model(ids, use_cache=True)
@@ -260,18 +260,19 @@ def test_fit_odp_median_and_prune_rate(family):
     model = _eager(MODELS[family]())
     ids, am = _padded_batch(model.config.vocab_size)
     batches = [{"input_ids": ids, "attention_mask": am}, {"input_ids": _ids(model, S=9)}]
-    th = fit_odp(model, batches, ODPConfig(protect_ratio=0.0))
-    assert set(th.mu) == {la.index for la in ExpertInterface(model).layers}
-    k = ExpertInterface(model).layers[0].top_k
+    th = fit_odp(model, batches, ODPConfig(protect_ratio=0.0), iface=expert_interface(model))
+    assert set(th.mu) == {la.index for la in expert_interface(model).layers}
+    k = expert_interface(model).layers[0].top_k
     n_tokens = int(am.sum()) + 2 * 9
     assert th.calibration_tokens == n_tokens  # padding excluded
     for frac in th.calibration_pruned_fraction.values():  # median of the non-top-1 ratios: half of them dropped
         assert frac == pytest.approx(0.5 * (k - 1) / k, abs=1.0 / n_tokens)
-    th2 = fit_odp(model, batches, ODPConfig(prune_rate=0.2, protect_ratio=0.0, layers=[th.mu.__iter__().__next__()]))
+    th2 = fit_odp(model, batches, ODPConfig(prune_rate=0.2, protect_ratio=0.0, layers=[th.mu.__iter__().__next__()]),
+                  iface=expert_interface(model))
     assert len(th2.mu) == 1
     assert next(iter(th2.calibration_pruned_fraction.values())) == pytest.approx(0.2, abs=1.0 / n_tokens)
     with pytest.raises(ValueError, match="no MoE block"):
-        fit_odp(model, batches, ODPConfig(layers=[99]))
+        fit_odp(model, batches, ODPConfig(layers=[99]), iface=expert_interface(model))
 
 
 def test_thresholds_from_pmq_calibration_stats_interpolate_stored_quantiles():
@@ -299,7 +300,7 @@ def test_odp_with_protection_runs_on_a_bfloat16_model(impl):
     model = _eager(tiny_mixtral()).to(torch.bfloat16)
     model.set_attn_implementation(impl)
     ids, am = _padded_batch(model.config.vocab_size)
-    with torch.no_grad(), ExpertInterface(model) as iface:
+    with torch.no_grad(), expert_interface(model) as iface:
         th = ODPThresholds(mu={la.index: 0.9 for la in iface.layers}, protect_ratio=0.2)
         with ODPRule(iface, th) as rule:
             out = model(ids, attention_mask=am).logits
@@ -317,7 +318,7 @@ def test_odp_protection_and_otp_run_on_deepseek_vl2():
     ids = torch.randint(0, 90, (2, 12), generator=torch.Generator().manual_seed(0))
     am = torch.ones_like(ids)
     am[0, :3] = 0
-    with torch.no_grad(), ExpertInterface(model) as iface:
+    with torch.no_grad(), expert_interface(model) as iface:
         th = ODPThresholds(mu={la.index: 0.9 for la in iface.layers}, protect_ratio=0.2)
         with ODPRule(iface, th) as rule, ActivationMeter(iface) as meter:
             model(input_ids=ids, attention_mask=am)
@@ -331,7 +332,7 @@ def test_odp_protection_and_otp_run_on_deepseek_vl2():
 
 
 def test_uninstall_removes_an_applied_odp_rule_and_its_attention_capture():
-    from mcmoe_vl.moe import ExpertInterface
+    from model_adapters import expert_interface
     from mcmoe_vl.pruning import ODPConfig, PruningMethod, apply_pruning, fit_pruning
     from tiny_models import tiny_mixtral
 
@@ -340,7 +341,7 @@ def test_uninstall_removes_an_applied_odp_rule_and_its_attention_capture():
     art = fit_pruning(model, [batch], PruningMethod.ODP, odp=ODPConfig(prune_rate=0.3, protect_ratio=0.1))
     with torch.no_grad():
         ref = model(**batch).logits
-        iface = ExpertInterface(model).install()
+        iface = expert_interface(model).install()
         apply_pruning(iface, art)
         pruned = model(**batch).logits
         configs = [la.attention.config for la in iface.layers]

@@ -8,11 +8,12 @@ import pytest
 import torch
 from torch import nn
 
-from mcmoe_vl.moe import ExpertInterface, RoutingDecision
+from mcmoe_vl.moe import RoutingDecision
 from mcmoe_vl.pruning.accounting import ActivationMeter
 from mcmoe_vl.pruning.artifact import apply_pruning, load_pruning, otp_artifact, save_pruning
 from mcmoe_vl.pruning.odp import non_top1_ratios, ratio_keep, threshold_from_ratios
 from mcmoe_vl.pruning.otp import MaskPredictor, OTPConfig, OTPRule, fit_mask_predictor, layer_data, train_otp
+from model_adapters import expert_interface
 
 from tiny_models import tiny_deepseek_v2, tiny_mixtral
 
@@ -33,7 +34,7 @@ def _batches(model, n=3, B=4, S=24, seed=0):
 
 def _layer_data(model, family):
     got = {}
-    with torch.no_grad(), ExpertInterface(model) as iface:
+    with torch.no_grad(), expert_interface(model) as iface:
         iface.observe(lambda ev: got.setdefault(ev.layer.index, (ev.hidden.clone(), ev.routing)))
         for b in _batches(model, n=1, B=12, S=32):
             model(**b)
@@ -123,10 +124,11 @@ def test_train_apply_save_load_roundtrip_and_real_savings(family, tmp_path):
     batches = _batches(model, n=2)
     batches[0]["attention_mask"] = torch.ones(4, 24, dtype=torch.long)
     batches[0]["attention_mask"][0, :5] = 0
-    preds, summary = train_otp(model, batches, OTPConfig(prune_rate=0.2, steps=40), progress=False)
+    preds, summary = train_otp(model, batches, OTPConfig(prune_rate=0.2, steps=40), iface=expert_interface(model),
+                               progress=False)
     ids = _batches(model, n=1, seed=5)[0]["input_ids"]
     rows: list[int] = []
-    with torch.no_grad(), ExpertInterface(model) as iface:
+    with torch.no_grad(), expert_interface(model) as iface:
         assert set(preds) == {la.index for la in iface.layers}
         ref = model(ids).logits
         art = otp_artifact(iface, preds, summary, OTPConfig(prune_rate=0.2).model_dump(mode="json"))
@@ -159,14 +161,14 @@ def test_train_apply_save_load_roundtrip_and_real_savings(family, tmp_path):
 
 def test_loader_rejects_mismatched_model_and_tampered_weights(tmp_path):
     model = _model("mixtral")
-    with ExpertInterface(model) as iface:
+    with expert_interface(model) as iface:
         preds = {la.index: MaskPredictor(32, 2, 4) for la in iface.layers}
         path = save_pruning(otp_artifact(iface, preds), tmp_path / "p.json")
     other = tiny_mixtral(layers=3)
-    with ExpertInterface(other) as iface2, pytest.raises(ValueError, match="MoE layers"):
+    with expert_interface(other) as iface2, pytest.raises(ValueError, match="MoE layers"):
         apply_pruning(iface2, load_pruning(path))
     other_k = tiny_mixtral(top_k=3)
-    with ExpertInterface(other_k) as iface3, pytest.raises(ValueError, match="top-2 of 8 vs the model's top-3"):
+    with expert_interface(other_k) as iface3, pytest.raises(ValueError, match="top-2 of 8 vs the model's top-3"):
         apply_pruning(iface3, load_pruning(path))
     st = tmp_path / "p.safetensors"
     raw = bytearray(st.read_bytes())
@@ -182,9 +184,10 @@ def test_loader_rejects_mismatched_model_and_tampered_weights(tmp_path):
 def test_otp_trains_and_applies_on_a_bfloat16_model():
     model = _model("mixtral").to(torch.bfloat16)
     batches = _batches(model, n=1)
-    preds, summary = train_otp(model, batches, OTPConfig(prune_rate=0.2, steps=5), progress=False)
+    preds, summary = train_otp(model, batches, OTPConfig(prune_rate=0.2, steps=5), iface=expert_interface(model),
+                               progress=False)
     assert all(s["pruned_fraction"] == pytest.approx(0.2, abs=0.02) for s in summary.values())
-    with torch.no_grad(), ExpertInterface(model) as iface, OTPRule(iface, preds), ActivationMeter(iface) as meter:
+    with torch.no_grad(), expert_interface(model) as iface, OTPRule(iface, preds), ActivationMeter(iface) as meter:
         out = model(batches[0]["input_ids"]).logits
     assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
     assert meter.report().reduction > 0.05

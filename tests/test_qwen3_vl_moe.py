@@ -23,7 +23,7 @@ from mcmoe_vl.pruning.otp import OTPConfig, train_otp
 from mcmoe_vl.quant.checkpoint import load_quantized, save_quantized
 from mcmoe_vl.quant.model import QuantizeConfig, quantize_model
 from mcmoe_vl.quant.qlinear import Runtime
-from model_adapters import get_adapter
+from model_adapters import expert_interface, get_adapter
 
 
 @pytest.fixture(scope="module")
@@ -78,10 +78,11 @@ def test_pmq_gptq_save_load_odp_otp(setup, tmp_path):
         ref, q, back = model(**x).logits, quantized(**x).logits, loaded(**x).logits
     torch.testing.assert_close(back, q, rtol=0, atol=0)  # the checkpoint round-trips
     assert (q - ref).abs().mean() > 1e-4  # and is quantized
-    odp = fit_odp(loaded, batches, ODPConfig(prune_rate=0.2))
+    odp = fit_odp(loaded, batches, ODPConfig(prune_rate=0.2), iface=expert_interface(loaded))
     real = sum(int(b["attention_mask"].sum()) for b in batches)
     assert odp.calibration_tokens == real and all(0.1 < f < 0.3 for f in odp.calibration_pruned_fraction.values())
-    _, summary = train_otp(loaded, batches, OTPConfig(prune_rate=0.2, steps=3), progress=False)
+    _, summary = train_otp(loaded, batches, OTPConfig(prune_rate=0.2, steps=3), iface=expert_interface(loaded),
+                           progress=False)
     assert all(s["tokens"] == real for s in summary.values())
 
 

@@ -17,9 +17,8 @@ from tiny_models import tiny_qwen3_vl_moe, tiny_qwen3_vl_tokenizer
 
 from mcmoe_vl.calibration.calibrate import CalibrationConfig, calibrate, layer_statistics
 from mcmoe_vl.calibration.image_text import ImageTextSample
-from mcmoe_vl.moe import ExpertInterface
 from mcmoe_vl.moe.layerwise import IMAGE_MASK_KEY, CapturedLayer, iterate_layers
-from model_adapters import get_adapter
+from model_adapters import expert_interface, get_adapter
 from model_adapters.qwen3_vl_moe import Qwen3VLMoeAdapter
 
 CFG = CalibrationConfig(eps_bits=(2,), group_size=8, min_tokens=0)
@@ -66,7 +65,7 @@ def _own_forward(model, batches):
 def _replay(model, batches):
     """The same quantities from the layer-by-layer pass (MoE tokens of the real tokens only)."""
     seen: dict[str, list[torch.Tensor]] = {}
-    with ExpertInterface(model) as iface:
+    with expert_interface(model) as iface:
         for step in iterate_layers(model, batches, adapter=iface.adapter, progress=False):
             seen[f"layer{step.index}"] = [inp.hidden for inp in step.inputs]
             seen[f"moe{step.index}"] = step.capture(iface).tokens
@@ -106,7 +105,7 @@ def test_without_the_additions_the_replay_differs(setup, monkeypatch):
 def _statistics_of_the_own_forward(model, batches):
     """Calibration statistics of each MoE layer from the model's own forward, observed at the MoE blocks."""
     tokens: dict[int, list] = {}
-    with ExpertInterface(model) as iface:
+    with expert_interface(model) as iface:
         iface.observe(lambda ev: tokens.setdefault(ev.layer.index, []).append((ev.hidden, ev.routing)))
         with torch.no_grad():
             for b in batches:

@@ -235,7 +235,8 @@ def pmq_plus(layers: list[LayerInputs], config: AllocationConfig) -> list[np.nda
     """Candidate plans chosen by measured calibration loss: needs the model and data, not statistics alone."""
     raise AllocationError(
         "pmq+ measures candidate plans on the model: call mcmoe_vl.allocation.plus.allocate_plus(model, stats, "
-        "fit_batches, select_batches, config), or mcmoe-vl allocate STATS --method pmq+ --model DIR --data DATA"
+        "fit_batches, select_batches, config, adapter=adapter), or mcmoe-vl allocate STATS --method pmq+ --model DIR "
+        "--data DATA"
     )
 
 

@@ -20,7 +20,8 @@ candidate set after the budget and the cap, is an :class:`AllocationError`.
 ::
 
     plan = allocate_plus(model, stats, fit_batches, select_batches,
-                         AllocationConfig(method="pmq+", target_bits=2.0), PlusConfig(max_candidates=4))
+                         AllocationConfig(method="pmq+", target_bits=2.0), PlusConfig(max_candidates=4),
+                         adapter=get_adapter(model))     # the model family's adapter (model_adapters)
 
 Cost: one forward pass of the plan-building data, GPTQ of every expert at each width some candidate uses (at
 most ``len(bits)`` times the expert GPTQ of one quantization pass), and one forward pass of the selection split
@@ -178,22 +179,18 @@ class Preview:
 
 
 def preview_experts(model: nn.Module, fit_batches: Sequence[Mapping[str, Any]], widths: Mapping[int, set[int]],
-                    plus: PlusConfig, *, group_size: int, adapter: Any = None) -> Preview:
+                    plus: PlusConfig, *, group_size: int, adapter: Any) -> Preview:
     """Quantize each expert of each MoE layer at ``widths[layer]`` with the engine's ``quantize_weight``.
 
     Hessians come from one layer-by-layer pass over ``fit_batches`` with the original weights (the engine's own
     collector); each expert's inverse Hessians are factored once and shared by its widths. Experts with fewer than
     ``plus.min_tokens`` tokens, and all experts with ``preview="rtn"``, are quantized by round-to-nearest. Modules
-    are the engine's packed :class:`QuantExpert` (codes at the true width).
+    are the engine's packed :class:`QuantExpert` (codes at the true width). ``adapter``: the model family's.
     """
     from mcmoe_vl.moe.layerwise import iterate_layers
     from mcmoe_vl.quant.collect import ExpertCollector, ValidTokens, collect_layer
     from mcmoe_vl.quant.model import QuantizeConfig
 
-    if adapter is None:
-        from model_adapters import get_adapter
-
-        adapter = get_adapter(model)
     t0 = time.perf_counter()
     moe = {la.index: la for la in adapter.moe_layers(model)}
     cfg = QuantizeConfig(damp=plus.damp, refit_1bit=plus.refit_1bit, min_tokens=plus.min_tokens, progress=False)
@@ -245,18 +242,13 @@ def _preview_expert(layer: Any, e: int, widths: list[int], hessians: tuple[torch
 
 # -- 3. measuring a plan ----------------------------------------------------------------------------------------------
 @torch.no_grad()
-def calibration_loss(model: nn.Module, batches: Sequence[Mapping[str, Any]], adapter: Any = None
-                     ) -> tuple[float, int]:
+def calibration_loss(model: nn.Module, batches: Sequence[Mapping[str, Any]], adapter: Any) -> tuple[float, int]:
     """Mean next-token cross-entropy (nats) over the valid tokens of ``batches``, and the number of tokens.
 
     A position counts when it and the next token are valid (``attention_mask``) and the next token is not an image
     token (the adapter's :meth:`~model_adapters.base.MoEAdapter.image_token_mask`, as in calibration; ``adapter``
-    defaults to the model's). A batch with ``labels`` (the Hugging Face convention, -100 = ignored) is scored on its
+    is the model family's). A batch with ``labels`` (the Hugging Face convention, -100 = ignored) is scored on its
     labels, e.g. only the answers of image questions."""
-    if adapter is None:
-        from model_adapters import get_adapter
-
-        adapter = get_adapter(model)
     total, n = 0.0, 0
     for b in batches:
         b = dict(b)
@@ -285,7 +277,7 @@ def calibration_loss(model: nn.Module, batches: Sequence[Mapping[str, Any]], ada
 
 
 def plan_loss(model: nn.Module, plan: BitPlan, preview: Preview, batches: Sequence[Mapping[str, Any]],
-              *, adapter: Any = None) -> tuple[float, int]:
+              *, adapter: Any) -> tuple[float, int]:
     """Calibration loss of ``model`` with every routed expert replaced by its preview at the plan's width."""
     from mcmoe_vl.moe.interface import ExpertInterface
 
@@ -354,9 +346,10 @@ def _record(chosen: Candidate, candidates: list[Candidate], skipped: dict[str, s
 
 def allocate_plus(model: nn.Module, stats: CalibrationStats, fit_batches: Sequence[Mapping[str, Any]],
                   select_batches: Sequence[Mapping[str, Any]], config: AllocationConfig,
-                  plus: PlusConfig | None = None, *, adapter: Any = None) -> BitPlan:
+                  plus: PlusConfig | None = None, *, adapter: Any) -> BitPlan:
     """The ``pmq+`` plan (module docstring). ``fit_batches``: the plan-building calibration data (the data of
-    ``stats``, also used by the preview's GPTQ); ``select_batches``: calibration data held apart from it."""
+    ``stats``, also used by the preview's GPTQ); ``select_batches``: calibration data held apart from it;
+    ``adapter``: the model family's (``model_adapters.get_adapter(model)``)."""
     plus = plus or PlusConfig()
     candidates, skipped = build_candidates(stats, config, plus)  # every request error before any quantization
     fit_fp, sel_fp = check_held_apart(fit_batches, select_batches)

@@ -101,7 +101,9 @@ def allocate_plus_files(stats_path: str | os.PathLike[str], output: str | os.Pat
                          "came from; pass the calibration run's --data, --num-sequences, --seq-len and --seed")
     model = load_model(data.model, dtype=parse_dtype(data.dtype), device=data.device)
     move = lambda bs: [{k: v.to(data.device) for k, v in b.items()} for b in bs]  # noqa: E731
-    plan = allocate_plus(model, stats, move(fit), move(sel), config, plus)
+    from model_adapters import get_adapter
+
+    plan = allocate_plus(model, stats, move(fit), move(sel), config, plus, adapter=get_adapter(model))
     plan.save(output)
     if heatmap is not None:
         from mcmoe_vl.plots import allocation_heatmap

@@ -179,6 +179,7 @@ def calibrate(
     model_name: str | None = None,
     model_fingerprint: Any = None,
     progress: bool = True,
+    adapter: Any = None,
 ) -> CalibrationStats:
     """Run the calibration pass over ``model`` and return (and, with ``output``, save) the statistics.
 
@@ -187,10 +188,11 @@ def calibrate(
     ``resume=False`` to start over): a file from other weights, data or config, an unreadable one, or one whose
     checksum shows it was edited. ``model_fingerprint`` identifies the weights (the checkpoint's file hashes,
     :func:`mcmoe_vl.io.checkpoint_fingerprint`); None hashes the weights in memory (when there is an ``output``).
-    NaN or infinite weights are refused before any work, naming the layer and expert.
+    NaN or infinite weights are refused before any work, naming the layer and expert. ``adapter``: by default
+    ``model_adapters.get_adapter(model)``.
     """
     config = config or CalibrationConfig()
-    iface = ExpertInterface(model)
+    iface = ExpertInterface(model, _adapter_for(model, adapter))
     moe: dict[int, MoELayer] = {la.index: la for la in iface.layers}
     check_finite_weights(model, iface.layers)
     prepared, fingerprint = prepare_batches(batches, iface.adapter)
@@ -234,6 +236,14 @@ def calibrate(
     finally:
         model.train(was_training)
     return stats
+
+
+def _adapter_for(model: nn.Module, adapter: Any) -> Any:
+    if adapter is not None:
+        return adapter
+    from model_adapters import get_adapter
+
+    return get_adapter(model)
 
 
 def _resume(path: Path, fresh: CalibrationStats) -> CalibrationStats:

@@ -159,10 +159,11 @@ def apply_saved_pruning(model: Any, path: Path) -> Any:
     """Install the pruning rule saved at ``path`` (if the file exists) on ``model``; returns the rule or None."""
     if not path.is_file():
         return None
-    from mcmoe_vl.moe.interface import ExpertInterface
+    from model_adapters import expert_interface
+
     from mcmoe_vl.pruning.artifact import apply_pruning, load_pruning
 
-    rule = apply_pruning(ExpertInterface(model), load_pruning(path))
+    rule = apply_pruning(expert_interface(model), load_pruning(path))
     log.info("applied the pruning settings of %s", path)
     return rule
 

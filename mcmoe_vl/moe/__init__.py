@@ -4,7 +4,7 @@ Routing (:mod:`.routing`), expert storage (:mod:`.storage`), one MoE layer (:mod
 whole model (:mod:`.interface`) and layer-by-layer execution (:mod:`.layerwise`).
 """
 
-from .interface import ExpertInterface, ObserverHandle
+from .interface import ExpertInterface, LayerSource, ObserverHandle
 from .layer import MoELayer
 from .routing import (
     Routing,
@@ -22,6 +22,7 @@ __all__ = [
     "ExpertStorage",
     "ExpertWeights",
     "FusedExpertStorage",
+    "LayerSource",
     "ModuleListExpertStorage",
     "MoELayer",
     "ObserverHandle",

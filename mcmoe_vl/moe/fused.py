@@ -16,7 +16,7 @@ run (a 16-bit expert, another activation, the fake-quant runtime) keep the inter
 step in which some expert gets more than ``max_tokens`` tokens (prefill: there each packed linear dequantises once
 and runs a dense GEMM, which is faster than the SIMD product beyond a few tokens). The result equals that dispatch on the same packed experts to float32 round-off.
 
-    with ExpertInterface(model) as iface:
+    with ExpertInterface(model, adapter) as iface:
         install_fused(iface)            # returns the number of layers that run fused
         model.generate(...)
 """

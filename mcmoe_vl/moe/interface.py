@@ -1,13 +1,14 @@
 """The common expert interface: one view of every MoE layer, whatever the model family.
 
 Every algorithm in the package (calibration statistics, the eps table, GPTQ, ODP, OTP) sees experts only through
-:class:`MoELayer`. An adapter (``model_adapters``) builds the layers of a model; :class:`ExpertInterface` installs
-them and removes them again::
+:class:`~mcmoe_vl.moe.layer.MoELayer`. An adapter (``model_adapters``) builds the layers of a model;
+:class:`ExpertInterface` installs them and removes them again. The adapter is resolved once, by the caller (the
+workflow, or ``model_adapters.expert_interface(model)``), and passed in: this package never looks a family up::
 
     from model_adapters import get_adapter
     from mcmoe_vl.moe import ExpertInterface
 
-    with ExpertInterface(model) as iface:          # routes through MoELayer.forward, outputs unchanged
+    with ExpertInterface(model, get_adapter(model)) as iface:  # routes through MoELayer.forward, outputs unchanged
         layer = iface.layers[0]
         w = layer.expert_weights(3)               # ExpertWeights(gate (I, H), up (I, H), down (H, I)) views
         handle = iface.observe(lambda ev: ...)    # per-token selections and weights, every forward
@@ -22,14 +23,22 @@ the router module of the model is still called, so the model's own routing (and 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from torch import nn
 
 from .layer import MoELayer
 from .routing import RoutingEvent, RoutingOverride
+
+
+class LayerSource(Protocol):
+    """What :class:`ExpertInterface` needs of an adapter (``model_adapters.base.MoEAdapter`` is one)."""
+
+    name: str
+
+    def moe_layers(self, model: nn.Module) -> Iterable[MoELayer]: ...
 
 
 @dataclass
@@ -54,14 +63,14 @@ class ObserverHandle:
 class ExpertInterface:
     """Installs :class:`MoELayer` forwards on every MoE block of ``model``; removable, and removal is complete.
 
-    ``adapter`` defaults to ``model_adapters.get_adapter(model)``.
+    ``adapter`` builds the layers (``adapter.moe_layers(model)``): the model family's adapter, resolved by the
+    caller (``model_adapters.get_adapter(model)``).
     """
 
-    def __init__(self, model: nn.Module, adapter: Any | None = None, *, install: bool = False) -> None:
-        if adapter is None:
-            from model_adapters import get_adapter
-
-            adapter = get_adapter(model)
+    def __init__(self, model: nn.Module, adapter: LayerSource, *, install: bool = False) -> None:
+        if adapter is None or not callable(getattr(adapter, "moe_layers", None)):
+            raise TypeError(f"ExpertInterface needs the model's adapter (an object with moe_layers(model), e.g. "
+                            f"model_adapters.get_adapter(model)), got {adapter!r}")
         self.model = model
         self.adapter = adapter
         self.layers: list[MoELayer] = list(adapter.moe_layers(model))

@@ -7,7 +7,7 @@ inputs are held at a time (the reference MC-MoE code kept every layer's, about 1
 
 Example::
 
-    for step in iterate_layers(model, batches):           # batches: dicts of model inputs
+    for step in iterate_layers(model, batches, adapter=adapter):   # batches: dicts of model inputs
         handle = ...                                      # observe / quantize step.layer here
         step.run()                                        # forward of this layer on every cached input
         handle.remove()
@@ -19,7 +19,7 @@ Every cached input carries its batch's valid-token mask (``attention_mask``; pad
 when the batch has one, its image-token mask (``image_token_mask``, not a model input: removed before the call). A
 consumer that needs a MoE layer's tokens asks the step for them::
 
-    for step in iterate_layers(model, batches):
+    for step in iterate_layers(model, batches, adapter=adapter):
         captured = step.capture(iface)   # CapturedLayer: block inputs, routing, image flags of the real tokens
 
 The calibration pass, OTP, ODP and the quantization engine all read MoE tokens this way, so they agree on which
@@ -282,9 +282,8 @@ def iterate_layers(
     """
     if layers is None:
         if adapter is None:
-            from model_adapters import get_adapter
-
-            adapter = get_adapter(model)
+            raise TypeError("iterate_layers needs the decoder layers or the model's adapter "
+                            "(adapter=model_adapters.get_adapter(model))")
         layers = adapter.decoder_layers(model)
     additions = None
     if adapter is not None:

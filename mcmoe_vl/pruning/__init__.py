@@ -4,10 +4,11 @@ What the other stages call::
 
     from mcmoe_vl.pruning import (ODPConfig, OTPConfig, PruningMethod, fit_pruning, save_pruning, load_pruning,
                                   apply_pruning, ActivationMeter)
+    from model_adapters import expert_interface
 
     art = fit_pruning(model, calib_batches, PruningMethod.ODP, odp=ODPConfig(prune_rate=0.15))   # or OTP
     save_pruning(art, "ckpt/pruning.json")
-    with ExpertInterface(model) as iface, apply_pruning(iface, load_pruning("ckpt/pruning.json")), \\
+    with expert_interface(model) as iface, apply_pruning(iface, load_pruning("ckpt/pruning.json")), \\
             ActivationMeter(iface) as meter:
         ...                                   # evaluate
     meter.report()                            # active experts, reduction, activated parameters per token

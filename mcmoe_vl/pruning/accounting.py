@@ -4,7 +4,7 @@
 the tokens and the (token, expert) pairs actually computed (the routing decision's keep-mask, which the interface
 obeys: a pruned pair is never computed). Attach it to any run, pruned or not::
 
-    with ExpertInterface(model) as iface, ActivationMeter(iface) as meter:
+    with ExpertInterface(model, adapter) as iface, ActivationMeter(iface) as meter:
         meter.token_mask = batch["attention_mask"]     # optional: count real tokens only
         model(**batch)
     report = meter.report()                            # ActivationReport (JSON-serialisable)

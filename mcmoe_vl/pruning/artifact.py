@@ -7,7 +7,7 @@ what was measured while fitting) and, for OTP, ``<name>.safetensors`` beside it 
 The evaluation stage turns pruning on with::
 
     artifact = load_pruning("ckpt/pruning.json")
-    with ExpertInterface(model) as iface:
+    with ExpertInterface(model, adapter) as iface:
         handle = apply_pruning(iface, artifact)      # validates layers / k / experts / hidden size first
         ...                                          # run the evaluation
         handle.remove()

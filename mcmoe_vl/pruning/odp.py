@@ -20,8 +20,9 @@ all their experts; single-token decoding steps apply the ratio rule alone.
 
 Example::
 
-    thresholds = fit_odp(model, batches, ODPConfig(prune_rate=0.15, protect_ratio=0.02))
-    with ExpertInterface(model) as iface, ODPRule(iface, thresholds):
+    iface = ExpertInterface(model, adapter)       # adapter = model_adapters.get_adapter(model)
+    thresholds = fit_odp(model, batches, ODPConfig(prune_rate=0.15, protect_ratio=0.02), iface=iface)
+    with iface, ODPRule(iface, thresholds):
         model(**inputs)
 """
 
@@ -203,6 +204,16 @@ class RatioCollector:
         return torch.cat(self.ratios.get(index, [torch.zeros(0, dtype=torch.float64)]))
 
 
+def check_interface_of(iface: ExpertInterface, model: nn.Module) -> None:
+    """Refuse an expert interface built over another model than the one being fitted."""
+    if not isinstance(iface, ExpertInterface):
+        raise TypeError(f"iface must be the ExpertInterface over the model (ExpertInterface(model, adapter) or "
+                        f"model_adapters.expert_interface(model)), got {type(iface).__name__}")
+    if iface.model is not model:
+        raise ValueError(f"the expert interface is over another model ({type(iface.model).__name__}) than the "
+                         f"one given ({type(model).__name__})")
+
+
 def select_layers(iface: ExpertInterface, layers: Sequence[int] | None) -> list[MoELayer]:
     """The MoE layers named by decoder index (all when None); unknown indices raise with the valid ones."""
     if layers is None:
@@ -231,15 +242,16 @@ def run_batches(model: nn.Module, batches: Iterable[Mapping[str, Any]], on_batch
 
 
 def fit_odp(model: nn.Module, batches: Iterable[Mapping[str, Any]], config: ODPConfig | None = None, *,
-            iface: ExpertInterface | None = None) -> ODPThresholds:
+            iface: ExpertInterface) -> ODPThresholds:
     """Fit ``mu`` per layer on calibration ``batches`` (dicts of model inputs; ``attention_mask`` marks padding).
 
     The unpruned model runs layer by layer over the batches (:mod:`mcmoe_vl.moe.layerwise`); each selected MoE
     layer's routing of the real tokens (:meth:`~mcmoe_vl.moe.layerwise.LayerStep.capture`) gives its ratios.
+    ``iface``: the expert interface over ``model`` (installed for the pass, and uninstalled after it unless it was
+    installed before).
     """
     config = config or ODPConfig()
-    own = iface is None
-    iface = iface or ExpertInterface(model)
+    check_interface_of(iface, model)
     layers = select_layers(iface, config.layers)
     for la in layers:
         if la.top_k < 2:
@@ -256,7 +268,7 @@ def fit_odp(model: nn.Module, batches: Iterable[Mapping[str, Any]], config: ODPC
                 ratios[step.index] = torch.cat([non_top1_ratios(r.topk_weight).cpu() for r in cap.routing])
                 tokens[step.index] = cap.num_tokens
     finally:
-        if own or not was_installed:
+        if not was_installed:
             iface.uninstall()
     mu: dict[int, float] = {}
     pruned: dict[int, float] = {}

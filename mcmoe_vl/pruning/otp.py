@@ -20,8 +20,9 @@ Training, layer by layer on cached calibration inputs with the model (quantized 
 
 Example::
 
-    predictors, report = train_otp(model, batches, OTPConfig(prune_rate=0.2))
-    with ExpertInterface(model) as iface, OTPRule(iface, predictors):
+    iface = ExpertInterface(model, adapter)       # adapter = model_adapters.get_adapter(model)
+    predictors, report = train_otp(model, batches, OTPConfig(prune_rate=0.2), iface=iface)
+    with iface, OTPRule(iface, predictors):
         model(**inputs)
 """
 
@@ -43,7 +44,7 @@ from mcmoe_vl.moe.layerwise import iterate_layers
 from mcmoe_vl.moe.routing import Routing, RoutingDecision
 
 from .method import PruningMethod
-from .odp import RoutingRule, decision_from_keep, select_layers
+from .odp import RoutingRule, check_interface_of, decision_from_keep, select_layers
 
 log = logging.getLogger(__name__)
 
@@ -261,7 +262,7 @@ def train_otp(
     batches: Iterable[Mapping[str, Any]],
     config: OTPConfig | None = None,
     *,
-    iface: ExpertInterface | None = None,
+    iface: ExpertInterface,
     progress: bool = True,
 ) -> tuple[dict[int, MaskPredictor], dict[int, dict[str, float]]]:
     """Train a mask predictor for every selected MoE layer on calibration ``batches`` (model frozen).
@@ -270,8 +271,7 @@ def train_otp(
     the unpruned layers before it. Returns the predictors by decoder layer index and a per-layer summary.
     """
     config = config or OTPConfig()
-    own = iface is None
-    iface = iface or ExpertInterface(model)
+    check_interface_of(iface, model)
     layers = {la.index: la for la in select_layers(iface, config.layers)}
     for la in layers.values():
         if la.top_k < 2:
@@ -306,7 +306,7 @@ def train_otp(
                      la.index, summary["active_experts"], la.top_k, 100 * summary["pruned_fraction"],
                      summary["distill_hard"])
     finally:
-        if own or not was_installed:
+        if not was_installed:
             iface.uninstall()
     return predictors, summaries
 

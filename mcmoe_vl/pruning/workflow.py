@@ -34,11 +34,17 @@ log = logging.getLogger(__name__)
 
 
 def fit_pruning(model: nn.Module, batches: Iterable[Mapping[str, Any]], method: PruningMethod, *,
-                odp: ODPConfig | None = None, otp: OTPConfig | None = None, progress: bool = True
-                ) -> PruningArtifact:
-    """Fit ODP thresholds or train OTP predictors on ``batches`` and return the artifact (not saved)."""
+                odp: ODPConfig | None = None, otp: OTPConfig | None = None, progress: bool = True,
+                adapter: Any = None) -> PruningArtifact:
+    """Fit ODP thresholds or train OTP predictors on ``batches`` and return the artifact (not saved).
+
+    ``adapter``: the model family's adapter (default: ``model_adapters.get_adapter(model)``)."""
+    if adapter is None:
+        from model_adapters import get_adapter
+
+        adapter = get_adapter(model)
     batches = list(batches)
-    with ExpertInterface(model) as iface:
+    with ExpertInterface(model, adapter) as iface:
         if method is PruningMethod.ODP:
             return odp_artifact(iface, fit_odp(model, batches, odp or ODPConfig(), iface=iface))
         cfg = otp or OTPConfig()

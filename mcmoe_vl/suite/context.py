@@ -100,7 +100,7 @@ class ModelContext:
     def counts(self) -> tuple[dict[int, int], int]:
         """Parameter counts of the original model (activated parameters are counted in original weights)."""
         if self._counts is None:
-            self._counts = stages.original_counts(self.model)
+            self._counts = stages.original_counts(self.model, self.adapter)
         return self._counts
 
     def workload(self) -> list[dict[str, torch.Tensor]]:

@@ -218,7 +218,8 @@ class SuiteRunner:
             return load_pruning(d / "pruning.json")
         self._status(f"prune ({inp.prune.method.value})", ctx, recipe)
         d = self.cache.begin("prune", key)
-        stages.fit_pruning(model, ctx.calibration_batches(), inp.prune, out=d / "pruning.json", progress=self.progress)
+        stages.fit_pruning(model, ctx.calibration_batches(), inp.prune, out=d / "pruning.json", progress=self.progress,
+                           adapter=ctx.adapter)
         files = [p.name for p in sorted(d.iterdir()) if p.is_file()]
         base = inp.base.key if inp.base is not None else None
         self.cache.commit("prune", key, inputs={"base": base, "recipe": recipe.name}, files=files)

@@ -250,24 +250,24 @@ def load_quantized(model: nn.Module, ckpt_dir: Path, runtime: str) -> nn.Module:
 
 # -- prune -----------------------------------------------------------------------------------------------------------
 def fit_pruning(model: nn.Module, calib_batches: list[dict[str, Any]], config: ODPConfig | OTPConfig, *, out: Path,
-                progress: bool) -> Any:
+                progress: bool, adapter: MoEAdapter) -> Any:
     """Fit ODP thresholds or train OTP predictors on ``model`` (original or quantized) with the recipe's config
     (:func:`mcmoe_vl.pruning.workflow.fit_pruning`) and save the artifact."""
     from mcmoe_vl.pruning.artifact import save_pruning
     from mcmoe_vl.pruning.workflow import fit_pruning as fit
 
     odp, otp = (config, None) if isinstance(config, ODPConfig) else (None, config)
-    art = fit(model, calib_batches, config.method, odp=odp, otp=otp, progress=progress)
+    art = fit(model, calib_batches, config.method, odp=odp, otp=otp, progress=progress, adapter=adapter)
     save_pruning(art, out)
     return art
 
 
-def original_counts(model: nn.Module) -> tuple[dict[int, int], int]:
+def original_counts(model: nn.Module, adapter: MoEAdapter) -> tuple[dict[int, int], int]:
     """(parameters of one routed expert per MoE layer, parameters every token uses) of the original model."""
     from mcmoe_vl.moe import ExpertInterface
     from mcmoe_vl.pruning.accounting import always_active_params, routed_expert_params
 
-    iface = ExpertInterface(model)
+    iface = ExpertInterface(model, adapter)
     return routed_expert_params(iface), always_active_params(iface)
 
 

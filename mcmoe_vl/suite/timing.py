@@ -43,7 +43,7 @@ def measure(model: nn.Module, iface: Any, work: list[dict[str, torch.Tensor]], *
 
     best, best_ref = math.inf, math.inf
     report = None
-    with torch.no_grad(), (ExpertInterface(reference) if reference is not None else _null()):
+    with torch.no_grad(), (ExpertInterface(reference, iface.adapter) if reference is not None else _null()):
         model(**work[0])  # warm-up (allocations, kernels); not timed, not counted
         if reference is not None:
             reference(**work[0])

@@ -67,15 +67,15 @@ def test_edited_config_or_manifest_is_refused(quantized, tmp_path):
 
 
 def test_pruning_settings_are_applied_on_load(quantized, tmp_path):
-    from mcmoe_vl.moe import ExpertInterface
     from mcmoe_vl.pruning.artifact import odp_artifact, save_pruning
     from mcmoe_vl.pruning.odp import ODPThresholds
+    from model_adapters import expert_interface
 
     model, out = quantized
     d = tmp_path / "pruned"
     shutil.copytree(out, d)
     layers = [la.index for la in get_adapter(model).moe_layers(model)]
-    art = odp_artifact(ExpertInterface(model), ODPThresholds(mu={i: 0.7 for i in layers}, protect_ratio=0.0))
+    art = odp_artifact(expert_interface(model), ODPThresholds(mu={i: 0.7 for i in layers}, protect_ratio=0.0))
     save_pruning(art, d / "pruning.json")
     ids = torch.randint(0, 200, (1, 32), generator=torch.Generator().manual_seed(4))
     pruned, dense = from_pretrained(d), from_pretrained(d, apply_pruning=False)

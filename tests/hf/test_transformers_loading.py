@@ -122,18 +122,18 @@ def test_pruning_settings_travel_in_the_directory(ckpt, tmp_path):
     from transformers import AutoModelForCausalLM
 
     from mcmoe_vl.hf import loading_options
-    from mcmoe_vl.moe import ExpertInterface
     from mcmoe_vl.pruning.artifact import apply_pruning, odp_artifact, save_pruning
     from mcmoe_vl.pruning.odp import ODPThresholds
+    from model_adapters import expert_interface
 
     d = tmp_path / "pruned"
     shutil.copytree(ckpt, d)
     ref = load_quantized(ckpt)
-    art = odp_artifact(ExpertInterface(ref), ODPThresholds(mu={i: 0.6 for i in range(4)}, protect_ratio=0.0))
+    art = odp_artifact(expert_interface(ref), ODPThresholds(mu={i: 0.6 for i in range(4)}, protect_ratio=0.0))
     save_pruning(art, d / "pruning.json")
     ids = _ids(1, 40, seed=3)
     dense = _logits(ref, ids)
-    rule = apply_pruning(ExpertInterface(ref), art)
+    rule = apply_pruning(expert_interface(ref), art)
     pruned = _logits(ref, ids)
     rule.remove()
     assert not torch.equal(pruned, dense)  # the thresholds really drop experts on these tokens

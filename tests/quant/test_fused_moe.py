@@ -8,7 +8,7 @@ from native_lib import isas
 from tiny import batches, tiny_mixtral_q
 from torch import nn
 
-from mcmoe_vl.moe import ExpertInterface, RoutingDecision
+from mcmoe_vl.moe import RoutingDecision
 from mcmoe_vl.moe.fused import FusedMoE, install_fused
 from mcmoe_vl.quant.gptq import rtn_quantize
 from mcmoe_vl.quant.model import QuantizeConfig, quantize_model
@@ -16,7 +16,7 @@ from mcmoe_vl.quant.packed import PackedTensor
 from mcmoe_vl.quant.plan import BitPlan
 from mcmoe_vl.quant.qlinear import Kernel, QuantExpert, QuantLinear, concat_rows, set_kernel
 from mcmoe_vl.quant.quantizer import get_quantizer
-from model_adapters import get_adapter
+from model_adapters import expert_interface, get_adapter
 
 H, I = 256, 384
 
@@ -104,7 +104,7 @@ def test_fused_model_equals_dispatch_with_pruning(native_lib, family):
         keep[::2].scatter_(1, other[::2, None], False)
         return RoutingDecision.keep_only(routing, keep, layer.spec)
 
-    with torch.no_grad(), ExpertInterface(model) as iface:
+    with torch.no_grad(), expert_interface(model) as iface:
         iface.set_routing_override(prune)
         ref_prefill = model(ids).logits
         ref_step = model(ids[:, :3]).logits  # a few tokens: the decode-sized step

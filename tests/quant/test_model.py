@@ -253,13 +253,13 @@ def test_other_families_quantize_save_and_load(family, tmp_path):
 
 def test_expert_interface_sees_a_quantized_model_directly(quantized):
     """The adapter describes QuantExperts through their own storage: the interface runs the packed experts."""
-    from mcmoe_vl.moe import ExpertInterface
+    from model_adapters import expert_interface
 
     _, model, _, _, _, _ = quantized
     ids = batches(1, seed=7)[0]["input_ids"]
     ref = _logits(model, ids)
     rows = []
-    with torch.no_grad(), ExpertInterface(model) as iface:
+    with torch.no_grad(), expert_interface(model) as iface:
         layer = iface.layers[0]
         assert layer.expert(0) is model.model.layers[0].mlp.experts.experts[0]  # the packed module itself
         w = layer.expert_weights(0)
