@@ -210,3 +210,18 @@ def test_layerwise_iteration_reproduces_the_logits(model):
         logits = [model.lm_head(lm.norm(h)) for h in outs]
     for a, b in zip(logits, ref, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_the_adapter_is_given_by_the_caller():
+    from model_adapters import expert_interface
+
+    model = TINY_BUILDERS["mixtral"]()
+    with pytest.raises(TypeError, match="needs the model's adapter"):
+        ExpertInterface(model, None)
+    with pytest.raises(TypeError, match="decoder layers or the model's adapter"):
+        next(iterate_layers(model, [{"input_ids": _ids(model)}], progress=False))
+    iface = expert_interface(model)
+    assert type(iface.adapter) is type(get_adapter(model)) and not iface.installed
+    assert [la.path for la in iface.layers] == [la.path for la in ExpertInterface(model, get_adapter(model)).layers]
+    with expert_interface(model, install=True) as installed:
+        assert installed.installed and all("forward" in vars(la.block) for la in installed.layers)

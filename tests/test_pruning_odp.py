@@ -25,7 +25,7 @@ from mcmoe_vl.pruning.odp import (
     ratio_keep,
     threshold_from_ratios,
 )
-from model_adapters import expert_interface
+from model_adapters import expert_interface, get_adapter
 
 from tiny_models import tiny_deepseek_v2, tiny_deepseek_v3, tiny_mixtral
 
@@ -351,3 +351,16 @@ def test_uninstall_removes_an_applied_odp_rule_and_its_attention_capture():
     assert all(la.attention.config is model.config for la in iface.layers)  # capture configs restored
     assert any(c is not model.config for c in configs)
     torch.testing.assert_close(after, ref, rtol=0, atol=0)
+
+
+def test_fitting_refuses_an_interface_over_another_model():
+    from mcmoe_vl.pruning.otp import OTPConfig, train_otp
+
+    model, other = tiny_mixtral(), tiny_mixtral()
+    batches = [{"input_ids": torch.randint(0, model.config.vocab_size, (1, 8))}]
+    for fit in (lambda i: fit_odp(model, batches, ODPConfig(), iface=i),
+                lambda i: train_otp(model, batches, OTPConfig(steps=1), iface=i, progress=False)):
+        with pytest.raises(ValueError, match="over another model"):
+            fit(expert_interface(other))
+        with pytest.raises(TypeError, match="iface must be the ExpertInterface"):
+            fit(get_adapter(model))
