@@ -173,7 +173,8 @@ class SuiteRunner:
         d = self.cache.begin("allocate", key)
         stages.allocate(stats, a, inp.plus, plan_path=d / "plan.json", heatmap_path=d / "allocation.png",
                         title=f"{a.method} allocation, {ctx.spec.name}, {a.target_bits:g} bits",
-                        plus_data=lambda: (ctx.model, ctx.calibration_batches(), ctx.selection_batches()))
+                        plus_data=lambda: (ctx.model, ctx.calibration_batches(), ctx.selection_batches()),
+                        adapter=ctx.adapter)
         files = ["plan.json", "allocation.png"] + (["stats_gptq.json"] if a.method == PLUS_METHOD else [])
         self.cache.commit("allocate", key, inputs={"calibrate": inp.calibrate.key, "recipe": recipe.name},
                           files=files)

@@ -191,14 +191,16 @@ def significance_plot(stats: Any, path: Path) -> Path:
 
 
 def allocate(stats: Any, allocation: AllocationConfig, plus: PlusConfig | None, *, plan_path: Path,
-             heatmap_path: Path, title: str, plus_data: Any = None) -> Any:
-    """The recipe's plan; ``pmq+`` also needs ``plus_data()`` -> (model, plan-building batches, selection batches)."""
+             heatmap_path: Path, title: str, plus_data: Any = None, adapter: MoEAdapter | None = None) -> Any:
+    """The recipe's plan; ``pmq+`` also needs ``plus_data()`` -> (model, plan-building batches, selection batches)
+    and the model's ``adapter``."""
     from mcmoe_vl.allocation.allocate import allocate as run
     from mcmoe_vl.plots import allocation_heatmap
 
     if allocation.method == PLUS_METHOD:
         assert plus is not None  # the recipe gives pmq+ its PlusConfig
-        plan = allocate_plus(stats, allocation, plus, plus_data, stats_path=plan_path.with_name("stats_gptq.json"))
+        plan = allocate_plus(stats, allocation, plus, plus_data, adapter,
+                             stats_path=plan_path.with_name("stats_gptq.json"))
     else:
         plan = run(stats, allocation)
     plan.save(plan_path)
@@ -207,8 +209,8 @@ def allocate(stats: Any, allocation: AllocationConfig, plus: PlusConfig | None, 
     return plan
 
 
-def allocate_plus(stats: Any, allocation: AllocationConfig, plus: PlusConfig, plus_data: Any, *, stats_path: Path
-                  ) -> Any:
+def allocate_plus(stats: Any, allocation: AllocationConfig, plus: PlusConfig, plus_data: Any,
+                  adapter: MoEAdapter | None, *, stats_path: Path) -> Any:
     """pmq+: eps re-measured with GPTQ (and the 1-bit refit) on the same data, then candidates chosen by loss."""
     from mcmoe_vl.allocation.plus import allocate_plus as run, build_candidates
     from mcmoe_vl.calibration.calibrate import CalibrationConfig, calibrate as measure
@@ -216,8 +218,9 @@ def allocate_plus(stats: Any, allocation: AllocationConfig, plus: PlusConfig, pl
     build_candidates(stats, allocation, plus)  # a bad request fails before any model work
     model, fit, select = plus_data()
     cfg = CalibrationConfig(**{**stats.config, "quantizer": "gptq", "refit_1bit": plus.refit_1bit})
-    stats_gptq = measure(model, fit, cfg, output=stats_path, model_name=stats.model_name, progress=False)
-    return run(model, stats_gptq, fit, select, allocation, plus)
+    stats_gptq = measure(model, fit, cfg, output=stats_path, model_name=stats.model_name, progress=False,
+                         adapter=adapter)
+    return run(model, stats_gptq, fit, select, allocation, plus, adapter=adapter)
 
 
 # -- quantize --------------------------------------------------------------------------------------------------------
