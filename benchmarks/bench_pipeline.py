@@ -15,6 +15,7 @@ float32 model itself (one layer's 64 experts are 0.88 GB). Mixtral-8x7B's other 
 
 from __future__ import annotations
 
+from model_adapters import get_adapter
 import argparse
 import json
 import resource
@@ -67,9 +68,9 @@ def child(layers: int, seqs: int, seq_len: int, threads: int) -> dict:
     stats = stage("calibrate", lambda: calibrate(model, batches, CalibrationConfig(eps_bits=(1, 2, 3)),
                                                   progress=False))
     plan = stage("allocate", lambda: allocate(stats, AllocationConfig(target_bits=2.5)))
-    report = stage("quantize", lambda: quantize_model(model, plan, batches, QuantizeConfig(progress=False)))
+    report = stage("quantize", lambda: quantize_model(model, plan, batches, QuantizeConfig(progress=False), adapter=get_adapter(model)))
     with tempfile.TemporaryDirectory() as d:
-        stage("save", lambda: save_quantized(model, Path(d) / "q", plan=plan, report=report))
+        stage("save", lambda: save_quantized(model, Path(d) / "q", plan=plan, report=report, adapter=get_adapter(model)))
         out["bytes_on_disk"] = sum(f.stat().st_size for f in (Path(d) / "q").iterdir())
         # the port's language model is not a transformers class: load_quantized gets a skeleton (built in the stage)
         stage("load", lambda: load_quantized(Path(d) / "q", model=build_language_model(cfg).eval()))

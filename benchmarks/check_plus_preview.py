@@ -51,7 +51,7 @@ def main() -> None:
     for c in cands:
         m = copy.deepcopy(model)
         plan = c.plan.model_copy(update={"refit_1bit": True})
-        quantize_model(m, plan, fit, QuantizeConfig(runtime=Runtime.FAKE, progress=False))
+        quantize_model(m, plan, fit, QuantizeConfig(runtime=Runtime.FAKE, progress=False), adapter=get_adapter(m))
         engine = " | ".join(f"{calibration_loss(m, sels[n], adapter)[0]:.5f}" for n in args.select_seqs)
         print(f"| {c.name} | {previewed[c.name]:.5f} | {engine} | {byte_ppl(m, wins)[0]:.4f} |", flush=True)
 

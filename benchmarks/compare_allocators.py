@@ -82,7 +82,7 @@ def quantized_ppl(model, plan, fit, windows) -> tuple[float, float]:
     """(perplexity, quantization seconds) of a fresh copy of ``model`` quantized to ``plan``."""
     m = copy.deepcopy(model)
     t0 = time.perf_counter()
-    quantize_model(m, plan, fit, QuantizeConfig(runtime=Runtime.FAKE, progress=False))
+    quantize_model(m, plan, fit, QuantizeConfig(runtime=Runtime.FAKE, progress=False), adapter=get_adapter(m))
     secs = time.perf_counter() - t0
     return byte_ppl(m, windows)[0], secs
 

@@ -106,7 +106,7 @@ def main() -> None:
                     continue
                 m = copy.deepcopy(model)
                 quantize_model(m, plan, fit, QuantizeConfig(runtime=Runtime.FAKE,
-                                                                                     progress=False))
+                                                                                     progress=False), adapter=get_adapter(m))
                 acc = accuracy(m, processor, rows)
                 rec = {"seed": seed, "target": target, "row": row, "exact_match": acc["mean"], "accuracy": acc,
                        "seconds": time.perf_counter() - t0, "chosen": (plan.selection or {}).get("chosen"),

@@ -65,7 +65,8 @@ class CompressedModel:
         from mcmoe_vl.quant.checkpoint import PRUNING_FILE, save_quantized
 
         self._accounting = save_quantized(self.model, out_dir, plan=self.plan, report=self.report,
-                                          config=self.quantize_config, source_dir=self.source_dir)
+                                          config=self.quantize_config, adapter=_adapter(self.model),
+                                          source_dir=self.source_dir)
         if self.pruning is not None:
             from mcmoe_vl.pruning.artifact import save_pruning
 

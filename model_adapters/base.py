@@ -192,7 +192,7 @@ class MoEAdapter:
         from mcmoe_vl.quant.checkpoint import PRUNING_FILE, load_quantized
         from mcmoe_vl.quant.qlinear import Runtime
 
-        model = load_quantized(path, runtime=Runtime(runtime)).to(device)
+        model = load_quantized(path, runtime=Runtime(runtime), adapter=self).to(device)
         model.mcmoe_pruning = apply_saved_pruning(model, Path(path) / PRUNING_FILE) if apply_pruning else None
         return model.eval()
 

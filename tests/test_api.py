@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from model_adapters import get_adapter
 import sys
 from pathlib import Path
 
@@ -97,11 +98,11 @@ def test_every_plan_taking_function_takes_the_plan_as_it_is(tmp_path):
     bp.save(tmp_path / "plan.json")
     assert _given_plan(str(tmp_path / "plan.json")) == bp
     model = tiny_mixtral_q(dtype=torch.bfloat16)
-    report = quantize_model(model, bp, batches(1), QuantizeConfig(progress=False, min_tokens=0))
-    save_quantized(model, tmp_path / "q", plan=bp, report=report)
+    report = quantize_model(model, bp, batches(1), QuantizeConfig(progress=False, min_tokens=0), adapter=get_adapter(model))
+    save_quantized(model, tmp_path / "q", plan=bp, report=report, adapter=get_adapter(model))
     assert read_manifest(tmp_path / "q").plan == bp  # the plan travels with the checkpoint unchanged
     with pytest.raises(PlanError, match="a plan must be a BitPlan"):
-        quantize_model(tiny_mixtral_q(), ["not", "a", "plan"], batches(1))
+        quantize_model(tiny_mixtral_q(), ["not", "a", "plan"], batches(1), adapter=get_adapter(tiny_mixtral_q()))
 
 
 def test_pmq_plus_by_name_with_a_held_apart_selection_split():

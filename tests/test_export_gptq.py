@@ -3,6 +3,7 @@ bit stream, the same layout GPTQ uses) give exactly the weights the compressed m
 
 from __future__ import annotations
 
+from model_adapters import get_adapter
 import json
 import re
 import sys
@@ -47,8 +48,8 @@ def test_bitstream_matches_an_independent_unpacker(bits):
 def test_gptq_export_reads_back_exactly(tmp_path, capsys):
     model = tiny_mixtral_q(dtype=torch.bfloat16)
     plan = BitPlan.from_experts({0: [2, 3, 1, 4], 1: [1, 2, 16, 3]}, model_type="mixtral")
-    report = quantize_model(model, plan, batches(2), QuantizeConfig(progress=False, min_tokens=1))
-    save_quantized(model, tmp_path / "q", plan=plan, report=report)
+    report = quantize_model(model, plan, batches(2), QuantizeConfig(progress=False, min_tokens=1), adapter=get_adapter(model))
+    save_quantized(model, tmp_path / "q", plan=plan, report=report, adapter=get_adapter(model))
     out = tmp_path / "gptq"
     assert main(["export", str(tmp_path / "q"), "--format", "gptq", "-o", str(out)]) == 0
     assert "6 1-bit linears written as 2-bit codes" in capsys.readouterr().out

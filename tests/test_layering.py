@@ -13,32 +13,13 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "mcmoe_vl"
 
-# Algorithm modules: they receive an interface or an adapter from their caller. Workflow modules
-# (pruning/workflow.py, allocation/workflow.py, quant/workflow.py, api.py, suite/, hf/) and the model-level entry
-# points that default the adapter (quant/model.py's quantize_model, quant/saving.py's save_quantized) may resolve it.
-ALGORITHM_MODULES = [
-    "pruning/accounting.py",
-    "pruning/artifact.py",
-    "pruning/importance.py",
-    "pruning/odp.py",
-    "pruning/otp.py",
-    "allocation/allocate.py",
-    "allocation/allocators.py",
-    "allocation/budget.py",
-    "allocation/config.py",
-    "allocation/plus.py",
-    "allocation/program.py",
-    "quant/accounting.py",
-    "quant/collect.py",
-    "quant/gptq.py",
-    "quant/kernels.py",
-    "quant/packed.py",
-    "quant/packing.py",
-    "quant/plan.py",
-    "quant/qlinear.py",
-    "quant/quantizer.py",
-    "quant/widths.py",
-]
+# Algorithm modules: every module of the algorithm packages except their workflows. They receive an interface or
+# an adapter from their caller (quantize_model and save_quantized require one); the workflow modules
+# (pruning/workflow.py, allocation/workflow.py, quant/workflow.py), api.py, calibration/, suite/, hf/, export/ and
+# evaluation/ may resolve it.
+ALGORITHM_PACKAGES = ("pruning", "allocation", "quant")
+ALGORITHM_MODULES = sorted(str(p.relative_to(PACKAGE)) for pkg in ALGORITHM_PACKAGES for p in (PACKAGE / pkg).glob("*.py")
+                           if p.name != "workflow.py")
 
 
 def adapter_imports(tree: ast.AST) -> list[int]:
@@ -79,6 +60,8 @@ def test_the_scan_finds_adapter_imports_wherever_they_are(snippet, found):
 def test_the_scanned_modules_exist():
     moe = {p.name for p in _moe_modules()}
     assert {"interface.py", "layer.py", "routing.py", "storage.py", "layerwise.py"} <= moe
+    assert {"quant/model.py", "quant/saving.py", "quant/loading.py", "pruning/odp.py", "allocation/plus.py"} <= \
+        set(ALGORITHM_MODULES)
     missing = [m for m in ALGORITHM_MODULES if not (PACKAGE / m).is_file()]
     assert not missing, f"listed algorithm modules not found: {missing}"
 
@@ -101,7 +84,7 @@ def test_algorithms_take_the_adapter_from_their_caller(module):
 def test_importing_the_interface_and_the_algorithms_loads_no_adapter():
     # the transitive check: an import chain through another module would escape the per-file scan
     mods = ["mcmoe_vl.moe", "mcmoe_vl.moe.layerwise", "mcmoe_vl.moe.fused", "mcmoe_vl.moe.checks"]
-    mods += ["mcmoe_vl." + m[:-3].replace("/", ".") for m in ALGORITHM_MODULES]
+    mods += ["mcmoe_vl." + m[:-3].replace("/", ".").removesuffix(".__init__") for m in ALGORITHM_MODULES]
     code = ("import importlib, sys\n"
             f"for m in {mods!r}:\n"
             "    importlib.import_module(m)\n"

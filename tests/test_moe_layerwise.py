@@ -10,6 +10,7 @@ The layer step also replays what an adapter says the model's forward adds betwee
 
 from __future__ import annotations
 
+from model_adapters import get_adapter
 import pytest
 import torch
 from tiny_models import tiny_mixtral
@@ -66,7 +67,7 @@ def test_calibration_odp_otp_and_gptq_agree_on_the_real_tokens():
                        progress=False)
     model = _model()
     report = quantize_model(model, BitPlan.uniform({0: E, 1: E}, 2, group_size=16), batches,
-                            QuantizeConfig(progress=False, min_tokens=0))
+                            QuantizeConfig(progress=False, min_tokens=0), adapter=get_adapter(model))
     gptq_counts = {la.index: [e.tokens for e in la.experts] for la in report.layers}
     for la in stats.layers:
         assert la.all.num_tokens == REAL

@@ -196,21 +196,8 @@ def calibrate(
     moe: dict[int, MoELayer] = {la.index: la for la in iface.layers}
     check_finite_weights(model, iface.layers)
     prepared, fingerprint = prepare_batches(batches, iface.adapter)
-    n_dec = len(iface.adapter.decoder_layers(model))
-    fresh = CalibrationStats(
-        format_version=FORMAT_VERSION,
-        model_type=str(getattr(model.config, "model_type", type(model).__name__)),
-        model_name=model_name,
-        num_decoder_layers=n_dec,
-        moe_layer_indices=sorted(moe),
-        num_sequences=sum(int(torch.as_tensor(b["input_ids"]).shape[0]) if "input_ids" in b else 1
-                          for b in prepared),
-        data_fingerprint=fingerprint,
-        # without a file to resume from, the (costly for large models) hash of the weights in memory is not needed
-        model_fingerprint=model_fingerprint if model_fingerprint is not None or output is None
-        else weights_fingerprint(model),
-        config=config.model_dump(mode="json"),
-    )
+    fresh = _fresh_stats(model, iface, prepared, fingerprint, config, model_name=model_name,
+                         model_fingerprint=model_fingerprint, hash_weights=output is not None)
     stats = fresh
     if output is not None and resume and Path(output).exists():
         stats = _resume(Path(output), fresh)
@@ -236,6 +223,26 @@ def calibrate(
     finally:
         model.train(was_training)
     return stats
+
+
+def _fresh_stats(model: nn.Module, iface: ExpertInterface, prepared: list, fingerprint: str | None,
+                 config: CalibrationConfig, *, model_name: str | None, model_fingerprint: Any,
+                 hash_weights: bool) -> CalibrationStats:
+    """The statistics before any layer: what they were made from (weights, data, config) and the layer layout."""
+    return CalibrationStats(
+        format_version=FORMAT_VERSION,
+        model_type=str(getattr(model.config, "model_type", type(model).__name__)),
+        model_name=model_name,
+        num_decoder_layers=len(iface.adapter.decoder_layers(model)),
+        moe_layer_indices=sorted(la.index for la in iface.layers),
+        num_sequences=sum(int(torch.as_tensor(b["input_ids"]).shape[0]) if "input_ids" in b else 1
+                          for b in prepared),
+        data_fingerprint=fingerprint,
+        # without a file to resume from, the (costly for large models) hash of the weights in memory is not needed
+        model_fingerprint=model_fingerprint if model_fingerprint is not None or not hash_weights
+        else weights_fingerprint(model),
+        config=config.model_dump(mode="json"),
+    )
 
 
 def _adapter_for(model: nn.Module, adapter: Any) -> Any:

@@ -139,7 +139,9 @@ def _classes() -> tuple[type, type]:
 
             if _OPTIONS.get().get("runtime") is Runtime.FAKE:
                 set_runtime(model, Runtime.FAKE)  # the caches from the tensors as finally loaded
-            mark_compressed(model, self.ckpt_dir, self.manifest)
+            from model_adapters import get_adapter
+
+            mark_compressed(model, self.ckpt_dir, self.manifest, get_adapter(model))
             apply = _OPTIONS.get().get("apply_pruning", True) and self.quantization_config.apply_pruning
             model.mcmoe_pruning = apply_saved_pruning(model, self.ckpt_dir / self.quantization_config.pruning_file) \
                 if apply else None

@@ -21,7 +21,7 @@ module gathers their public names::
 
     from mcmoe_vl.quant.checkpoint import save_quantized, load_quantized, read_manifest
 
-    acc = save_quantized(model, "runs/q", plan=plan, report=report)
+    acc = save_quantized(model, "runs/q", plan=plan, report=report, adapter=get_adapter(model))
     model = load_quantized("runs/q")
     read_manifest("runs/q").plan.experts     # {0: [2, 3, 1, 2, ...], ...}
 """

@@ -56,13 +56,16 @@ def load_quantized(
     runtime: Runtime = Runtime.PACKED,
     kernel: Kernel = Kernel.AUTO,
     verify_hash: bool = True,
+    adapter: Any | None = None,
 ) -> nn.Module:
     """Load a checkpoint written by :func:`mcmoe_vl.quant.saving.save_quantized`.
 
     ``model``: an (unquantized) instance of the architecture to load into, e.g. built under
     ``accelerate.init_empty_weights()``; by default the transformers class named in the manifest is built that
     way. ``runtime``: packed or fake-quant; ``kernel``: how the packed runtime multiplies (see :class:`Kernel`).
-    ``verify_hash`` checks the tensor file's SHA-256 (reads the file once more).
+    ``verify_hash`` checks the tensor file's SHA-256 (reads the file once more). ``adapter``: the model family's
+    (``model_adapters.get_adapter``), needed only to save the loaded model again (``model.save_pretrained``);
+    :meth:`model_adapters.base.MoEAdapter.load_compressed` passes its own.
     """
     d = Path(ckpt_dir)
     man = read_manifest(d)
@@ -73,7 +76,7 @@ def load_quantized(
     meta_left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.device.type == "meta"]
     if meta_left:
         raise CheckpointError(f"parameters left uninitialised after loading: {meta_left[:5]}")
-    mark_compressed(model, d, man)
+    mark_compressed(model, d, man, adapter)
     return model.eval()
 
 
@@ -91,10 +94,11 @@ def check_tensor_file(d: Path, man: Manifest, *, verify_hash: bool = True) -> Pa
     return path
 
 
-def mark_compressed(model: nn.Module, ckpt_dir: Path, manifest: Manifest) -> None:
-    """Remember where ``model`` came from, so that ``model.save_pretrained(dir)`` writes a checkpoint directory
-    again (the plan, the report and the tokenizer files travel with it)."""
+def mark_compressed(model: nn.Module, ckpt_dir: Path, manifest: Manifest, adapter: Any | None = None) -> None:
+    """Remember where ``model`` came from and its family's ``adapter``, so that ``model.save_pretrained(dir)``
+    writes a checkpoint directory again (the plan, the report and the tokenizer files travel with it)."""
     model.mcmoe_manifest = manifest
+    model.mcmoe_adapter = adapter
     model.mcmoe_source = Path(ckpt_dir)
     model.save_pretrained = types.MethodType(save_pretrained_compressed, model)
 
@@ -103,8 +107,13 @@ def save_pretrained_compressed(model: nn.Module, save_directory: str | os.PathLi
     """``save_pretrained`` of a loaded compressed model: :func:`save_quantized` with the manifest's plan, report
     and quantization settings; tokenizer files and pruning settings are copied from the directory it came from."""
     man, src = model.mcmoe_manifest, Path(model.mcmoe_source)
+    adapter = getattr(model, "mcmoe_adapter", None)
+    if adapter is None:
+        raise CheckpointError(f"{src}: this model was loaded without its family's adapter, which saving needs; load "
+                              "it with load_quantized(..., adapter=model_adapters.get_adapter(model_type)), the "
+                              "adapter's load_compressed, or transformers' from_pretrained")
     save_quantized(model, save_directory, plan=man.plan, report=man.report, config=man.quantize_config,
-                   source_dir=src)
+                   adapter=adapter, source_dir=src)
     for name in (PRUNING_FILE, Path(PRUNING_FILE).with_suffix(".safetensors").name):
         if (src / name).is_file():
             write_bytes_atomic(Path(save_directory) / name, (src / name).read_bytes())

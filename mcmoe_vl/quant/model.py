@@ -199,7 +199,8 @@ def quantize_model(
     Returns a :class:`QuantReport`. Afterwards the model holds :class:`QuantLinear` / :class:`QuantExperts`
     modules in ``config.runtime`` and can be saved with :func:`mcmoe_vl.quant.checkpoint.save_quantized`.
     ``plan``: the allocator's :class:`~mcmoe_vl.quant.plan.BitPlan`, or a hand-written one
-    (:func:`~mcmoe_vl.quant.plan.load_plan` reads a file).
+    (:func:`~mcmoe_vl.quant.plan.load_plan` reads a file). ``adapter``: the model family's
+    (``model_adapters.get_adapter(model)``), resolved once by the caller.
     """
     check_plan_type(plan)  # before anything reads the plan
     from mcmoe_vl.moe.layerwise import iterate_layers
@@ -210,9 +211,7 @@ def quantize_model(
     if cfg.static_groups and not cfg.act_order:
         log.info("static_groups without act_order changes nothing")
     if adapter is None:
-        from model_adapters import get_adapter
-
-        adapter = get_adapter(model)
+        raise TypeError("quantize_model needs the model family's adapter: pass adapter=model_adapters.get_adapter(model)")
     moe_layers = _checked_moe_layers(model, plan, adapter)
     dtype = cfg.dtype.torch if cfg.dtype is not None else next(model.parameters()).dtype
     run = _Run(model, plan, cfg, adapter, dtype, {m: n for n, m in model.named_modules()})

@@ -188,12 +188,12 @@ def save_quantized(
 
     ``source_dir``: the directory the model was loaded from (default: ``model.config._name_or_path`` when it is a
     local directory); its tokenizer, processor and generation files are copied, and ``out_dir`` may not be it.
+    ``adapter``: the model family's (``model_adapters.get_adapter(model)``): it names the experts and attention
+    modules for the accounting.
     """
     check_plan_type(plan)
     if adapter is None:
-        from model_adapters import get_adapter
-
-        adapter = get_adapter(model)
+        raise TypeError("save_quantized needs the model family's adapter: pass adapter=model_adapters.get_adapter(model)")
     source = Path(source_dir) if source_dir is not None else model_source_dir(model)
     out = Path(out_dir)
     check_output_dir(out, source)

@@ -85,5 +85,8 @@ def quantize_files(run: QuantizeRun) -> Accounting:
     check_token_ids(ids, model_vocab_size(model), where=run.data)
     batches = [{k: v.to(run.device) for k, v in b.items()} for b in batches_from_ids(ids, run.batch_size)]
     log.info("quantizing %s on %d sequences x %d tokens", run.model, ids.shape[0], ids.shape[1])
-    report = quantize_model(model, plan, batches, run.quantize)
-    return save_quantized(model, run.output, plan=plan, report=report, config=run.quantize)
+    from model_adapters import get_adapter
+
+    adapter = get_adapter(model)
+    report = quantize_model(model, plan, batches, run.quantize, adapter=adapter)
+    return save_quantized(model, run.output, plan=plan, report=report, config=run.quantize, adapter=adapter)

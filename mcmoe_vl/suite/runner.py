@@ -194,7 +194,7 @@ class SuiteRunner:
         model = ctx.fresh_model()
         acct = stages.quantize(model, plan_dir / "plan.json", ctx.calibration_batches(), inp.gptq,
                                group_size=inp.allocate.allocation.group_size, out_dir=d / "checkpoint",
-                               progress=self.progress)
+                               progress=self.progress, adapter=ctx.adapter)
         del model
         files = [p.relative_to(d).as_posix() for p in sorted((d / "checkpoint").rglob("*")) if p.is_file()]
         self.cache.commit("quantize", key, inputs={"allocate": inp.allocate.key, "recipe": recipe.name}, files=files,
@@ -207,7 +207,7 @@ class SuiteRunner:
         """The model the recipe evaluates: the original, or the quantized checkpoint in the requested runtime."""
         if ckpt is None:
             return ctx.model
-        return stages.load_quantized(ctx.fresh_model(), ckpt, runtime)
+        return stages.load_quantized(ctx.fresh_model(), ckpt, runtime, ctx.adapter)
 
     def _prune(self, ctx: ModelContext, recipe: RecipeSpec, inp: PruneInputs, model: torch.nn.Module) -> Any:
         from mcmoe_vl.pruning.artifact import load_pruning

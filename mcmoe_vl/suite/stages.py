@@ -225,7 +225,7 @@ def allocate_plus(stats: Any, allocation: AllocationConfig, plus: PlusConfig, pl
 
 # -- quantize --------------------------------------------------------------------------------------------------------
 def quantize(model: nn.Module, plan_path: Path, calib_batches: list[dict[str, Any]], gptq: QuantizeConfig, *,
-             group_size: int, out_dir: Path, progress: bool) -> QuantAccounting:
+             group_size: int, out_dir: Path, progress: bool, adapter: MoEAdapter) -> QuantAccounting:
     """Quantize ``model`` in place to the plan with the recipe's GPTQ config and save the packed checkpoint in
     ``out_dir`` (``group_size``: the recipe's allocation group size, which the plan was made with).
 
@@ -236,8 +236,8 @@ def quantize(model: nn.Module, plan_path: Path, calib_batches: list[dict[str, An
     if plan.group_size != group_size:
         plan = plan.model_copy(update={"group_size": group_size})
     cfg = gptq.model_copy(update={"progress": progress})
-    report = quantize_model(model, plan, calib_batches, cfg)
-    acct = save_quantized(model, out_dir, plan=plan, report=report, config=cfg)
+    report = quantize_model(model, plan, calib_batches, cfg, adapter=adapter)
+    acct = save_quantized(model, out_dir, plan=plan, report=report, config=cfg, adapter=adapter)
     return QuantAccounting.from_engine(acct, report.starved)
 
 
@@ -246,9 +246,9 @@ def set_runtime(model: nn.Module, runtime: str) -> int:
     return switch_runtime(model, Runtime(runtime))
 
 
-def load_quantized(model: nn.Module, ckpt_dir: Path, runtime: str) -> nn.Module:
+def load_quantized(model: nn.Module, ckpt_dir: Path, runtime: str, adapter: MoEAdapter) -> nn.Module:
     """The checkpoint loaded into ``model`` (an unquantized instance of the architecture) in ``runtime``."""
-    return load_checkpoint(ckpt_dir, model=model, runtime=Runtime(runtime)).eval()
+    return load_checkpoint(ckpt_dir, model=model, runtime=Runtime(runtime), adapter=adapter).eval()
 
 
 # -- prune -----------------------------------------------------------------------------------------------------------

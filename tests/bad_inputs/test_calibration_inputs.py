@@ -4,6 +4,7 @@ and leaves no file a later run would trust."""
 
 from __future__ import annotations
 
+from model_adapters import get_adapter
 import json
 import logging
 from pathlib import Path
@@ -194,7 +195,7 @@ def test_min_tokens_zero_message(caplog):
     plan = BitPlan.uniform({0: 8, 1: 8}, 2, group_size=16)
     one_token = [{"input_ids": torch.tensor([[5]])}]  # top-2 of 8: most experts see no token
     with caplog.at_level(logging.WARNING):
-        report = quantize_model(model, plan, one_token, QuantizeConfig(progress=False, min_tokens=0))
+        report = quantize_model(model, plan, one_token, QuantizeConfig(progress=False, min_tokens=0), adapter=get_adapter(model))
     assert report.starved  # the fallback did happen
     assert "had no calibration token" in caplog.text and "fewer than 0" not in caplog.text
 
@@ -216,7 +217,7 @@ def test_non_finite_expert_weight_is_refused_by_quantization():
         model.model.layers[0].mlp.experts.down_proj[5, 1, 1] = float("-inf")
     with pytest.raises(NonFiniteWeightError, match=r"model\.layers\.0\.mlp: expert 5 \(down projection\)"):
         quantize_model(model, BitPlan.uniform({0: 8, 1: 8}, 2, group_size=16), _batches(),
-                       QuantizeConfig(progress=False))
+                       QuantizeConfig(progress=False), adapter=get_adapter(model))
 
 
 def test_checkpoint_missing_weights_is_refused_not_randomly_initialised(tiny_ckpt, tmp_path):

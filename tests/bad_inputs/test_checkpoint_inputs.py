@@ -1,6 +1,7 @@
 """Bad inputs around compressed checkpoints: each is refused with a clear error before any work, or handled by a
 declared fallback, and never leaves a file a later run would trust."""
 
+from model_adapters import get_adapter
 import hashlib
 import json
 import logging
@@ -80,9 +81,9 @@ def test_save_quantized_refuses_the_directory_the_model_came_from(model_dir, tmp
     plan = BitPlan.from_experts({i: [2] * 8 for i in range(4)}, model_type="mixtral")
     before = _digest(model_dir)
     with pytest.raises(CheckpointError, match="source model's directory"):
-        save_quantized(model, model_dir, plan=plan)  # config._name_or_path names the source
+        save_quantized(model, model_dir, plan=plan, adapter=get_adapter(model))  # config._name_or_path names the source
     with pytest.raises(CheckpointError, match=str(model_dir)):
-        save_quantized(model, model_dir, plan=plan, source_dir=model_dir)
+        save_quantized(model, model_dir, plan=plan, source_dir=model_dir, adapter=get_adapter(model))
     assert _digest(model_dir) == before
 
 

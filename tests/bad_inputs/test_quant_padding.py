@@ -6,6 +6,7 @@ quantized weights and the per-expert token counts.
 
 from __future__ import annotations
 
+from model_adapters import get_adapter
 import torch
 from tiny import tiny_mixtral_q
 
@@ -19,7 +20,7 @@ LAYER = 0  # layer 0: its inputs are the embeddings, equal for the real tokens w
 def _quantize(batch):
     model = tiny_mixtral_q(seed=3, experts=4, layers=2)
     plan = BitPlan.uniform({0: 4, 1: 4}, 2, group_size=128)
-    report = quantize_model(model, plan, [batch], QuantizeConfig(progress=False, min_tokens=0))
+    report = quantize_model(model, plan, [batch], QuantizeConfig(progress=False, min_tokens=0), adapter=get_adapter(model))
     layer = model.model.layers[LAYER]
     weights = {
         "q_proj": layer.self_attn.q_proj.weight(torch.float32),

@@ -93,7 +93,7 @@ def test_fused_model_equals_dispatch_with_pruning(native_lib, family):
     model, gs = _tiny(family)
     layers = {la.index: la.num_experts for la in get_adapter(model).moe_layers(model)}
     plan = BitPlan.from_experts({i: [(1, 2, 3, 4)[e % 4] for e in range(n)] for i, n in layers.items()}, group_size=gs)
-    quantize_model(model, plan, batches(1, seq=8), QuantizeConfig(progress=False, min_tokens=10**9))  # RTN: fast
+    quantize_model(model, plan, batches(1, seq=8), QuantizeConfig(progress=False, min_tokens=10**9), adapter=get_adapter(model))  # RTN: fast
     ids = batches(1, seq=12, seed=3)[0]["input_ids"]
     calls = []
 
@@ -124,7 +124,7 @@ def test_quant_experts_module_runs_fused_with_the_simd_kernel(native_lib):
     torch.set_num_threads(1)
     model = tiny_mixtral_q(experts=4)
     quantize_model(model, BitPlan.from_experts({0: [2, 3, 1, 4], 1: [2, 2, 3, 3]}, group_size=32), batches(1, seq=8),
-                   QuantizeConfig(progress=False, min_tokens=10**9))
+                   QuantizeConfig(progress=False, min_tokens=10**9), adapter=get_adapter(model))
     ids = batches(1, seq=6, seed=5)[0]["input_ids"]
     with torch.no_grad():
         ref = model(ids).logits

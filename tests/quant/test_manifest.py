@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 from mcmoe_vl.quant.checkpoint import (MANIFEST_FILE, CheckpointError, Manifest, load_quantized, read_manifest,
                                       seal_manifest)
 from mcmoe_vl.quant.qlinear import QuantExperts, QuantLinear, Runtime
+from model_adapters import get_adapter
 
 LEGACY = Path(__file__).resolve().parent.parent / "data" / "legacy"
 OLD = LEGACY / "checkpoint_v2"
@@ -55,7 +56,9 @@ def test_a_checkpoint_written_before_the_manifest_was_typed_loads_with_its_logit
 
 def test_a_loaded_old_checkpoint_saves_again_in_the_current_form(tmp_path):
     ids, want = _expected()
-    model = load_quantized(OLD)
+    with pytest.raises(CheckpointError, match="without its family's adapter"):  # saving needs the family's modules
+        load_quantized(OLD).save_pretrained(tmp_path / "refused")
+    model = load_quantized(OLD, adapter=get_adapter("mixtral"))
     model.save_pretrained(tmp_path / "again")
     raw = json.loads((tmp_path / "again" / MANIFEST_FILE).read_text())
     assert raw["plan"]["format_version"] == 2 and raw["plan"]["layers"][0]["bits"] == [2, 3, 1, 16]
