@@ -1,7 +1,8 @@
 """DeepSeek-VL2 (``model_type: deepseek_vl_v2``): a port on transformers 5, its processor, generation and adapter.
 
-- :mod:`.configuration`: the official ``config.json`` parsed and checked; transformers configs from it.
-- :mod:`.modeling`: :class:`DeepseekVL2ForCausalLM`.
+- :mod:`.configuration`: the official ``config.json`` parsed and checked (its sections in :mod:`.config_sections`);
+  transformers configs from it.
+- :mod:`.modeling`: :class:`DeepseekVL2ForCausalLM`; its language model in :mod:`.language_model`.
 - :mod:`.loading`: :func:`model_from_config`, :func:`load_official`, :func:`save_official`.
 - :mod:`.processing`: :class:`~.processing.DeepseekVL2Processor`; :mod:`.generation`: greedy generation.
 - :mod:`.adapter`: the expert-interface adapter (registered as ``deepseek_vl_v2``) and calibration batches.
