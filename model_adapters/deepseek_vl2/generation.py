@@ -48,25 +48,15 @@ def greedy_generate(
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     device = model.get_input_embeddings().weight.device
-    ids = batch["input_ids"].to(device)
-    b, s = ids.shape
-    mask = batch.get("attention_mask")
-    mask = torch.ones_like(ids) if mask is None else mask.to(device)
-    images = batch.get("images")
-    seq_mask = batch.get("images_seq_mask")
-    crops = batch.get("images_spatial_crop")
-    if images is not None:
-        images, crops = images.to(device), crops.to(device)
-        seq_mask = seq_mask.to(device)
-    eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or [])
-    fill = pad_token_id if pad_token_id is not None else (min(eos) if eos else 0)
+    eos, fill = _stop_tokens(eos_token_id, pad_token_id)
     eos_t = torch.tensor(sorted(eos), device=device, dtype=torch.long)
+    embeds, mask = _prompt_embeds(model, batch, device)  # (B, S, D), images placed once; (B, S)
+    b = embeds.shape[0]
 
     finished = torch.zeros(b, dtype=torch.bool, device=device)
     out_tokens: list[torch.Tensor] = []
     out_logits: list[torch.Tensor] = []
     cache = DynamicCache(config=model.config.text_config) if use_cache else None
-    embeds = model.prepare_inputs_embeds(ids, images, seq_mask, crops)  # (B, S, D), images placed once
     step_embeds = embeds
     for _ in range(max_new_tokens):
         # The cache is updated in place: the same object serves every step.
@@ -91,3 +81,27 @@ def greedy_generate(
     if return_logits:
         return GenerationOutput(tokens, out_logits, finished)
     return tokens
+
+
+def _stop_tokens(eos_token_id: int | list[int] | None, pad_token_id: int | None) -> tuple[set[int], int]:
+    """The eos ids, and the token a finished sequence keeps producing (pad, else the smallest eos id, else 0)."""
+    eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or [])
+    fill = pad_token_id if pad_token_id is not None else (min(eos) if eos else 0)
+    return eos, fill
+
+
+def _prompt_embeds(
+    model: DeepseekVL2ForCausalLM, batch: Mapping[str, torch.Tensor], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The prompts' input embeddings (B, S, D) with the images placed, and their attention mask (B, S) (all ones
+    when the batch has none), on ``device``."""
+    ids = batch["input_ids"].to(device)
+    mask = batch.get("attention_mask")
+    mask = torch.ones_like(ids) if mask is None else mask.to(device)
+    images = batch.get("images")
+    seq_mask = batch.get("images_seq_mask")
+    crops = batch.get("images_spatial_crop")
+    if images is not None:
+        images, crops = images.to(device), crops.to(device)
+        seq_mask = seq_mask.to(device)
+    return model.prepare_inputs_embeds(ids, images, seq_mask, crops), mask

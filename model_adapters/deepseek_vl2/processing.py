@@ -246,6 +246,25 @@ class DeepseekVL2Processor:
         """
         if (conversation is None) == (prompt is None):
             raise ValueError("give exactly one of conversation and prompt")
+        turns, ends_with_answer, prompt, images = self._sample_turns(conversation, images, prompt, system_prompt)
+        ids, mask, tiles, crops, n_tokens = self._encode_turns(turns, images)
+        if inference and ends_with_answer:  # the official processor drops the closing eos for generation
+            ids, mask = ids[:-1], mask[:-1]
+        input_ids = torch.tensor(ids, dtype=torch.long)
+        seq_mask = torch.tensor(mask, dtype=torch.bool)
+        image_tensor, crop_tensor = self._image_tensors(tiles, crops)
+        target = None if inference else input_ids.masked_fill(seq_mask, -100)
+        return ProcessedSample(input_ids, image_tensor, crop_tensor, seq_mask, n_tokens, prompt, target)
+
+    def _sample_turns(
+        self,
+        conversation: Sequence[dict[str, Any]] | None,
+        images: Sequence[Image.Image] | None,
+        prompt: str | None,
+        system_prompt: str,
+    ) -> tuple[list[tuple[str, bool]], bool, str, list[Image.Image]]:
+        """The turns to tokenize (text, eos after it), whether the last one is an answer, the display prompt, and
+        the images in ``<image>`` order (``images`` first, then those inside the conversation's messages)."""
         if prompt is None:
             images = list(images or []) + [im for m in conversation for im in m.get("images", []) or []
                                            if not isinstance(im, str)]
@@ -257,7 +276,13 @@ class DeepseekVL2Processor:
             ends_with_answer = turns[-1][1]
         else:
             turns, ends_with_answer = [(prompt, True)], True
-        images = list(images or [])
+        return turns, ends_with_answer, prompt, list(images or [])
+
+    def _encode_turns(
+        self, turns: Sequence[tuple[str, bool]], images: Sequence[Image.Image]
+    ) -> tuple[list[int], list[bool], list[torch.Tensor], list[tuple[int, int]], list[int]]:
+        """bos, then each turn's tokens with every ``<image>`` tag replaced by its image's tokens, eos after each
+        answer. Returns the ids, the image-token mask, the tiles, the crop grids and the image tokens per image."""
         n_tags = sum(text.count(self.image_token) for text, _ in turns)
         if n_tags != len(images):
             raise ValueError(f"the text has {n_tags} {self.image_token} tags but {len(images)} images were given")
@@ -286,18 +311,16 @@ class DeepseekVL2Processor:
             if eos_after:
                 ids.append(self.tokenizer.eos_token_id)
                 mask.append(False)
-        if inference and ends_with_answer:  # the official processor drops the closing eos for generation
-            ids, mask = ids[:-1], mask[:-1]
-        input_ids = torch.tensor(ids, dtype=torch.long)
-        seq_mask = torch.tensor(mask, dtype=torch.bool)
+        return ids, mask, tiles, crops, n_tokens
+
+    def _image_tensors(
+        self, tiles: list[torch.Tensor], crops: list[tuple[int, int]]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The stacked tiles (n_tiles, 3, s, s) and crop grids (n_images, 2)."""
         if tiles:
-            image_tensor = torch.stack(tiles)
-            crop_tensor = torch.tensor(crops, dtype=torch.long)
-        else:  # text only: one zero tile and a (0, 0) crop grid, as the official processor returns
-            image_tensor = torch.zeros(1, 3, self.image_size, self.image_size)
-            crop_tensor = torch.zeros(1, 2, dtype=torch.long)
-        target = None if inference else input_ids.masked_fill(seq_mask, -100)
-        return ProcessedSample(input_ids, image_tensor, crop_tensor, seq_mask, n_tokens, prompt, target)
+            return torch.stack(tiles), torch.tensor(crops, dtype=torch.long)
+        # text only: one zero tile and a (0, 0) crop grid, as the official processor returns
+        return torch.zeros(1, 3, self.image_size, self.image_size), torch.zeros(1, 2, dtype=torch.long)
 
     # -- batches -----------------------------------------------------------------------------------------------------
     def collate(self, samples: Sequence[ProcessedSample]) -> dict[str, torch.Tensor]:
