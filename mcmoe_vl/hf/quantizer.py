@@ -59,6 +59,8 @@ def config_mismatches(manifest_config: dict, config: dict) -> list[str]:
     return out
 
 
+# Two class definitions inside a function so that transformers is imported only when a checkpoint is loaded; each
+# method is short, the length is the class bodies'.
 def _classes() -> tuple[type, type]:
     from transformers.quantizers.base import HfQuantizer
     from transformers.utils.quantization_config import QuantizationConfigMixin

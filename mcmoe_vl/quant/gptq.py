@@ -147,6 +147,7 @@ def _n_groups(c: int, g: int) -> int:
     return math.ceil(c / g)
 
 
+# One piece on purpose (83 lines): it follows the paper's Algorithm 1 step for step, so that it reads against it.
 @torch.no_grad()
 def gptq_quantize(
     w: torch.Tensor,
