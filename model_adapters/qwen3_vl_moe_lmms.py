@@ -1,6 +1,7 @@
 """The lmms-eval model of Qwen3-VL-MoE around an in-memory model and its processor.
 
-Imports lmms-eval; :func:`model_adapters.qwen3_vl_moe_processing.lmms_model` imports this module on first use.
+Imports lmms-eval; :meth:`model_adapters.qwen3_vl_moe.Qwen3VLMoeAdapter.lmms_model` imports this module on first
+use.
 
 - ``generate_until``: greedy decoding; ``until`` strings cut the text.
 - ``loglikelihood``: ``GenerationResult(text=(nll, is_greedy))`` per request, as lmms-eval 0.7.3's multiple-choice
@@ -17,7 +18,7 @@ from lmms_eval.api.model import lmms
 
 from mcmoe_vl.calibration.image_text import ImageTextSample
 
-from .qwen3_vl_moe_processing import Qwen3VLMoeProcessor
+from .qwen3_vl_moe import Qwen3VLMoeProcessor
 
 
 class Qwen3VLMoeLMMS(lmms):
