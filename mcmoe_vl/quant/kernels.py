@@ -148,7 +148,7 @@ def packed_matmul(x: torch.Tensor, p: PackedTensor, *, isa: Isa | str | None = N
 
 # Up to this many tokens the packed SIMD product beats dequantise + dense GEMM. Measured (benchmarks/
 # bench_kernels.py, 14336 x 4096, one thread, CPU time, against bf16 F.linear): float32 tokens 0.3x at 1 token,
-# 0.7x at 2, 1.3-2x at 4; bf16 tokens on AVX512-BF16 0.17-0.23x at 1, 0.5x at 2, 0.8-1.1x at 4, 1.4x at 8.
+# 0.7x at 2, 1.3-2x at 4; bf16 tokens on AVX512-BF16 0.15-0.24x at 1 (2026-12-02), 0.5x at 2, 0.8-1.1x at 4, 1.4x at 8.
 DECODE_MAX_TOKENS = 2
 DECODE_MAX_TOKENS_BF16 = 2
 # bfloat16 tokens on AVX512-BF16, above DECODE_MAX_TOKENS_BF16 and up to this many: the register-blocked product

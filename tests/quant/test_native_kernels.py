@@ -204,6 +204,23 @@ def test_bf16_tokens_match_the_float64_product(native_lib, bits, shape):
             _check_close(forced, x, p)
 
 
+@pytest.mark.parametrize("bits", [1, 2, 3, 4])
+@pytest.mark.parametrize("shape", [(33, 2304, 128), (9, 1024, 256)], ids=lambda s: "x".join(map(str, s)))
+def test_bf16_decode_of_whole_groups(native_lib, bits, shape):
+    """AVX512-BF16 decode when every group is whole (the row kernel with per-16-group scale vectors, and two rows
+    at a time at 1 bit): more than 16 groups, several blocks per group, an odd row count, zero points."""
+    if not _has_bf16(native_lib):
+        pytest.skip("the CPU has no AVX512-BF16")
+    r, c, gs = shape
+    for perm in (False, True):
+        p = _packed(bits, r, c, gs, perm=perm, seed=3)
+        for t in (1, 2, 3):
+            x = torch.randn(t, c).bfloat16()
+            y, used = kernels.packed_matmul(x, p, isa="avx512_bf16", return_isa=True)
+            assert used == Isa.AVX512_BF16
+            _check_close(y, x, p)
+
+
 def test_bf16_path_refuses_float_tokens(native_lib):
     p = _packed(2, 8, 256, 128)
     with pytest.raises(ValueError, match="bfloat16 tokens"):

@@ -68,10 +68,17 @@ static inline __attribute__((always_inline)) __m512i indices(__m512i v, const in
 static inline __attribute__((always_inline)) __m512i decode(const uint8_t *p, const int bits) {
     if (bits == 3) return load_words3(p);
     if (bits == 1) {
-        const __m256i b = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)p));
-        return _mm512_inserti64x4(_mm512_castsi256_si512(b), b, 1);
+        return _mm512_cvtepu8_epi16(_mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)p)));
     }
     return _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)p));
+}
+
+/* the small integer i as bfloat16 (exact) */
+static inline uint16_t int_bf16(int i) {
+    float f = (float)i;
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    return (uint16_t)(u >> 16);
 }
 
 static inline __attribute__((always_inline)) void rows_nt(const mq_mat *m, const uint16_t *x0, const float *xs0,
@@ -79,12 +86,7 @@ static inline __attribute__((always_inline)) void rows_nt(const mq_mat *m, const
                                                           const int NT) {
     const int B = block(bits), NP = passes(bits), G = mq_groups(m), C = m->C;
     uint16_t tab16[32];
-    for (int i = 0; i < 32; i++) {
-        float f = (float)(i & ((1 << bits) - 1));
-        uint32_t u;
-        memcpy(&u, &f, 4);
-        tab16[i] = (uint16_t)(u >> 16); /* small integers are exact in bfloat16 */
-    }
+    for (int i = 0; i < 32; i++) tab16[i] = int_bf16(i & ((1 << bits) - 1));
     const __m512i tab = _mm512_loadu_si512(tab16);
     for (int r = r0; r < r1; r++) {
         const uint8_t *qr = m->q + (size_t)r * m->row_bytes;
@@ -132,10 +134,93 @@ static inline __attribute__((always_inline)) void rows_nt(const mq_mat *m, const
     }
 }
 
+/* Scales of groups g0..g0+15 of row r (fewer at the row's end) as float32 (binary: s = 2 s1, z = 1/2) into *s16;
+ * zacc[t] += s z xs_t for these groups: the zero-point terms as vectors, subtracted once per row */
+static inline __attribute__((always_inline)) void group_scales(const mq_mat *m, const float *xs0, int r, int g0,
+                                                               __m512 *s16, __m512 *zacc, const int NT) {
+    const int G = mq_groups(m), n = G - g0 < 16 ? G - g0 : 16;
+    const __mmask16 mk = (__mmask16)((1u << n) - 1u);
+    const size_t gi = (size_t)r * G + g0;
+    const __m512 s1 = _mm512_cvtph_ps(_mm512_castsi512_si256(_mm512_maskz_loadu_epi16(mk, m->sc + gi)));
+    __m512 sz = s1;
+    *s16 = s1;
+    if (m->zr)
+        sz = _mm512_mul_ps(s1, _mm512_cvtph_ps(_mm512_castsi512_si256(_mm512_maskz_loadu_epi16(mk, m->zr + gi))));
+    else
+        *s16 = _mm512_add_ps(s1, s1);
+    for (int t = 0; t < NT; t++)
+        zacc[t] = _mm512_fmadd_ps(sz, _mm512_maskz_loadu_ps(mk, xs0 + (size_t)t * G + g0), zacc[t]);
+}
+
+/* rows_nt when every group is full (C a multiple of gs): no tail columns; the scales and zero-point terms of 16
+ * groups at a time as vectors, so a group costs its blocks and one multiply-add per token. RR rows at a time
+ * (2: one token at 1 bit, measured faster; slower at 2-4 bits) share the token loads and interleave their chains */
+static inline __attribute__((always_inline)) void rows_full_rr(const mq_mat *m, const uint16_t *x0,
+                                                               const float *xs0, float *y0, int ldy, int r,
+                                                               const __m512i tab, const int bits, const int NT,
+                                                               const int RR) {
+    const int B = block(bits), NP = passes(bits), G = mq_groups(m), C = m->C, nb = m->gs / B;
+    const uint8_t *qb = m->q + (size_t)r * m->row_bytes;
+    const uint16_t *xk = x0;
+    __m512 acc[2][2], zacc[2][2], s16[2];
+    for (int i = 0; i < RR; i++)
+        for (int t = 0; t < NT; t++) acc[i][t] = zacc[i][t] = _mm512_setzero_ps();
+    for (int g0 = 0; g0 < G; g0 += 16) {
+        for (int i = 0; i < RR; i++) group_scales(m, xs0, r + i, g0, &s16[i], zacc[i], NT);
+        for (int g = g0; g < G && g < g0 + 16; g++) {
+            __m512 part[2][2][2];
+            for (int i = 0; i < RR; i++)
+                for (int t = 0; t < NT; t++) part[i][t][0] = part[i][t][1] = _mm512_setzero_ps();
+            for (int j = 0; j < nb; j++, qb += B * bits / 8, xk += B) {
+                __m512i v[2];
+#pragma GCC unroll 2
+                for (int i = 0; i < RR; i++) v[i] = decode(qb + (size_t)i * m->row_bytes, bits);
+#pragma GCC unroll 4
+                for (int p = 0; p < NP; p++)
+#pragma GCC unroll 2
+                    for (int t = 0; t < NT; t++) {
+                        const __m512bh xv = (__m512bh)_mm512_loadu_si512(xk + (size_t)t * C + 32 * p);
+#pragma GCC unroll 2
+                        for (int i = 0; i < RR; i++)
+                            part[i][t][p & 1] = _mm512_dpbf16_ps(
+                                part[i][t][p & 1], (__m512bh)_mm512_permutexvar_epi16(indices(v[i], bits, p), tab),
+                                xv);
+                    }
+            }
+            for (int i = 0; i < RR; i++) {
+                const __m512 vs = _mm512_permutexvar_ps(_mm512_set1_epi32(g - g0), s16[i]);
+                for (int t = 0; t < NT; t++)
+                    acc[i][t] = _mm512_fmadd_ps(vs, _mm512_add_ps(part[i][t][0], part[i][t][1]), acc[i][t]);
+            }
+        }
+    }
+    for (int i = 0; i < RR; i++)
+        for (int t = 0; t < NT; t++)
+            y0[(size_t)t * ldy + r + i] = _mm512_reduce_add_ps(_mm512_sub_ps(acc[i][t], zacc[i][t]));
+}
+
+static inline __attribute__((always_inline)) void rows_full(const mq_mat *m, const uint16_t *x0, const float *xs0,
+                                                            float *y0, int ldy, int r0, int r1, const int bits,
+                                                            const int NT) {
+    uint16_t tab16[32];
+    for (int i = 0; i < 32; i++) tab16[i] = int_bf16(i & ((1 << bits) - 1));
+    const __m512i tab = _mm512_loadu_si512(tab16);
+    int r = r0;
+    for (; r + 2 <= r1 && NT == 1 && bits == 1; r += 2) rows_full_rr(m, x0, xs0, y0, ldy, r, tab, bits, NT, 2);
+    for (; r < r1; r++) rows_full_rr(m, x0, xs0, y0, ldy, r, tab, bits, NT, 1);
+}
+
 static inline __attribute__((always_inline)) void rows_bits(const mq_mat *m, const uint16_t *xp, const float *xs,
                                                             int T, float *y, int ldy, int r0, int r1,
                                                             const int bits) {
     const int G = mq_groups(m);
+    if (T <= 2 && m->C % m->gs == 0 && m->gs % block(bits) == 0) { /* decode (at 8 tokens it would spill) */
+        int t = 0;
+        for (; t + 2 <= T; t += 2)
+            rows_full(m, xp + (size_t)t * m->C, xs + (size_t)t * G, y + (size_t)t * ldy, ldy, r0, r1, bits, 2);
+        if (t < T) rows_full(m, xp + (size_t)t * m->C, xs + (size_t)t * G, y + (size_t)t * ldy, ldy, r0, r1, bits, 1);
+        return;
+    }
     int t = 0;
     for (; t + NT_MAX <= T; t += NT_MAX)
         rows_nt(m, xp + (size_t)t * m->C, xs + (size_t)t * G, y + (size_t)t * ldy, ldy, r0, r1, bits, NT_MAX);
