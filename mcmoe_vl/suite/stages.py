@@ -14,27 +14,30 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from mcmoe_vl.dtypes import DTYPES
-
 from mcmoe_vl.allocation.config import AllocationConfig
 from mcmoe_vl.allocation.plus import PlusConfig
+from mcmoe_vl.dtypes import DTYPES
 from mcmoe_vl.evaluation.compression import ODPInfo, OTPInfo, QuantAccounting
 from mcmoe_vl.pruning.odp import ODPConfig
 from mcmoe_vl.pruning.otp import OTPConfig
 from mcmoe_vl.quant.checkpoint import load_quantized as load_checkpoint, save_quantized
 from mcmoe_vl.quant.model import QuantizeConfig, quantize_model
-from mcmoe_vl.quant.plan import load_plan
+from mcmoe_vl.quant.plan import BitPlan, load_plan
 from mcmoe_vl.quant.qlinear import Runtime, set_runtime as switch_runtime
 
 from model_adapters.base import MoEAdapter
 
 from .recipe import PLUS_METHOD
 from .schema import CalibrationSpec, ModelSpec
+
+if TYPE_CHECKING:  # imported by the stages that use them (calibration and pruning load on first use)
+    from mcmoe_vl.calibration.stats import CalibrationStats
+    from mcmoe_vl.pruning.artifact import PruningArtifact
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +172,7 @@ def vlm_batches(adapter: MoEAdapter, processor: Any, samples: list[Any], batch_s
 
 # -- calibrate / allocate --------------------------------------------------------------------------------------------
 def calibrate(model: nn.Module, calib_batches: list[dict[str, Any]], spec: CalibrationSpec, *, group_size: int,
-              output: Path, model_name: str, model_fingerprint: Any, progress: bool) -> Any:
+              output: Path, model_name: str, model_fingerprint: Any, progress: bool) -> CalibrationStats:
     """Calibrate into ``output``, continuing a partial file of the same weights, data and settings; a partial
     file that cannot be continued (truncated, edited, other weights) is removed and the pass starts over."""
     from mcmoe_vl.calibration.calibrate import CalibrationConfig, ResumeError, calibrate as run
@@ -184,14 +187,14 @@ def calibrate(model: nn.Module, calib_batches: list[dict[str, Any]], spec: Calib
         return run(model, calib_batches, cfg, resume=False, **kw)
 
 
-def significance_plot(stats: Any, path: Path) -> Path:
+def significance_plot(stats: CalibrationStats, path: Path) -> Path:
     from mcmoe_vl.plots import significance_heatmaps
 
     return significance_heatmaps(stats, path)
 
 
-def allocate(stats: Any, allocation: AllocationConfig, plus: PlusConfig | None, *, plan_path: Path,
-             heatmap_path: Path, title: str, plus_data: Any = None, adapter: MoEAdapter | None = None) -> Any:
+def allocate(stats: CalibrationStats, allocation: AllocationConfig, plus: PlusConfig | None, *, plan_path: Path,
+             heatmap_path: Path, title: str, plus_data: Any = None, adapter: MoEAdapter | None = None) -> BitPlan:
     """The recipe's plan; ``pmq+`` also needs ``plus_data()`` -> (model, plan-building batches, selection batches)
     and the model's ``adapter``."""
     from mcmoe_vl.allocation.allocate import allocate as run
@@ -209,8 +212,8 @@ def allocate(stats: Any, allocation: AllocationConfig, plus: PlusConfig | None, 
     return plan
 
 
-def allocate_plus(stats: Any, allocation: AllocationConfig, plus: PlusConfig, plus_data: Any,
-                  adapter: MoEAdapter | None, *, stats_path: Path) -> Any:
+def allocate_plus(stats: CalibrationStats, allocation: AllocationConfig, plus: PlusConfig, plus_data: Any,
+                  adapter: MoEAdapter | None, *, stats_path: Path) -> BitPlan:
     """pmq+: eps re-measured with GPTQ (and the 1-bit refit) on the same data, then candidates chosen by loss."""
     from mcmoe_vl.allocation.plus import allocate_plus as run, build_candidates
     from mcmoe_vl.calibration.calibrate import CalibrationConfig, calibrate as measure
@@ -253,7 +256,7 @@ def load_quantized(model: nn.Module, ckpt_dir: Path, runtime: str, adapter: MoEA
 
 # -- prune -----------------------------------------------------------------------------------------------------------
 def fit_pruning(model: nn.Module, calib_batches: list[dict[str, Any]], config: ODPConfig | OTPConfig, *, out: Path,
-                progress: bool, adapter: MoEAdapter) -> Any:
+                progress: bool, adapter: MoEAdapter) -> PruningArtifact:
     """Fit ODP thresholds or train OTP predictors on ``model`` (original or quantized) with the recipe's config
     (:func:`mcmoe_vl.pruning.workflow.fit_pruning`) and save the artifact."""
     from mcmoe_vl.pruning.artifact import save_pruning
@@ -274,7 +277,7 @@ def original_counts(model: nn.Module, adapter: MoEAdapter) -> tuple[dict[int, in
     return routed_expert_params(iface), always_active_params(iface)
 
 
-def prune_summary(artifact: Any, config: ODPConfig | OTPConfig) -> ODPInfo | OTPInfo:
+def prune_summary(artifact: PruningArtifact, config: ODPConfig | OTPConfig) -> ODPInfo | OTPInfo:
     """Settings and fitted numbers of a pruning artifact for the compression block."""
     common = {"method": config.method, "prune_rate": config.prune_rate,
               "layers": list(config.layers) if config.layers is not None else None}
