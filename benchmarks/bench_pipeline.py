@@ -15,7 +15,6 @@ float32 model itself (one layer's 64 experts are 0.88 GB). Mixtral-8x7B's other 
 
 from __future__ import annotations
 
-from model_adapters import get_adapter
 import argparse
 import json
 import resource
@@ -43,6 +42,7 @@ def child(layers: int, seqs: int, seq_len: int, threads: int) -> dict:
     from mcmoe_vl.calibration.calibrate import CalibrationConfig, calibrate
     from mcmoe_vl.quant.checkpoint import load_quantized, save_quantized
     from mcmoe_vl.quant.model import QuantizeConfig, quantize_model
+    from model_adapters import get_adapter
     from model_adapters.deepseek_vl2.configuration import LanguageConfig, text_config_from_official
     from model_adapters.deepseek_vl2.modeling import build_language_model
 
@@ -68,9 +68,11 @@ def child(layers: int, seqs: int, seq_len: int, threads: int) -> dict:
     stats = stage("calibrate", lambda: calibrate(model, batches, CalibrationConfig(eps_bits=(1, 2, 3)),
                                                   progress=False))
     plan = stage("allocate", lambda: allocate(stats, AllocationConfig(target_bits=2.5)))
-    report = stage("quantize", lambda: quantize_model(model, plan, batches, QuantizeConfig(progress=False), adapter=get_adapter(model)))
+    report = stage("quantize", lambda: quantize_model(model, plan, batches, QuantizeConfig(progress=False),
+                                                      adapter=get_adapter(model)))
     with tempfile.TemporaryDirectory() as d:
-        stage("save", lambda: save_quantized(model, Path(d) / "q", plan=plan, report=report, adapter=get_adapter(model)))
+        stage("save", lambda: save_quantized(model, Path(d) / "q", plan=plan, report=report,
+                                             adapter=get_adapter(model)))
         out["bytes_on_disk"] = sum(f.stat().st_size for f in (Path(d) / "q").iterdir())
         # the port's language model is not a transformers class: load_quantized gets a skeleton (built in the stage)
         stage("load", lambda: load_quantized(Path(d) / "q", model=build_language_model(cfg).eval()))

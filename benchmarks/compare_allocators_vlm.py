@@ -105,8 +105,8 @@ def main() -> None:
                     log.info("seed %d target %g %s: unreachable (%s)", seed, target, row, exc)
                     continue
                 m = copy.deepcopy(model)
-                quantize_model(m, plan, fit, QuantizeConfig(runtime=Runtime.FAKE,
-                                                                                     progress=False), adapter=get_adapter(m))
+                quantize_model(m, plan, fit, QuantizeConfig(runtime=Runtime.FAKE, progress=False),
+                               adapter=get_adapter(m))
                 acc = accuracy(m, processor, rows)
                 rec = {"seed": seed, "target": target, "row": row, "exact_match": acc["mean"], "accuracy": acc,
                        "seconds": time.perf_counter() - t0, "chosen": (plan.selection or {}).get("chosen"),

@@ -106,7 +106,9 @@ def quantized(model, bits: int, method: str, fit, model_type: str, adapter=None)
     cfg = QuantizeConfig(runtime=Runtime.FAKE, progress=False, quantize_router=False,
                          min_tokens=10**12 if method == "rtn" else 16)
     t0 = time.perf_counter()
-    quantize_model(m, expert_plan(m, bits, model_type), fit, cfg, **({"adapter": adapter} if adapter else {}))
+    from model_adapters import get_adapter
+
+    quantize_model(m, expert_plan(m, bits, model_type), fit, cfg, adapter=adapter or get_adapter(m))
     return m, time.perf_counter() - t0
 
 

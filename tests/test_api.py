@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from model_adapters import get_adapter
 import sys
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import torch
 
 import mcmoe_vl
 from mcmoe_vl.quant.plan import BitPlan, PlanError
+from model_adapters import get_adapter
 
 ROOT = Path(__file__).resolve().parents[1]
 EMBEDDED = ROOT / "embedded" / "mixtral-tiny"
@@ -98,7 +98,8 @@ def test_every_plan_taking_function_takes_the_plan_as_it_is(tmp_path):
     bp.save(tmp_path / "plan.json")
     assert _given_plan(str(tmp_path / "plan.json")) == bp
     model = tiny_mixtral_q(dtype=torch.bfloat16)
-    report = quantize_model(model, bp, batches(1), QuantizeConfig(progress=False, min_tokens=0), adapter=get_adapter(model))
+    report = quantize_model(model, bp, batches(1), QuantizeConfig(progress=False, min_tokens=0),
+                            adapter=get_adapter(model))
     save_quantized(model, tmp_path / "q", plan=bp, report=report, adapter=get_adapter(model))
     assert read_manifest(tmp_path / "q").plan == bp  # the plan travels with the checkpoint unchanged
     with pytest.raises(PlanError, match="a plan must be a BitPlan"):

@@ -114,7 +114,8 @@ def test_eval_and_export_help_examples_run(tmp_path, monkeypatch, capsys):
     vlm, _ = load_embedded_vlm(dtype=torch.bfloat16)
     layers = {la.index: la.num_experts for la in get_adapter(vlm).moe_layers(vlm)}
     vplan = BitPlan.from_experts({i: [2] * n for i, n in layers.items()}, model_type="deepseek_vl_v2")
-    report = quantize_model(vlm, vplan, [{"input_ids": ids[:1]}], QuantizeConfig(progress=False, min_tokens=1), adapter=get_adapter(vlm))
+    report = quantize_model(vlm, vplan, [{"input_ids": ids[:1]}], QuantizeConfig(progress=False, min_tokens=1),
+                            adapter=get_adapter(vlm))
     save_quantized(vlm, "runs/vl2-q", plan=vplan, report=report, adapter=get_adapter(vlm))
     ran = 0
     for name in ("eval", "export"):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from model_adapters import get_adapter
 import json
 import re
 import sys
@@ -27,12 +26,15 @@ from mcmoe_vl.quant.qlinear import QuantExperts, QuantLinear  # noqa: E402
 sys.path.insert(0, str(Path(__file__).parent / "quant"))
 from tiny import batches, tiny_mixtral_q  # noqa: E402
 
+from model_adapters import get_adapter  # noqa: E402
+
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory) -> Path:
     model = tiny_mixtral_q(dtype=torch.bfloat16)
     plan = BitPlan.from_experts({0: [2, 3, 1, 4], 1: [1, 2, 16, 3]}, model_type="mixtral")
-    report = quantize_model(model, plan, batches(2), QuantizeConfig(progress=False, min_tokens=1), adapter=get_adapter(model))
+    report = quantize_model(model, plan, batches(2), QuantizeConfig(progress=False, min_tokens=1),
+                            adapter=get_adapter(model))
     out = tmp_path_factory.mktemp("ct") / "q"
     save_quantized(model, out, plan=plan, report=report, adapter=get_adapter(model))
     return out
@@ -89,7 +91,8 @@ def test_act_order_and_own_directory_are_refused(ckpt, tmp_path):
         export_compressed_tensors(ckpt, ckpt)
     model = tiny_mixtral_q(dtype=torch.bfloat16)
     plan = BitPlan.from_experts({0: [2] * 4, 1: [2] * 4}, model_type="mixtral")
-    report = quantize_model(model, plan, batches(2), QuantizeConfig(progress=False, min_tokens=1, act_order=True), adapter=get_adapter(model))
+    report = quantize_model(model, plan, batches(2), QuantizeConfig(progress=False, min_tokens=1, act_order=True),
+                            adapter=get_adapter(model))
     save_quantized(model, tmp_path / "ao", plan=plan, report=report, adapter=get_adapter(model))
     with pytest.raises(ExportError, match="act-order"):
         export_compressed_tensors(tmp_path / "ao", tmp_path / "ao-ct")

@@ -3,7 +3,6 @@ bit stream, the same layout GPTQ uses) give exactly the weights the compressed m
 
 from __future__ import annotations
 
-from model_adapters import get_adapter
 import json
 import re
 import sys
@@ -21,6 +20,7 @@ from mcmoe_vl.export.gptq import pack_bitstream  # noqa: E402
 from mcmoe_vl.quant.checkpoint import load_quantized, save_quantized  # noqa: E402
 from mcmoe_vl.quant.model import QuantizeConfig, quantize_model  # noqa: E402
 from mcmoe_vl.quant.plan import BitPlan  # noqa: E402
+from model_adapters import get_adapter  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_export_compressed_tensors import _reference_weights  # noqa: E402
@@ -48,7 +48,8 @@ def test_bitstream_matches_an_independent_unpacker(bits):
 def test_gptq_export_reads_back_exactly(tmp_path, capsys):
     model = tiny_mixtral_q(dtype=torch.bfloat16)
     plan = BitPlan.from_experts({0: [2, 3, 1, 4], 1: [1, 2, 16, 3]}, model_type="mixtral")
-    report = quantize_model(model, plan, batches(2), QuantizeConfig(progress=False, min_tokens=1), adapter=get_adapter(model))
+    report = quantize_model(model, plan, batches(2), QuantizeConfig(progress=False, min_tokens=1),
+                            adapter=get_adapter(model))
     save_quantized(model, tmp_path / "q", plan=plan, report=report, adapter=get_adapter(model))
     out = tmp_path / "gptq"
     assert main(["export", str(tmp_path / "q"), "--format", "gptq", "-o", str(out)]) == 0

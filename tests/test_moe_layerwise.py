@@ -10,7 +10,6 @@ The layer step also replays what an adapter says the model's forward adds betwee
 
 from __future__ import annotations
 
-from model_adapters import get_adapter
 import pytest
 import torch
 from tiny_models import tiny_mixtral
@@ -21,7 +20,7 @@ from mcmoe_vl.pruning.odp import ODPConfig, fit_odp
 from mcmoe_vl.pruning.otp import OTPConfig, train_otp
 from mcmoe_vl.quant.model import QuantizeConfig, quantize_model
 from mcmoe_vl.quant.plan import BitPlan
-from model_adapters import expert_interface
+from model_adapters import expert_interface, get_adapter
 
 E, K, PAD = 4, 2, 6
 

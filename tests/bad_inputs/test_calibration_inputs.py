@@ -4,7 +4,6 @@ and leaves no file a later run would trust."""
 
 from __future__ import annotations
 
-from model_adapters import get_adapter
 import json
 import logging
 from pathlib import Path
@@ -19,6 +18,7 @@ from mcmoe_vl.calibration.calibrate import CalibrationConfig, ResumeError, calib
 from mcmoe_vl.calibration.stats import load_stats
 from mcmoe_vl.calibration.workflow import CalibrationRun, calibrate_files
 from mcmoe_vl.moe.checks import NonFiniteWeightError
+from model_adapters import get_adapter
 
 CFG = CalibrationConfig(eps_bits=(1, 2), min_tokens=1)
 
@@ -195,7 +195,8 @@ def test_min_tokens_zero_message(caplog):
     plan = BitPlan.uniform({0: 8, 1: 8}, 2, group_size=16)
     one_token = [{"input_ids": torch.tensor([[5]])}]  # top-2 of 8: most experts see no token
     with caplog.at_level(logging.WARNING):
-        report = quantize_model(model, plan, one_token, QuantizeConfig(progress=False, min_tokens=0), adapter=get_adapter(model))
+        report = quantize_model(model, plan, one_token, QuantizeConfig(progress=False, min_tokens=0),
+                                adapter=get_adapter(model))
     assert report.starved  # the fallback did happen
     assert "had no calibration token" in caplog.text and "fewer than 0" not in caplog.text
 

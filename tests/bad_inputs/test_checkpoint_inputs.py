@@ -1,7 +1,6 @@
 """Bad inputs around compressed checkpoints: each is refused with a clear error before any work, or handled by a
 declared fallback, and never leaves a file a later run would trust."""
 
-from model_adapters import get_adapter
 import hashlib
 import json
 import logging
@@ -18,6 +17,7 @@ from mcmoe_vl.cli import main
 from mcmoe_vl.quant.checkpoint import (MANIFEST_FILE, TENSOR_FILE, CheckpointError, load_quantized, read_manifest,
                                        save_quantized)
 from mcmoe_vl.quant.plan import BitPlan
+from model_adapters import get_adapter
 
 ROOT = Path(__file__).resolve().parents[2]
 EMBEDDED = ROOT / "embedded" / "mixtral-tiny"

@@ -6,12 +6,12 @@ quantized weights and the per-expert token counts.
 
 from __future__ import annotations
 
-from model_adapters import get_adapter
 import torch
 from tiny import tiny_mixtral_q
 
 from mcmoe_vl.quant.model import QuantizeConfig, quantize_model
 from mcmoe_vl.quant.plan import BitPlan
+from model_adapters import get_adapter
 
 PAD = 8
 LAYER = 0  # layer 0: its inputs are the embeddings, equal for the real tokens whatever the padding
@@ -20,7 +20,8 @@ LAYER = 0  # layer 0: its inputs are the embeddings, equal for the real tokens w
 def _quantize(batch):
     model = tiny_mixtral_q(seed=3, experts=4, layers=2)
     plan = BitPlan.uniform({0: 4, 1: 4}, 2, group_size=128)
-    report = quantize_model(model, plan, [batch], QuantizeConfig(progress=False, min_tokens=0), adapter=get_adapter(model))
+    report = quantize_model(model, plan, [batch], QuantizeConfig(progress=False, min_tokens=0),
+                            adapter=get_adapter(model))
     layer = model.model.layers[LAYER]
     weights = {
         "q_proj": layer.self_attn.q_proj.weight(torch.float32),

@@ -28,7 +28,8 @@ def quantized(tmp_path_factory):
                                 model_type="deepseek_vl_v2")
     g = torch.Generator().manual_seed(0)
     batches = [{"input_ids": torch.randint(0, 200, (1, 48), generator=g)} for _ in range(2)]
-    report = quantize_model(model, plan, batches, QuantizeConfig(progress=False, min_tokens=1), adapter=get_adapter(model))
+    report = quantize_model(model, plan, batches, QuantizeConfig(progress=False, min_tokens=1),
+                            adapter=get_adapter(model))
     out = tmp_path_factory.mktemp("vl2") / "q"
     save_quantized(model, out, plan=plan, report=report, adapter=get_adapter(model))
     return model, out

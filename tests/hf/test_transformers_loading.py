@@ -1,6 +1,5 @@
 """A compressed checkpoint is a Hugging Face model directory: transformers loads it, strictly and bit-exactly."""
 
-from model_adapters import get_adapter
 import json
 import os
 import shutil
@@ -16,6 +15,7 @@ from mcmoe_vl.quant.checkpoint import (MANIFEST_FILE, TENSOR_FILE, CheckpointErr
                                        seal_manifest)
 from mcmoe_vl.quant.model import QuantizeConfig, quantize_model
 from mcmoe_vl.quant.plan import BitPlan
+from model_adapters import get_adapter
 
 EMBEDDED = Path(__file__).resolve().parents[2] / "embedded" / "mixtral-tiny"
 
@@ -30,9 +30,11 @@ def ckpt(tmp_path_factory) -> Path:
     model = load_model(EMBEDDED, dtype=torch.bfloat16)
     plan = BitPlan.from_experts({i: [2, 3, 1, 2, 2, 3, 2, 1] for i in range(4)}, model_type="mixtral")
     batches = [{"input_ids": row[None]} for row in _ids(2, 64, seed=1)]
-    report = quantize_model(model, plan, batches, QuantizeConfig(progress=False, min_tokens=1), adapter=get_adapter(model))
+    report = quantize_model(model, plan, batches, QuantizeConfig(progress=False, min_tokens=1),
+                            adapter=get_adapter(model))
     out = tmp_path_factory.mktemp("hf") / "q"
-    save_quantized(model, out, plan=plan, report=report, adapter=get_adapter(model))  # source directory: config._name_or_path
+    save_quantized(model, out, plan=plan, report=report,
+                   adapter=get_adapter(model))  # source directory: config._name_or_path
     return out
 
 

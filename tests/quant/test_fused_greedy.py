@@ -55,7 +55,8 @@ def test_mixtral_tiny_packed_simd_greedy_equals_fake(native_lib, tmp_path, dtype
     model, tok = load_embedded_mixtral(dtype=dtype)
     calib = [{"input_ids": torch.tensor([tok(p * 4)["input_ids"][:64]])} for p in PROMPTS]
     plan = _plan(model)
-    report = quantize_model(model, plan, calib, QuantizeConfig(progress=False, min_tokens=4), adapter=get_adapter(model))
+    report = quantize_model(model, plan, calib, QuantizeConfig(progress=False, min_tokens=4),
+                            adapter=get_adapter(model))
     save_quantized(model, tmp_path, plan=plan, report=report, adapter=get_adapter(model))
     packed = load_quantized(tmp_path, runtime=Runtime.PACKED, kernel=Kernel.SIMD)
     fake = load_quantized(tmp_path, runtime=Runtime.FAKE)
@@ -91,7 +92,8 @@ def test_deepseek_vl2_tiny_packed_simd_greedy_equals_fake(native_lib):
     model, proc = load_embedded_vlm()
     tok = proc.tokenizer
     calib = [{"input_ids": torch.tensor([tok(p * 4)["input_ids"][:48]])} for p in PROMPTS]
-    quantize_model(model, _plan(model, gs=32), calib, QuantizeConfig(progress=False, min_tokens=4), adapter=get_adapter(model))
+    quantize_model(model, _plan(model, gs=32), calib, QuantizeConfig(progress=False, min_tokens=4),
+                   adapter=get_adapter(model))
     with torch.no_grad():
         for p in PROMPTS[:2]:
             ids = torch.tensor([tok(p)["input_ids"]])

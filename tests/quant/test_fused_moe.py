@@ -93,7 +93,8 @@ def test_fused_model_equals_dispatch_with_pruning(native_lib, family):
     model, gs = _tiny(family)
     layers = {la.index: la.num_experts for la in get_adapter(model).moe_layers(model)}
     plan = BitPlan.from_experts({i: [(1, 2, 3, 4)[e % 4] for e in range(n)] for i, n in layers.items()}, group_size=gs)
-    quantize_model(model, plan, batches(1, seq=8), QuantizeConfig(progress=False, min_tokens=10**9), adapter=get_adapter(model))  # RTN: fast
+    quantize_model(model, plan, batches(1, seq=8), QuantizeConfig(progress=False, min_tokens=10**9),
+                   adapter=get_adapter(model))  # RTN: fast
     ids = batches(1, seq=12, seed=3)[0]["input_ids"]
     calls = []
 

@@ -150,7 +150,8 @@ def test_two_bit_plan_costs_2_25_bits_on_disk(tmp_path):
     torch.set_num_threads(1)
     model = tiny_mixtral_q(dtype=torch.bfloat16)
     plan = BitPlan.uniform({0: 4, 1: 4}, 2)
-    report = quantize_model(model, plan, batches(1), QuantizeConfig(progress=False, min_tokens=0), adapter=get_adapter(model))
+    report = quantize_model(model, plan, batches(1), QuantizeConfig(progress=False, min_tokens=0),
+                            adapter=get_adapter(model))
     acc = save_quantized(model, tmp_path, plan=plan, report=report, adapter=get_adapter(model))
     assert acc.effective_bits_experts == pytest.approx(2.25)  # 2 + (16 + 16) / 128, not 16 with a label
     assert acc.nominal_bits == pytest.approx(nominal_bits([(2 * 4 * 3 * 128 * 256, 2), (2 * 2 * 128 * (128 + 64), 4)]))
@@ -242,7 +243,8 @@ def test_other_families_quantize_save_and_load(family, tmp_path):
     layers = {la.index: la.num_experts for la in get_adapter(model).moe_layers(model)}
     plan = BitPlan.uniform(layers, 2, group_size=16)
     ids = torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(0))
-    report = quantize_model(model, plan, [{"input_ids": ids}], QuantizeConfig(progress=False, min_tokens=2), adapter=get_adapter(model))
+    report = quantize_model(model, plan, [{"input_ids": ids}], QuantizeConfig(progress=False, min_tokens=2),
+                            adapter=get_adapter(model))
     assert len(report.layers) == len(layers) and report.routers
     assert all(b == 4 for b in report.modules.values())  # attention, dense MLPs, shared experts: default 4 bits
     save_quantized(model, tmp_path, plan=plan, report=report, adapter=get_adapter(model))

@@ -1,6 +1,5 @@
 """The 1-bit scale refit: Hessian-weighted least squares for GPTQ's fixed signs."""
 
-from model_adapters import get_adapter
 import itertools
 
 import numpy as np
@@ -10,6 +9,8 @@ import torch
 from mcmoe_vl.quant.gptq import gptq_quantize, hessian_from_inputs, output_error, prepare_inverse
 from mcmoe_vl.quant.quantizer import BinaryQuantizer, get_quantizer, refit_binary_scales, weighted_error
 from tiny import correlated
+
+from model_adapters import get_adapter
 
 
 def _brute_force(w: np.ndarray, b: np.ndarray, h: np.ndarray, g: int, grid: np.ndarray) -> np.ndarray:
@@ -108,7 +109,8 @@ def test_engine_follows_the_plans_refit_unless_told():
     def one_bit_expert(plan_refit: bool, cfg_refit: bool | None):
         model = tiny_mixtral_q()
         plan = BitPlan.from_experts(experts, refit_1bit=plan_refit)
-        quantize_model(model, plan, batches(2), QuantizeConfig(progress=False, min_tokens=0, refit_1bit=cfg_refit), adapter=get_adapter(model))
+        quantize_model(model, plan, batches(2), QuantizeConfig(progress=False, min_tokens=0, refit_1bit=cfg_refit),
+                       adapter=get_adapter(model))
         return model.model.layers[0].mlp.experts.experts[0].gate_up.packed
 
     paper, refit, forced_off = one_bit_expert(False, None), one_bit_expert(True, None), one_bit_expert(True, False)
