@@ -44,6 +44,13 @@ PRUNE_CONFIGS: dict[str, type[BaseModel]] = {PruningMethod.ODP.value: ODPConfig,
 PLUS_METHOD = "pmq+"
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._+()\-]*$")
+
+
+def check_name(value: str, what: str) -> str:
+    """A suite, model or recipe name (``what``): letters, digits, space and ._+()-, starting with a letter or digit."""
+    if not NAME_PATTERN.match(value):
+        raise ValueError(f"{what} names use letters, digits, space and ._+()-, got {value!r}")
+    return value
 _QUANT_TABLES = ("allocation", "gptq", "plus")
 # keys of the suite format before the recipe embedded AllocationConfig -> their name now
 _FORMER = {"allocator": "method", "bit_set": "bits"}
@@ -158,9 +165,7 @@ class RecipeSpec(BaseModel):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        if not NAME_PATTERN.match(v):
-            raise ValueError(f"recipe names use letters, digits, space and ._+()-, got {v!r}")
-        return v
+        return check_name(v, "recipe")
 
     @field_validator("prune", mode="before")
     @classmethod

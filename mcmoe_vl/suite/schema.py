@@ -50,7 +50,7 @@ from mcmoe_vl.io import slug  # noqa: F401  (file-system names of models and rec
 from mcmoe_vl.quant.qlinear import Runtime
 from mcmoe_vl.quant.widths import check_widths
 
-from .recipe import NAME_PATTERN, PruneConfig, QuantRecipe, RecipeSpec  # noqa: F401  (recipes: re-exported)
+from .recipe import NAME_PATTERN, PruneConfig, QuantRecipe, RecipeSpec, check_name  # noqa: F401  (re-exported)
 
 SUITE_FORMAT_VERSION = 2  # 2: recipes embed the library's configs (quant: method / target_bits / bits)
 
@@ -93,9 +93,7 @@ class ModelSpec(_Strict):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        if not NAME_PATTERN.match(v):
-            raise ValueError(f"model names use letters, digits, space and ._+()-, got {v!r}")
-        return v
+        return check_name(v, "model")
 
     @field_validator("dtype")
     @classmethod
@@ -232,9 +230,7 @@ class Suite(_Strict):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        if not NAME_PATTERN.match(v):
-            raise ValueError(f"suite names use letters, digits, space and ._+()-, got {v!r}")
-        return v
+        return check_name(v, "suite")
 
     @field_validator("format_version")
     @classmethod

@@ -322,10 +322,10 @@ def load_compressed(path: str | Path, *, device: str | torch.device = "cpu", app
     _set_attn(cfg, attn_implementation or man.attn_implementation or "sdpa")
     with init_empty_weights(include_buffers=False):
         skeleton = DeepseekVL2ForCausalLM(cfg).to(getattr(torch, man.dtype))
-    from model_adapters import get_adapter
+    from .adapter import DeepseekVL2Adapter
 
     model = load_quantized(path, model=skeleton.eval(), runtime=Runtime(runtime),
-                           adapter=get_adapter(man.adapter or man.model_type)).to(device)
+                           adapter=DeepseekVL2Adapter()).to(device)
     model.config._name_or_path = str(path)
     model.mcmoe_pruning = apply_saved_pruning(model, path / PRUNING_FILE) if apply_pruning else None
     return model
