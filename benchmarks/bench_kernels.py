@@ -103,6 +103,8 @@ def bench_matrix(r: int, c: int, repeat: int) -> None:
             for isa in paths:  # float32 tokens
                 st = stats(lambda: kernels.packed_matmul(x, p, isa=isa), repeat)
                 print(f"| {t} | native {isa.name.lower()} (float32 tokens) | {bits} | {fmt(st, base)} |")
+            if bits == 1 and t <= 2:
+                lut_off(p, x, xb, t, bf16, paths, base, repeat)
     x = torch.randn(128, c, generator=g).bfloat16()
     base = stats(lambda: F.linear(x, dense), max(5, repeat // 4))
     print(f"| 128 | dense bf16 F.linear | 16 | {fmt(base, base)} |")
@@ -112,6 +114,21 @@ def bench_matrix(r: int, c: int, repeat: int) -> None:
             lin = QuantLinear(random_packed(bits, r, c, g), dtype=torch.bfloat16, kernel=kern)
             st = stats(lambda: lin(x), max(5, repeat // 4))
             print(f"| 128 | {label} | {bits} | {fmt(st, base)} |")
+
+
+def lut_off(p, x, xb, t, bf16, paths, base, repeat) -> None:
+    """1-bit decode with the table-lookup kernel switched off: the kernels it replaces, in the same run."""
+    kernels.set_lut1(False)
+    try:
+        if bf16:
+            st = stats(lambda: kernels.packed_matmul(xb, p, isa="avx512_bf16"), repeat)
+            print(f"| {t} | native avx512_bf16 (bf16 tokens), table lookup off: bf16 dot products | 1 | "
+                  f"{fmt(st, base)} |")
+        if native.Isa.AVX512 in paths:
+            st = stats(lambda: kernels.packed_matmul(x, p, isa="avx512"), repeat)
+            print(f"| {t} | native avx512 (float32 tokens), table lookup off: bit planes | 1 | {fmt(st, base)} |")
+    finally:
+        kernels.set_lut1(True)
 
 
 def dense_moe(gu: torch.Tensor, down: torch.Tensor, shared, x, idx, w):

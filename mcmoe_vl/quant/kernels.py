@@ -6,6 +6,9 @@
   tokens on AVX512-BF16: codes looked up as bfloat16 integers and multiplied by ``vdpbf16ps``) and multiplied with
   the token, which is arranged once per call into the lanes' column order. It reads 1-4 bits per
   weight and agrees with the dequantise-then-matmul product to float32 round-off (not bitwise: summation order).
+  At 1 bit with whole groups of a multiple of 128 columns, one or two tokens on AVX-512 (float32 or bfloat16)
+  run a table lookup instead (``csrc/mq_lut1.c``): per token the 16 partial sums of every 4 columns, one
+  ``vpermps`` per 16 rows x 4 columns (:func:`set_lut1` switches it off, for comparisons).
 - :func:`blocked_matmul`: bfloat16 tokens on AVX512-BF16, a few to a few dozen: tiles of 4 rows x 4 tokens with
   the weights dequantised in registers by a per-(row, group) bfloat16 table lookup, ``vdpbf16ps`` products.
 - :func:`cpu_matmul`: what ``Kernel.SIMD`` runs on the CPU: :func:`packed_matmul` up to ``DECODE_MAX_TOKENS``
@@ -54,6 +57,22 @@ def supports(p: PackedTensor) -> bool:
     """Whether the native kernels read ``p`` (one 2-D matrix with float16 scales and zeros)."""
     return (len(p.meta.shape) == 2 and p.scale.dtype == torch.float16
             and (p.zero is None or p.zero.dtype == torch.float16))
+
+
+def set_lut1(enabled: bool) -> bool:
+    """Switch the 1-bit table-lookup decode kernel on or off (process-wide); returns the previous setting.
+
+    Off, 1-bit decode runs the bit-plane (float32 tokens) or bf16 dot-product kernels like the other widths. The
+    kernel exists on x86 builds only; elsewhere this returns False and changes nothing.
+    """
+    lib = _need_lib()
+    try:
+        flag = ctypes.c_int.in_dll(lib, "mq_lut1_on")
+    except ValueError:
+        return False
+    old = bool(flag.value)
+    flag.value = int(bool(enabled))
+    return old
 
 
 def _check(p: PackedTensor) -> None:

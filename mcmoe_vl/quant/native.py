@@ -48,6 +48,7 @@ SOURCES: dict[str, list[str]] = {
     "mq_moe.c": [],
     "mq_dequant_lut.c": [],
     **({"mq_avx2.c": ["-mavx2", "-mfma", "-mf16c"], "mq_avx512.c": ["-mavx512f", "-mavx512bw", "-mf16c"],
+        "mq_lut1.c": ["-mavx512f", "-mavx512bw", "-mf16c"],
         "mq_avx512bf16.c": ["-mavx512f", "-mavx512bw", "-mavx512bf16", "-mf16c"]} if _X86 else {}),
 }
 # a source the compiler may not know how to build (an older gcc / clang) -> its stand-in

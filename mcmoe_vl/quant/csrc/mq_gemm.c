@@ -57,10 +57,66 @@ void mq_prepare_token(const mq_mat *m, int isa, const float *x, float *xp, float
     }
 }
 
+/* -- 1-bit decode by table lookup on AVX-512 (mq_lut1.c) ------------------------------------------------------ */
+#if defined(__x86_64__) || defined(__i386__)
+int mq_lut1_ok(const mq_mat *m);
+size_t mq_lut1_floats(const mq_mat *m);
+void mq_lut1_prepare(const mq_mat *m, const float *x, float *buf);
+void mq_rows_lut1(const mq_mat *m, const float *buf, int T, float *y, int ldy, int r0, int r1);
+
+int mq_use_lut1(const mq_mat *m, int isa, int T) { return isa == MQ_AVX512 && T <= 2 && mq_lut1_ok(m); }
+
+static float bf2f_(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+/* y = x W^T for T <= 2 float32 tokens x, or bfloat16 tokens xb. Returns 0 or -2 (out of memory). */
+static int gemm_lut1(const mq_mat *m, const float *x, const uint16_t *xb, int T, float *y, int ldy, int nthreads) {
+    const size_t n = mq_lut1_floats(m);
+    float *buf = (float *)malloc(sizeof(float) * n * T), *tmp = xb ? (float *)malloc(sizeof(float) * m->C) : NULL;
+    if (!buf || (xb && !tmp)) {
+        free(buf);
+        free(tmp);
+        return -2;
+    }
+    for (int t = 0; t < T; t++) {
+        if (xb)
+            for (int k = 0; k < m->C; k++) tmp[k] = bf2f_(xb[(size_t)t * m->C + k]);
+        mq_lut1_prepare(m, xb ? tmp : x + (size_t)t * m->C, buf + n * t);
+    }
+    const int nt = mq_threads_for((double)m->R * m->C * T, nthreads);
+    const int RB = 16, nblk = (m->R + RB - 1) / RB;
+#pragma omp parallel for schedule(dynamic, 8) num_threads(nt) if (nt > 1)
+    for (int b = 0; b < nblk; b++) {
+        int r0 = b * RB, r1 = r0 + RB < m->R ? r0 + RB : m->R;
+        mq_rows_lut1(m, buf, T, y, ldy, r0, r1);
+    }
+    free(buf);
+    free(tmp);
+    return 0;
+}
+#else
+int mq_use_lut1(const mq_mat *m, int isa, int T) {
+    (void)m; (void)isa; (void)T;
+    return 0;
+}
+static int gemm_lut1(const mq_mat *m, const float *x, const uint16_t *xb, int T, float *y, int ldy, int nthreads) {
+    (void)m; (void)x; (void)xb; (void)T; (void)y; (void)ldy; (void)nthreads;
+    return -1;
+}
+#endif
+
 /* y (T, ldy) rows [0, R) = x (T, C) W^T. Returns the path used, or -1 (path unsupported), -2 (out of memory). */
 int mq_gemm(const mq_mat *m, const float *x, int T, float *y, int ldy, int isa, int nthreads) {
     isa = mq_resolve_isa(m, isa);
     if (isa < 0) return -1;
+    if (mq_use_lut1(m, isa, T)) {
+        const int rc = gemm_lut1(m, x, NULL, T, y, ldy, nthreads);
+        return rc < 0 ? rc : isa;
+    }
     const int G = mq_groups(m);
     float *xp = (float *)malloc(sizeof(float) * (size_t)T * m->C), *xs = (float *)malloc(sizeof(float) * (size_t)T * G);
     if (!xp || !xs) {
@@ -176,6 +232,7 @@ int mq_gemm_bf16(const mq_mat *m, const uint16_t *x, int T, float *y, int ldy, i
     if (!mq_cpu_bf16()) return -1;
     const int C = m->C, G = mq_groups(m);
     if (m->gs % mq_bf16_block(m->bits)) return -4;
+    if (mq_use_lut1(m, MQ_AVX512, T)) return gemm_lut1(m, NULL, x, T, y, ldy, nthreads);
     uint16_t *xp = (uint16_t *)malloc(sizeof(uint16_t) * ((size_t)T * C + 1));
     uint16_t *nat = (uint16_t *)malloc(sizeof(uint16_t) * ((size_t)C + 1));
     float *xs = (float *)malloc(sizeof(float) * ((size_t)T * G + 1));

@@ -21,10 +21,15 @@ typedef struct {
 typedef struct {
     const mq_mat *m;
     int isa, T, ldy;
-    float *xp, *xs, *y; /* xp holds bfloat16 tokens (uint16) when isa == ISA_BF16 */
+    float *xp, *xs, *y; /* xp holds bfloat16 tokens (uint16) when isa == ISA_BF16, tables when ISA_LUT1 */
 } job;
 
 #define ISA_BF16 3
+#define ISA_LUT1 4 /* 1-bit decode by table lookup (mq_lut1.c) */
+int mq_use_lut1(const mq_mat *m, int isa, int T);
+size_t mq_lut1_floats(const mq_mat *m);
+void mq_lut1_prepare(const mq_mat *m, const float *x, float *buf);
+void mq_rows_lut1(const mq_mat *m, const float *buf, int T, float *y, int ldy, int r0, int r1);
 int mq_resolve_isa(const mq_mat *m, int isa);
 void mq_prepare_token(const mq_mat *m, int isa, const float *x, float *xp, float *xs);
 int mq_cpu_bf16(void);
@@ -52,12 +57,41 @@ static void run_jobs(job *jobs, int nj, int nthreads) {
         while (start[j + 1] <= b) j++;
         const job *jb = &jobs[j];
         int r0 = (b - start[j]) * RB, r1 = r0 + RB < jb->m->R ? r0 + RB : jb->m->R;
-        if (jb->isa == ISA_BF16)
+        if (jb->isa == ISA_LUT1)
+            mq_rows_lut1(jb->m, jb->xp, jb->T, jb->y, jb->ldy, r0, r1);
+        else if (jb->isa == ISA_BF16)
             mq_rows_bf16(jb->m, (const uint16_t *)jb->xp, jb->xs, jb->T, jb->y, jb->ldy, r0, r1);
         else
             mq_rows_for(jb->isa)(jb->m, jb->xp, jb->xs, jb->T, jb->y, jb->ldy, r0, r1);
     }
     free(start);
+}
+
+static float bf_round(float f) { /* f rounded to bfloat16, as a float */
+    uint32_t u = (uint32_t)f2bf(f) << 16;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+/* 1-bit decode (T <= 2 on AVX-512): the token tables; tokens rounded to bfloat16 first when bf16 */
+static int prepare_lut1(job *jb, const mq_mat *m, int bf16, const float *x, int ldx, const int32_t *tok, int T) {
+    const size_t n = mq_lut1_floats(m);
+    jb->isa = ISA_LUT1;
+    jb->xp = (float *)malloc(sizeof(float) * n * T);
+    jb->xs = NULL;
+    float *row = bf16 ? (float *)malloc(sizeof(float) * m->C) : NULL;
+    if (!jb->xp || (bf16 && !row)) {
+        free(row);
+        return -2;
+    }
+    for (int t = 0; t < T; t++) {
+        const float *xt = x + (size_t)(tok ? tok[t] : t) * ldx;
+        if (bf16)
+            for (int k = 0; k < m->C; k++) row[k] = bf_round(xt[k]);
+        mq_lut1_prepare(m, bf16 ? row : xt, jb->xp + n * t);
+    }
+    free(row);
+    return 0;
 }
 
 /* arranged tokens for one job: x (T, C) rows gathered through tok (or contiguous when tok is NULL). isa ISA_BF16:
@@ -70,6 +104,7 @@ static int prepare(job *jb, const mq_mat *m, int isa, const float *x, int ldx, c
     jb->T = T;
     jb->y = y;
     jb->ldy = ldy;
+    if (mq_use_lut1(m, bf16 ? MQ_AVX512 : jb->isa, T)) return prepare_lut1(jb, m, bf16, x, ldx, tok, T);
     const int G = mq_groups(m), C = m->C;
     jb->xp = (float *)malloc(sizeof(float) * ((size_t)T * C + 1)); /* bf16 tokens use half of it */
     jb->xs = (float *)malloc(sizeof(float) * ((size_t)T * G + 1));
