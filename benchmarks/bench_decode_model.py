@@ -2,16 +2,20 @@
 
     .venv/bin/python -m mcmoe_vl.quant.native build          # once
     .venv/bin/python benchmarks/bench_decode_model.py [--layers 12] [--threads 1] [--clock cpu] [--new 32]
+        [--repeat 5] [--lm-head-bits 4]
 
 The model is DeepSeek-VL2-tiny's language model geometry (values below; multi-head attention, greedy softmax
 routing: the port's ``DeepseekVL2MHAV2ForCausalLM``) with random bf16 weights. Decode speed is measured with
 ``generate`` (greedy, KV cache, a 16-token prompt, exactly ``--new`` new tokens): decode time = time(prompt + new
-tokens) - time(prompt + 1 token), tokens/s = (new - 1) / decode time, median of ``--repeat`` runs.
+tokens) - time(prompt + 1 token), tokens/s = (new - 1) / decode time. Both models are held in memory and their
+runs alternate (16-bit, packed, 16-bit, ...), so a change in the machine's load hits both sides of a pair; the
+speed-up is the median of the per-pair ratios, given with its range over the ``--repeat`` pairs.
 
 Then the model is compressed in place the way ``quantize_model`` lays it out, with random codes: routed experts as
 :class:`QuantExperts` at a PMQ-like plan averaging 2.5 bits (3,2,1,3,3,2,3,3 repeated), every other linear of the
 decoder layers (attention, shared experts, the dense first MLP) at 4 bits, the router, embeddings and ``lm_head`` in
-bf16; every packed linear runs ``Kernel.SIMD`` (decode steps: one fused native call per MoE layer).
+bf16 (``--lm-head-bits 4``: the ``lm_head`` packed at 4 bits too); every packed linear runs ``Kernel.SIMD`` (decode
+steps: one fused native call per MoE layer).
 """
 
 from __future__ import annotations
@@ -59,7 +63,7 @@ def build(layers: int) -> nn.Module:
     return model.eval()
 
 
-def compress(model: nn.Module) -> None:
+def compress(model: nn.Module, lm_head_bits: int = 16) -> None:
     """Replace the experts and the decoder layers' linears by random packed ones (see the module docstring)."""
     g = torch.Generator().manual_seed(1)
     mk = lambda bits, r, c: QuantLinear(random_packed(bits, r, c, g), dtype=torch.bfloat16,  # noqa: E731
@@ -77,24 +81,30 @@ def compress(model: nn.Module) -> None:
         for child_name, child in list(mod.named_children()):
             if isinstance(child, nn.Linear) and ".layers." in f"{name}." and child.out_features != n_router:
                 setattr(mod, child_name, mk(4, child.out_features, child.in_features))
+    if lm_head_bits != 16:
+        head = model.lm_head
+        model.lm_head = mk(lm_head_bits, head.out_features, head.in_features)
 
 
-def decode_rate(model: nn.Module, new: int, repeat: int, clock) -> tuple[float, list[float]]:
+def decode_rates(models: list[nn.Module], new: int, repeat: int, clock) -> list[list[float]]:
+    """Decode tokens/s of each model, ``repeat`` rounds, the models alternating within a round."""
     ids = torch.randint(0, 1000, (1, 16), generator=torch.Generator().manual_seed(2))
     kw = dict(do_sample=False, eos_token_id=None, pad_token_id=0)
 
-    def run(n: int) -> float:
+    def run(model: nn.Module, n: int) -> float:
         t = clock()
         with torch.no_grad():
             out = model.generate(ids, max_new_tokens=n, min_new_tokens=n, **kw)
         assert out.shape[1] == 16 + n
         return clock() - t
 
-    run(2)  # warm-up
-    rates = []
+    for model in models:
+        run(model, new)  # warm-up: a whole run (a 2-token one left the first measured packed run 2x slow)
+    rates: list[list[float]] = [[] for _ in models]
     for _ in range(repeat):
-        rates.append((new - 1) / (run(new) - run(1)))
-    return statistics.median(rates), rates
+        for model, r in zip(models, rates):
+            r.append((new - 1) / (run(model, new) - run(model, 1)))
+    return rates
 
 
 def resident(model: nn.Module) -> int:
@@ -112,7 +122,9 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=12)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--new", type=int, default=32)
-    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--lm-head-bits", type=int, default=16, choices=[2, 3, 4, 16],
+                    help="16: lm_head stays bf16 (default); else packed at this width too")
     ap.add_argument("--clock", choices=["wall", "cpu"], default="wall")
     args = ap.parse_args()
     if args.clock == "cpu" and args.threads != 1:
@@ -125,15 +137,20 @@ def main() -> None:
           f"{args.clock} clock; load average before {os.getloadavg()}")
     print(f"DeepSeek-VL2-tiny language model, {args.layers} decoder layers: {TINY_LM}")
     model = build(args.layers)
-    r16, all16 = decode_rate(model, args.new, args.repeat, clock)
     b16 = resident(model)
-    compress(model)
-    rq, allq = decode_rate(model, args.new, args.repeat, clock)
-    bq = resident(model)
-    print("\n| model | resident GB | decode tokens/s (median) | runs | vs 16-bit |\n|---|---|---|---|---|")
-    print(f"| bf16 | {b16 / 1e9:.2f} | {r16:.2f} | {', '.join(f'{r:.2f}' for r in all16)} | 1.00x |")
-    print(f"| packed 2.5-bit experts, 4-bit other linears (SIMD, fused MoE) | {bq / 1e9:.2f} | {rq:.2f} | "
-          f"{', '.join(f'{r:.2f}' for r in allq)} | {rq / r16:.2f}x |")
+    packed = build(args.layers)  # the same random weights (same seed), then compressed
+    compress(packed, args.lm_head_bits)
+    bq = resident(packed)
+    all16, allq = decode_rates([model, packed], args.new, args.repeat, clock)
+    ratios = sorted(q / r for q, r in zip(allq, all16))
+    head = "" if args.lm_head_bits == 16 else f", lm_head {args.lm_head_bits}-bit"
+    print("\n| model | resident GB | decode tokens/s (median) | runs | vs 16-bit: median of pair ratios [min-max] |"
+          "\n|---|---|---|---|---|")
+    print(f"| bf16 | {b16 / 1e9:.2f} | {statistics.median(all16):.2f} | {', '.join(f'{r:.2f}' for r in all16)} | "
+          "1.00x |")
+    print(f"| packed 2.5-bit experts, 4-bit other linears{head} (SIMD, fused MoE) | {bq / 1e9:.2f} | "
+          f"{statistics.median(allq):.2f} | {', '.join(f'{r:.2f}' for r in allq)} | "
+          f"{statistics.median(ratios):.2f}x [{ratios[0]:.2f}-{ratios[-1]:.2f}], {len(ratios)} pairs |")
     print(f"\nload average after {os.getloadavg()}")
 
 

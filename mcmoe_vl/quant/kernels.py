@@ -11,9 +11,12 @@
   ``vpermps`` per 16 rows x 4 columns (:func:`set_lut1` switches it off, for comparisons).
 - :func:`blocked_matmul`: bfloat16 tokens on AVX512-BF16, a few to a few dozen: tiles of 4 rows x 4 tokens with
   the weights dequantised in registers by a per-(row, group) bfloat16 table lookup, ``vdpbf16ps`` products.
+- :func:`panel_matmul`: bfloat16 tokens on AVX512-BF16, prefill: a blocked GEMM over weight panels dequantised
+  once into an L2-resident buffer, a 32-row x 12-token register micro-kernel.
 - :func:`cpu_matmul`: what ``Kernel.SIMD`` runs on the CPU: :func:`packed_matmul` up to ``DECODE_MAX_TOKENS``
-  tokens (``DECODE_MAX_TOKENS_BF16`` for bfloat16 tokens on AVX512-BF16), then :func:`blocked_matmul` up to
-  ``BLOCKED_MAX_TOKENS`` (bfloat16 tokens on AVX512-BF16), else (prefill) :func:`prefill_matmul`: the weight
+  tokens (``DECODE_MAX_TOKENS_BF16`` for bfloat16 tokens on AVX512-BF16), then for bfloat16 tokens on
+  AVX512-BF16 :func:`blocked_matmul` up to ``BLOCKED_MAX_TOKENS`` and :func:`panel_matmul` beyond; otherwise
+  (float32 tokens, or shapes those do not take) :func:`prefill_matmul`: the weight
   dequantised once, by the SIMD path, into a reused buffer in the path's column order (the token is arranged to
   match), block of rows by block, each block one dense ``F.linear``.
 - :func:`dequantize_native`: the packed weight to float32, element for element the values of
@@ -170,13 +173,20 @@ def packed_matmul(x: torch.Tensor, p: PackedTensor, *, isa: Isa | str | None = N
 # 0.7x at 2, 1.3-2x at 4; bf16 tokens on AVX512-BF16 0.15-0.24x at 1 (2026-12-02), 0.5x at 2, 0.8-1.1x at 4, 1.4x at 8.
 DECODE_MAX_TOKENS = 2
 DECODE_MAX_TOKENS_BF16 = 2
-# bfloat16 tokens on AVX512-BF16, above DECODE_MAX_TOKENS_BF16 and up to this many: the register-blocked product
-# (blocked_matmul). Measured (one thread, 2 bits, ratio to bf16 F.linear in the same run; a loaded machine, so
-# +-15 %): 14336 x 4096 at 4 / 8 / 12 / 16 / 24 / 32 / 48 / 128 tokens 0.38 / 0.64 / 0.75 / 0.89 / 0.84 / 1.09 /
-# 1.36 / 1.33x, where dequantise + GEMM (prefill_matmul) gave - / - / 1.38 / 1.81 / 1.36 / 1.46 / 1.41 / 1.10x;
-# 4096 x 14336 at 12 / 16 / 24 / 32 / 48 tokens 0.85 / 0.76 / 1.19 / 1.68 / 1.21x against 1.61 / 1.67 / 1.79 /
-# 2.20 / 1.52x. The two cross between 48 and 128 tokens.
-BLOCKED_MAX_TOKENS = 64
+# bfloat16 tokens on AVX512-BF16 above DECODE_MAX_TOKENS_BF16: the register-blocked product (blocked_matmul) up to
+# BLOCKED_MAX_TOKENS tokens (BLOCKED_MAX_TOKENS_SMALL for matrices under PANEL_SMALL weights), the panel GEMM
+# (panel_matmul) above. Measured 2026-12-02 (one thread, 2 bits, ratio to bf16 F.linear in the same run, medians
+# of 9; panel / blocked): 14336 x 4096 at 4 / 8 / 12 / 16 / 24 / 32 / 64 tokens 0.83 / 0.72 / 0.84 / 0.92 / 0.92 /
+# 0.90 / 0.95x against 0.32 / 0.49 / 0.67 / 0.75 / 0.98 / 1.04 / 1.26x (4096 x 14336 alike); DeepSeek-VL2-tiny's
+# expert matrices 1792 x 1280 and 1280 x 896 at 8 / 12 / 16 / 24 tokens 1.02 / 1.00 / 1.09 / 0.98x and 0.93 / 1.05 /
+# 1.04 / 1.00x against 0.94 / 1.09 / 1.23 / 1.44x and 0.90 / 1.41 / 1.46 / 1.70x. Where neither runs (no
+# AVX512-BF16, float32 tokens, or columns / group size not multiples of 128), prefill_matmul.
+BLOCKED_MAX_TOKENS = 16
+BLOCKED_MAX_TOKENS_SMALL = 8
+PANEL_SMALL = 1 << 22
+# Where the panel GEMM cannot run (columns not a multiple of 128), the blocked product up to this many tokens, then
+# dequantise + GEMM (measured earlier: blocked 1.09x / dequantise + GEMM 1.46x at 32 tokens, 1.33x / 1.10x at 128).
+BLOCKED_FALLBACK_MAX_TOKENS = 64
 
 _SCRATCH: dict[torch.dtype, torch.Tensor] = {}
 
@@ -246,6 +256,39 @@ def prefill_matmul(x: torch.Tensor, p: PackedTensor) -> torch.Tensor:
     return y.reshape(*x.shape[:-1], m.rows)
 
 
+def panel_ok(x: torch.Tensor, p: PackedTensor) -> bool:
+    """Whether :func:`panel_matmul` runs ``x`` and ``p``: bfloat16 tokens, a CPU with AVX512-BF16, and the columns
+    and the group size multiples of 128."""
+    lib = _lib()
+    return (lib is not None and x.dtype == torch.bfloat16 and bool(lib.mq_cpu_bf16())
+            and p.meta.cols % 128 == 0 and p.meta.group_size % 128 == 0)
+
+
+def panel_matmul(x: torch.Tensor, p: PackedTensor, out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """``x bf16(W)^T`` (..., R) in ``out_dtype`` (float32: the sums unrounded) for bfloat16 ``x`` (prefill, AVX512-BF16): a blocked GEMM whose weight
+    panels (512 rows x 512 columns) are dequantised once into an L2-resident buffer, with a 32-row x 12-token
+    register micro-kernel (``csrc/mq_panel_bf16.c``). The weights are the values of :meth:`PackedTensor.dequantize`
+    rounded to bfloat16, the sums float32 (summation order aside, what ``F.linear`` on the dequantised bf16 weight
+    computes), the result rounded to ``out_dtype`` once."""
+    if not panel_ok(x, p):
+        raise ValueError("panel_matmul needs bfloat16 tokens, a CPU with AVX512-BF16 and columns and group size "
+                         f"multiples of 128; got {x.dtype}, {p.meta.cols} columns, group {p.meta.group_size}")
+    lib = _need_lib()
+    st, keep = mat(p)
+    m = p.meta
+    xb = x.reshape(-1, m.cols).contiguous()
+    y = torch.empty(xb.shape[0], m.rows, dtype=torch.float32)
+    rc = lib.mq_panel_gemm(ctypes.byref(st), xb.data_ptr(), xb.shape[0], y.data_ptr(), m.rows,
+                           torch.get_num_threads())
+    del keep
+    if rc == -2:
+        raise MemoryError("panel_matmul: out of memory")
+    if rc < 0:
+        raise RuntimeError(f"panel_matmul: the kernel refused the product (code {rc}); it was built without "
+                           "AVX512-BF16 support")
+    return y.to(out_dtype).reshape(*x.shape[:-1], m.rows)
+
+
 def lib_resolve(st: MqMat, isa: Isa | str | None = None) -> int:
     """The path the kernels run for this matrix (``isa`` or ``MCMOE_VL_ISA`` or the CPU's best, lowered while its
     block does not divide the group size)."""
@@ -289,12 +332,18 @@ def _blocked_ok(x: torch.Tensor, p: PackedTensor) -> bool:
 
 def cpu_matmul(x: torch.Tensor, p: PackedTensor) -> torch.Tensor:
     """``x W^T`` from packed storage: the SIMD product for decode-sized batches; for bfloat16 tokens on
-    AVX512-BF16 the register-blocked product up to ``BLOCKED_MAX_TOKENS``; dequantise + GEMM beyond."""
+    AVX512-BF16 the register-blocked product up to ``BLOCKED_MAX_TOKENS`` (``BLOCKED_MAX_TOKENS_SMALL`` for small
+    matrices), the panel GEMM beyond; otherwise dequantise + GEMM."""
     n = x.numel() // p.meta.cols
     blocked = _blocked_ok(x, p)
     if n <= (DECODE_MAX_TOKENS_BF16 if blocked else DECODE_MAX_TOKENS):
         return packed_matmul(x, p)
-    if blocked and n <= BLOCKED_MAX_TOKENS:
+    small = p.meta.rows * p.meta.cols < PANEL_SMALL
+    if blocked and n <= (BLOCKED_MAX_TOKENS_SMALL if small else BLOCKED_MAX_TOKENS):
+        return blocked_matmul(x, p)
+    if panel_ok(x, p):
+        return panel_matmul(x, p)
+    if blocked and n <= BLOCKED_FALLBACK_MAX_TOKENS:  # columns not a multiple of 128: no panel GEMM
         return blocked_matmul(x, p)
     return prefill_matmul(x, p)
 

@@ -49,12 +49,14 @@ SOURCES: dict[str, list[str]] = {
     "mq_dequant_lut.c": [],
     **({"mq_avx2.c": ["-mavx2", "-mfma", "-mf16c"], "mq_avx512.c": ["-mavx512f", "-mavx512bw", "-mf16c"],
         "mq_lut1.c": ["-mavx512f", "-mavx512bw", "-mf16c"],
-        "mq_avx512bf16.c": ["-mavx512f", "-mavx512bw", "-mavx512bf16", "-mf16c"]} if _X86 else {}),
+        "mq_avx512bf16.c": ["-mavx512f", "-mavx512bw", "-mavx512bf16", "-mf16c"],
+        "mq_panel_bf16.c": ["-mavx512f", "-mavx512bw", "-mavx512bf16", "-mf16c"]} if _X86 else {}),
 }
 # a source the compiler may not know how to build (an older gcc / clang) -> its stand-in
-OPTIONAL = {"mq_avx512bf16.c": "mq_nobf16.c"}
+OPTIONAL = {"mq_avx512bf16.c": "mq_nobf16.c", "mq_panel_bf16.c": "mq_nopanel.c"}
 if not _X86:
     SOURCES["mq_nobf16.c"] = []
+    SOURCES["mq_nopanel.c"] = []
 
 
 class Isa(int, enum.Enum):
@@ -184,6 +186,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.mq_cpu_bf16.argtypes = []
     lib.mq_gemm_bf16.restype = i
     lib.mq_gemm_bf16.argtypes = [p, p, i, p, i, i]
+    lib.mq_panel_gemm.restype = i
+    lib.mq_panel_gemm.argtypes = [p, p, i, p, i, i]
     lib.mq_prefill_bf16.restype = i
     lib.mq_prefill_bf16.argtypes = [p, p, i, p, i, i]
     lib.mq_dequant_arranged.restype = i

@@ -280,15 +280,21 @@ def test_blocked_product_is_the_bf16_weight_product(native_lib, bits, perm):
 
 def test_cpu_matmul_dispatch_by_token_count(native_lib, monkeypatch):
     calls = []
-    for name in ("packed_matmul", "blocked_matmul", "prefill_matmul"):
+    for name in ("packed_matmul", "blocked_matmul", "panel_matmul", "prefill_matmul"):
         real = getattr(kernels, name)
         monkeypatch.setattr(kernels, name, (lambda n, f: lambda *a, **k: calls.append(n) or f(*a, **k))(name, real))
-    p = _packed(2, 40, 256, 128)
+    p = _packed(2, 40, 256, 128)  # a small matrix: the blocked product up to BLOCKED_MAX_TOKENS_SMALL tokens
+    odd = _packed(2, 40, 320, 128)  # columns not a multiple of 128 (a partial last group): no panel GEMM
     bf16 = bool(native_lib.mq_cpu_bf16())
-    for t, dtype, want in ((1, torch.bfloat16, "packed_matmul"), (3, torch.bfloat16,
-                           "blocked_matmul" if bf16 else "prefill_matmul"),
-                           (kernels.BLOCKED_MAX_TOKENS + 1, torch.bfloat16, "prefill_matmul"),
-                           (3, torch.float32, "prefill_matmul"), (2, torch.float32, "packed_matmul")):
+    cases = ((p, 1, torch.bfloat16, "packed_matmul"),
+             (p, 3, torch.bfloat16, "blocked_matmul" if bf16 else "prefill_matmul"),
+             (p, kernels.BLOCKED_MAX_TOKENS_SMALL + 1, torch.bfloat16, "panel_matmul" if bf16 else "prefill_matmul"),
+             (p, 130, torch.bfloat16, "panel_matmul" if bf16 else "prefill_matmul"),
+             (odd, kernels.BLOCKED_FALLBACK_MAX_TOKENS, torch.bfloat16,
+              "blocked_matmul" if bf16 else "prefill_matmul"),
+             (odd, kernels.BLOCKED_FALLBACK_MAX_TOKENS + 1, torch.bfloat16, "prefill_matmul"),
+             (p, 3, torch.float32, "prefill_matmul"), (p, 2, torch.float32, "packed_matmul"))
+    for q, t, dtype, want in cases:
         calls.clear()
-        kernels.cpu_matmul(torch.randn(t, 256).to(dtype), p)
+        kernels.cpu_matmul(torch.randn(t, q.meta.cols).to(dtype), q)
         assert calls == [want], (t, dtype, calls)

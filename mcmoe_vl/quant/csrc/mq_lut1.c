@@ -18,8 +18,8 @@ int mq_lut1_ok(const mq_mat *m) {
     return mq_lut1_on && m->bits == 1 && m->zr == NULL && m->gs % 128 == 0 && m->C % m->gs == 0;
 }
 
-/* floats of one prepared token: the tables (4 C), then the group sums (G). The row loop uses the static inline
- * one: a call to an exported function (interposable, through the PLT) in it costs a third of its speed. */
+/* floats of one prepared token: the tables (4 C), then the group sums (G); the row loop uses the static inline
+ * one, not the exported one (which a shared library calls through the PLT) */
 static inline size_t floats(const mq_mat *m) { return (size_t)4 * m->C + mq_groups(m); }
 size_t mq_lut1_floats(const mq_mat *m) { return floats(m); }
 
