@@ -12,7 +12,7 @@
 - :func:`blocked_matmul`: bfloat16 tokens on AVX512-BF16, a few to a few dozen: tiles of 4 rows x 4 tokens with
   the weights dequantised in registers by a per-(row, group) bfloat16 table lookup, ``vdpbf16ps`` products.
 - :func:`panel_matmul`: bfloat16 tokens on AVX512-BF16, prefill: a blocked GEMM over weight panels dequantised
-  once into an L2-resident buffer, a 32-row x 12-token register micro-kernel.
+  once into an L2-resident buffer, a 12-row x 32-token register micro-kernel.
 - :func:`cpu_matmul`: what ``Kernel.SIMD`` runs on the CPU: :func:`packed_matmul` up to ``DECODE_MAX_TOKENS``
   tokens (``DECODE_MAX_TOKENS_BF16`` for bfloat16 tokens on AVX512-BF16), then for bfloat16 tokens on
   AVX512-BF16 :func:`blocked_matmul` up to ``BLOCKED_MAX_TOKENS`` and :func:`panel_matmul` beyond; otherwise
@@ -266,8 +266,8 @@ def panel_ok(x: torch.Tensor, p: PackedTensor) -> bool:
 
 def panel_matmul(x: torch.Tensor, p: PackedTensor, out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """``x bf16(W)^T`` (..., R) in ``out_dtype`` (float32: the sums unrounded) for bfloat16 ``x`` (prefill, AVX512-BF16): a blocked GEMM whose weight
-    panels (512 rows x 512 columns) are dequantised once into an L2-resident buffer, with a 32-row x 12-token
-    register micro-kernel (``csrc/mq_panel_bf16.c``). The weights are the values of :meth:`PackedTensor.dequantize`
+    panels (128 rows x 2048 columns) are dequantised once into an L2-resident buffer, with a 12-row x 32-token
+    register micro-kernel, the tokens in the vector lanes (``csrc/mq_panel_bf16.c``). The weights are the values of :meth:`PackedTensor.dequantize`
     rounded to bfloat16, the sums float32 (summation order aside, what ``F.linear`` on the dequantised bf16 weight
     computes), the result rounded to ``out_dtype`` once."""
     if not panel_ok(x, p):
@@ -277,8 +277,9 @@ def panel_matmul(x: torch.Tensor, p: PackedTensor, out_dtype: torch.dtype = torc
     st, keep = mat(p)
     m = p.meta
     xb = x.reshape(-1, m.cols).contiguous()
-    y = torch.empty(xb.shape[0], m.rows, dtype=torch.float32)
-    rc = lib.mq_panel_gemm(ctypes.byref(st), xb.data_ptr(), xb.shape[0], y.data_ptr(), m.rows,
+    bf16 = out_dtype == torch.bfloat16
+    y = torch.empty(xb.shape[0], m.rows, dtype=torch.bfloat16 if bf16 else torch.float32)
+    rc = lib.mq_panel_gemm(ctypes.byref(st), xb.data_ptr(), xb.shape[0], y.data_ptr(), m.rows, int(bf16),
                            torch.get_num_threads())
     del keep
     if rc == -2:
@@ -286,7 +287,7 @@ def panel_matmul(x: torch.Tensor, p: PackedTensor, out_dtype: torch.dtype = torc
     if rc < 0:
         raise RuntimeError(f"panel_matmul: the kernel refused the product (code {rc}); it was built without "
                            "AVX512-BF16 support")
-    return y.to(out_dtype).reshape(*x.shape[:-1], m.rows)
+    return y.to(out_dtype).reshape(*x.shape[:-1], m.rows)  # no copy for bfloat16 and float32
 
 
 def lib_resolve(st: MqMat, isa: Isa | str | None = None) -> int:

@@ -187,7 +187,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.mq_gemm_bf16.restype = i
     lib.mq_gemm_bf16.argtypes = [p, p, i, p, i, i]
     lib.mq_panel_gemm.restype = i
-    lib.mq_panel_gemm.argtypes = [p, p, i, p, i, i]
+    lib.mq_panel_gemm.argtypes = [p, p, i, p, i, i, i]
     lib.mq_prefill_bf16.restype = i
     lib.mq_prefill_bf16.argtypes = [p, p, i, p, i, i]
     lib.mq_dequant_arranged.restype = i

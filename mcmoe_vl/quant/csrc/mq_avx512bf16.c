@@ -15,14 +15,12 @@
 #include <string.h>
 
 #include "mq.h"
+#include "mq_bf16_decode.h"
 
 #define NT_MAX 8
 
 const int mq_bf16_built = 1;
 
-/* static inline so that the row loop sees constants (an exported function is called through the PLT) */
-static inline int passes(int bits) { return bits == 4 ? 2 : 4; }
-static inline int block(int bits) { return bits == 4 ? 64 : 128; }
 int mq_bf16_passes(int bits) { return passes(bits); }
 int mq_bf16_block(int bits) { return block(bits); }
 
@@ -33,52 +31,6 @@ int mq_bf16_column(int bits, int pass, int lane) {
         case 3: return 8 * (lane / 2) + 2 * pass + (lane & 1);
         default: return 2 * lane + pass;
     }
-}
-
-static inline __m512i load_words3(const uint8_t *p) {
-    __m512i v = _mm512_castsi128_si512(_mm_loadu_si128((const __m128i *)p));
-    v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(p + 12)), 1);
-    v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(p + 24)), 2);
-    v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(p + 32)), 3);
-    const __m512i sh = _mm512_setr_epi32(0xff020100, 0xff050403, 0xff080706, 0xff0b0a09,
-                                         0xff020100, 0xff050403, 0xff080706, 0xff0b0a09,
-                                         0xff020100, 0xff050403, 0xff080706, 0xff0b0a09,
-                                         0xff060504, 0xff090807, 0xff0c0b0a, 0xff0f0e0d);
-    return _mm512_shuffle_epi8(v, sh);
-}
-
-/* the 16-bit code indices of pass p (only the low bits matter: the table repeats) */
-static inline __attribute__((always_inline)) __m512i indices(__m512i v, const int bits, const int p) {
-    if (bits == 1) {
-        const __m512i cnt = _mm512_set_epi64(0x0004000400040004LL + 0x0001000100010001LL * p,
-                                             0x0004000400040004LL + 0x0001000100010001LL * p,
-                                             0x0004000400040004LL + 0x0001000100010001LL * p,
-                                             0x0004000400040004LL + 0x0001000100010001LL * p,
-                                             0x0001000100010001LL * p, 0x0001000100010001LL * p,
-                                             0x0001000100010001LL * p, 0x0001000100010001LL * p);
-        return _mm512_srlv_epi16(v, cnt);
-    }
-    if (bits == 3) {
-        const __m512i t = _mm512_srli_epi32(v, 6 * p);
-        return _mm512_mask_blend_epi16(0xAAAAAAAA, t, _mm512_slli_epi32(t, 13));
-    }
-    return _mm512_srli_epi16(v, bits * p);
-}
-
-static inline __attribute__((always_inline)) __m512i decode(const uint8_t *p, const int bits) {
-    if (bits == 3) return load_words3(p);
-    if (bits == 1) {
-        return _mm512_cvtepu8_epi16(_mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)p)));
-    }
-    return _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)p));
-}
-
-/* the small integer i as bfloat16 (exact) */
-static inline uint16_t int_bf16(int i) {
-    float f = (float)i;
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    return (uint16_t)(u >> 16);
 }
 
 static inline __attribute__((always_inline)) void rows_nt(const mq_mat *m, const uint16_t *x0, const float *xs0,
@@ -253,28 +205,6 @@ void mq_rows_bf16(const mq_mat *m, const uint16_t *xp, const float *xs, int T, f
 #ifndef PF_TB
 #define PF_TB 4
 #endif
-
-static inline __attribute__((always_inline)) __m512bh value_table(const mq_mat *m, size_t gi, const int bits) {
-    const float s1 = _cvtsh_ss(m->sc[gi]);
-    const float s = m->zr ? s1 : 2.0f * s1, z = m->zr ? _cvtsh_ss(m->zr[gi]) : 0.5f;
-    const int mask = (1 << bits) - 1;
-    const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-    const __m512 lo = _mm512_cvtepi32_ps(_mm512_and_si512(iota, _mm512_set1_epi32(mask)));
-    const __m512 hi = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_add_epi32(iota, _mm512_set1_epi32(16)),
-                                                          _mm512_set1_epi32(mask)));
-    __m512 wl, wh;
-    if (m->zr) {
-        wl = _mm512_mul_ps(_mm512_set1_ps(s), _mm512_sub_ps(lo, _mm512_set1_ps(z)));
-        wh = _mm512_mul_ps(_mm512_set1_ps(s), _mm512_sub_ps(hi, _mm512_set1_ps(z)));
-    } else { /* s1 (2q - 1), as PackedTensor.dequantize computes it */
-        const __m512 one = _mm512_set1_ps(1.0f), two = _mm512_set1_ps(2.0f), vs = _mm512_set1_ps(s1);
-        wl = _mm512_mul_ps(vs, _mm512_sub_ps(_mm512_mul_ps(two, lo), one));
-        wh = _mm512_mul_ps(vs, _mm512_sub_ps(_mm512_mul_ps(two, hi), one));
-    }
-    (void)s;
-    (void)z;
-    return _mm512_cvtne2ps_pbh(wh, wl);
-}
 
 static inline float bf16_round(float w) {
     uint32_t u;

@@ -11,6 +11,7 @@
 #include <immintrin.h>
 
 #include "mq.h"
+#include "mq_transpose.h"
 
 int mq_lut1_on = 1; /* 0: the bit-plane / bf16 dot-product kernels instead (for benchmarks) */
 
@@ -93,30 +94,10 @@ static inline __attribute__((always_inline)) void load_words(const rowset *rs, s
 static inline __attribute__((always_inline)) void scales16(const rowset *rs, int G, int g0, float *st) {
     const int ng = G - g0 < 16 ? G - g0 : 16;
     const __mmask16 mk = (__mmask16)((1u << ng) - 1u);
-    __m512 a[16], b[16];
+    __m512 a[16];
     for (int i = 0; i < 16; i++) a[i] = _mm512_cvtph_ps(_mm512_castsi512_si256(_mm512_maskz_loadu_epi16(mk, srow(rs, i) + g0)));
-    /* 16 x 16 transpose: pairs of rows, then of 2 x 2, 4 x 4 and 8 x 8 blocks */
-    for (int i = 0; i < 16; i += 2) {
-        b[i] = _mm512_unpacklo_ps(a[i], a[i + 1]);
-        b[i + 1] = _mm512_unpackhi_ps(a[i], a[i + 1]);
-    }
-    for (int i = 0; i < 16; i += 4)
-        for (int j = 0; j < 2; j++) {
-            a[i + j] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(b[i + j]), _mm512_castps_pd(b[i + j + 2])));
-            a[i + j + 2] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(b[i + j]), _mm512_castps_pd(b[i + j + 2])));
-        }
-    for (int i = 0; i < 16; i += 8)
-        for (int j = 0; j < 4; j++) {
-            b[i + j] = _mm512_shuffle_f32x4(a[i + j], a[i + j + 4], 0x88);
-            b[i + j + 4] = _mm512_shuffle_f32x4(a[i + j], a[i + j + 4], 0xdd);
-        }
-    for (int j = 0; j < 8; j++) {
-        a[j] = _mm512_shuffle_f32x4(b[j], b[j + 8], 0x88);
-        a[j + 8] = _mm512_shuffle_f32x4(b[j], b[j + 8], 0xdd);
-    }
-    /* a[k] now holds one group's scales of the 16 rows, the group being k with its two low bits swapped */
-    static const int grp[16] = {0, 2, 1, 3, 4, 6, 5, 7, 8, 10, 9, 11, 12, 14, 13, 15};
-    for (int k = 0; k < 16; k++) _mm512_storeu_ps(st + 16 * grp[k], a[k]);
+    mq_transpose16(a);
+    for (int k = 0; k < 16; k++) _mm512_storeu_ps(st + 16 * k, a[k]);
 }
 
 /* 16 rows -> y[t * ldy + i], i < n */

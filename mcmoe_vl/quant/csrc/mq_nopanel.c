@@ -4,7 +4,7 @@
 
 const int mq_panel_built = 0;
 int mq_panel_ok(const mq_mat *m) { (void)m; return 0; }
-int mq_panel_gemm(const mq_mat *m, const uint16_t *x, int T, float *y, int ldy, int nthreads) {
-    (void)m; (void)x; (void)T; (void)y; (void)ldy; (void)nthreads;
+int mq_panel_gemm(const mq_mat *m, const uint16_t *x, int T, void *y, int ldy, int bf16_out, int nthreads) {
+    (void)m; (void)x; (void)T; (void)y; (void)ldy; (void)bf16_out; (void)nthreads;
     return -1;
 }
