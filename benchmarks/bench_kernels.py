@@ -5,7 +5,8 @@
 
 1. ``y = x W^T`` for W of 14336 x 4096 (Mixtral's expert): dense bf16 ``F.linear``, torch's int4 CPU kernel
    (``_weight_int4pack_mm_for_cpu``, group 128), and the native SIMD kernels at 1-4 bits on each path the CPU has
-   (AVX512-BF16 with bf16 tokens; AVX-512 and AVX2 with float32 tokens), for 1, 8 and 32 tokens; at 128 tokens the packed runtime's dequantising path (``Kernel.AUTO``).
+   (AVX512-BF16 with bf16 tokens; AVX-512 and AVX2 with float32 tokens), for 1, 8 and 32 tokens; at 128 tokens
+   the panel GEMM (what ``Kernel.SIMD`` runs), dequantise + GEMM, and the torch dequantising path (``Kernel.AUTO``).
 2. One MoE layer (routing excluded, the same random routings for every variant): Mixtral-8x7B dims (hidden 4096,
    expert 14336, 8 experts top-2) and DeepSeek-VL2-tiny dims (hidden 1280, expert 896, 64 routed top-6, shared
    experts as one 1792-wide MLP at 4 bits). Dense bf16 runs transformers' eager expert loop; packed runs the fused
@@ -83,52 +84,72 @@ def bench_matrix(r: int, c: int, repeat: int) -> None:
     sz = torch.randn(c // 128, r, 2, generator=g).bfloat16()
     paths = [i for i in native.Isa if i <= native.cpu_isa() and i != native.Isa.SCALAR]
     bf16 = bool(native.load().mq_cpu_bf16())
-    print(f"\n### One matrix {r} x {c}, against dense bf16 in the same run\n")
-    print(f"| tokens | kernel | bits | {HEAD}\n|---|---|---|{RULE}")
-    for t in (1, 8, 32):
+    print(f"\n### One matrix {r} x {c}, against dense bf16 in the same round\n")
+    print(f"Each kernel runs {repeat} rounds of dense bf16 F.linear, the kernel, dense again; the ratio is the median "
+          "of the per-round ratios [min-max], so a drift of the machine's speed during the run cancels.\n")
+    print("| tokens | kernel | bits | median ms | ratio to dense bf16 [min-max] |\n|---|---|---|---|---|")
+    for t in (1, 8, 32, 128):
         x = torch.randn(t, c, generator=g)
         xb = x.bfloat16()
-        base = stats(lambda: F.linear(xb, dense), repeat)
-        print(f"| {t} | dense bf16 F.linear | 16 | {fmt(base, base)} |")
-        i4 = stats(lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(xb, w4, 128, sz), repeat)
-        print(f"| {t} | torch int4 (_weight_int4pack_mm_for_cpu) | 4 | {fmt(i4, base)} |")
+        rounds = repeat if t <= 8 else max(5, repeat // 4)
+        base = lambda: F.linear(xb, dense)  # noqa: E731
+
+        def row(label: str, bits: int, fn) -> None:
+            times, ratios = paired(fn, base, rounds)
+            print(f"| {t} | {label} | {bits} | {statistics.median(times) * 1e3:.3f} | "
+                  f"{statistics.median(ratios):.3f}x [{min(ratios):.3f}-{max(ratios):.3f}] |")
+
+        print(f"| {t} | dense bf16 F.linear | 16 | {stats(base, rounds)[0] * 1e3:.3f} | 1 |")
+        if t <= 32:
+            row("torch int4 (_weight_int4pack_mm_for_cpu)", 4,
+                lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(xb, w4, 128, sz))
         for bits in (1, 2, 3, 4):
             p = random_packed(bits, r, c, g)
+            if t == 128:  # prefill: what Kernel.SIMD runs, and the dequantising paths
+                row("packed SIMD (cpu_matmul): the panel GEMM" if bf16 else "packed SIMD (cpu_matmul)", bits,
+                    lambda: kernels.cpu_matmul(xb, p))
+                row("dequantise into a reused buffer + bf16 F.linear (prefill_matmul)", bits,
+                    lambda: kernels.prefill_matmul(xb, p))
+                if bits == 2:
+                    lin = QuantLinear(p, dtype=torch.bfloat16, kernel=Kernel.AUTO)
+                    row("packed AUTO: torch-order dequantise + bf16 F.linear", bits, lambda: lin(xb))
+                continue
             if bf16:  # bf16 tokens, as a bf16 model passes them: the AVX512-BF16 path
-                st = stats(lambda: kernels.packed_matmul(xb, p, isa="avx512_bf16"), repeat)
-                print(f"| {t} | native avx512_bf16 (bf16 tokens) | {bits} | {fmt(st, base)} |")
-                if t > 1:  # the register-blocked product (what cpu_matmul runs from 3 to 32 bf16 tokens)
-                    st = stats(lambda: kernels.blocked_matmul(xb, p), repeat)
-                    print(f"| {t} | native blocked avx512_bf16 (bf16 tokens) | {bits} | {fmt(st, base)} |")
+                row("native avx512_bf16 (bf16 tokens)", bits, lambda: kernels.packed_matmul(xb, p, isa="avx512_bf16"))
+                if t > 1:  # the register-blocked product and the panel GEMM (cpu_matmul's choices above 2 tokens)
+                    row("native blocked avx512_bf16 (bf16 tokens)", bits, lambda: kernels.blocked_matmul(xb, p))
+                    row("native panel GEMM (bf16 tokens)", bits, lambda: kernels.panel_matmul(xb, p))
             for isa in paths:  # float32 tokens
-                st = stats(lambda: kernels.packed_matmul(x, p, isa=isa), repeat)
-                print(f"| {t} | native {isa.name.lower()} (float32 tokens) | {bits} | {fmt(st, base)} |")
-            if bits == 1 and t <= 2:
-                lut_off(p, x, xb, t, bf16, paths, base, repeat)
-    x = torch.randn(128, c, generator=g).bfloat16()
-    base = stats(lambda: F.linear(x, dense), max(5, repeat // 4))
-    print(f"| 128 | dense bf16 F.linear | 16 | {fmt(base, base)} |")
-    for bits in (2, 3):
-        for kern, label in ((Kernel.AUTO, "packed AUTO: torch-order dequantise + bf16 F.linear"),
-                            (Kernel.SIMD, "packed SIMD: SIMD dequantise into reused buffer + bf16 F.linear")):
-            lin = QuantLinear(random_packed(bits, r, c, g), dtype=torch.bfloat16, kernel=kern)
-            st = stats(lambda: lin(x), max(5, repeat // 4))
-            print(f"| 128 | {label} | {bits} | {fmt(st, base)} |")
+                row(f"native {isa.name.lower()} (float32 tokens)", bits,
+                    lambda: kernels.packed_matmul(x, p, isa=isa))
+            if bits == 1 and t <= 2:  # 1-bit decode with the table lookup off: the kernels it replaces
+                kernels.set_lut1(False)
+                try:
+                    if bf16:
+                        row("native avx512_bf16 (bf16 tokens), table lookup off: bf16 dot products", 1,
+                            lambda: kernels.packed_matmul(xb, p, isa="avx512_bf16"))
+                    if native.Isa.AVX512 in paths:
+                        row("native avx512 (float32 tokens), table lookup off: bit planes", 1,
+                            lambda: kernels.packed_matmul(x, p, isa="avx512"))
+                finally:
+                    kernels.set_lut1(True)
 
 
-def lut_off(p, x, xb, t, bf16, paths, base, repeat) -> None:
-    """1-bit decode with the table-lookup kernel switched off: the kernels it replaces, in the same run."""
-    kernels.set_lut1(False)
-    try:
-        if bf16:
-            st = stats(lambda: kernels.packed_matmul(xb, p, isa="avx512_bf16"), repeat)
-            print(f"| {t} | native avx512_bf16 (bf16 tokens), table lookup off: bf16 dot products | 1 | "
-                  f"{fmt(st, base)} |")
-        if native.Isa.AVX512 in paths:
-            st = stats(lambda: kernels.packed_matmul(x, p, isa="avx512"), repeat)
-            print(f"| {t} | native avx512 (float32 tokens), table lookup off: bit planes | 1 | {fmt(st, base)} |")
-    finally:
-        kernels.set_lut1(True)
+def paired(fn, base, rounds: int) -> tuple[list[float], list[float]]:
+    """``rounds`` rounds of base, fn, base: fn's times and its ratio to the mean of the two base times around it."""
+    fn(), base()
+    times, ratios = [], []
+    for _ in range(rounds):
+        t0 = CLOCK()
+        base()
+        t1 = CLOCK()
+        fn()
+        t2 = CLOCK()
+        base()
+        t3 = CLOCK()
+        times.append(t2 - t1)
+        ratios.append((t2 - t1) / (((t1 - t0) + (t3 - t2)) / 2))
+    return times, ratios
 
 
 def dense_moe(gu: torch.Tensor, down: torch.Tensor, shared, x, idx, w):
@@ -225,8 +246,8 @@ def bench_moe(name: str, h: int, i: int, E: int, k: int, shared_i: int, repeat: 
                         y = qe(x, idx.masked_fill(~keep, E), w)
                         for s in shared:
                             y = y + s(x)
-                    label = ("packed, eager loop: per expert the blocked SIMD product (<= 32 tokens) or SIMD "
-                             "dequantise + bf16 GEMM")
+                    label = ("packed, eager loop: per expert cpu_matmul (the blocked product up to 8 / 16 tokens, "
+                             "the panel GEMM above)")
                 st = stats(run, rep)
                 print(f"| {T} | {tag} | {pname}: {label} | {fmt(st, base)} |")
                 del experts, shared

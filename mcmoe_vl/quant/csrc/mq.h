@@ -56,6 +56,12 @@ static inline float mq_tail_dot(const uint8_t *q, int k0, int k1, int bits, int 
     return d;
 }
 
+/* Prefetch bytes [p, p + n) into the cache (decode streams each weight once from memory). */
+static inline void mq_prefetch(const void *p, size_t n) {
+    const char *c = (const char *)p;
+    for (size_t o = 0; o < n; o += 64) __builtin_prefetch(c + o, 0, 3);
+}
+
 /* Columns per SIMD block (0: the path cannot run this width). Lanes L = B / P, P = 8 / bits (8 at 3 bits). */
 int mq_block(int isa, int bits);
 
