@@ -29,10 +29,13 @@ const int mq_panel_built = 1;
 #define NC 128 /* rows per panel */
 #endif
 #define RT 12 /* rows per micro-tile */
+/* panel row stride in bf16 values: the columns plus one cache line, so that the micro-tile's 12 rows do not all map
+ * to one L1 set (at a stride of 4096 bytes they would) */
+#define LDP(kc) ((kc) + 32)
 
 int mq_bf16_column(int bits, int pass, int lane);
 
-/* rows r0..r0+nr-1, columns k0..k0+kc-1 (arranged order) of the bf16 weight into panel (nr, kc) */
+/* rows r0..r0+nr-1, columns k0..k0+kc-1 (arranged order) of the bf16 weight into panel (nr rows, LDP(kc) apart) */
 static inline __attribute__((always_inline)) void fill_bits(const mq_mat *m, int r0, int nr, int k0, int kc,
                                                             uint16_t *panel, const int bits) {
     const int B = block(bits), NP = passes(bits), G = mq_groups(m);
@@ -47,7 +50,7 @@ static inline __attribute__((always_inline)) void fill_bits(const mq_mat *m, int
                 if (m->zr) _mm_prefetch((const char *)(m->zr + g4) + o, _MM_HINT_T0);
             }
         }
-        uint16_t *dst = panel + (size_t)r * kc;
+        uint16_t *dst = panel + (size_t)r * LDP(kc);
         __m512i tab = _mm512_setzero_si512();
         int g_tab = -1;
         for (int k = k0; k < k0 + kc; k += B) {
@@ -105,10 +108,11 @@ static void panel_tokens(const uint16_t *panel, int nr, int kp, const uint32_t *
         const uint32_t *xv = xt + (size_t)(v0 / 2) * cp * 32 + (size_t)j0 * tv * 16;
         for (int r = 0, n; r < nr; r += n) {
             n = nr - r >= RT ? RT : nr - r >= 8 ? 8 : nr - r >= 4 ? 4 : nr - r >= 2 ? 2 : 1;
-            const uint32_t *w = w0 + (size_t)r * kp;
+            const uint32_t *w = w0 + (size_t)r * LDP(2 * kp) / 2;
             float *y = yt + (size_t)r * ldt + 16 * v0;
 #define MQ_MICRO(N)                                                                      \
-    (tv == 2 ? micro(w, (size_t)kp, xv, y, ldt, kp, first, N, 2) : micro(w, (size_t)kp, xv, y, ldt, kp, first, N, 1))
+    (tv == 2 ? micro(w, LDP(2 * (size_t)kp) / 2, xv, y, ldt, kp, first, N, 2)                  \
+             : micro(w, LDP(2 * (size_t)kp) / 2, xv, y, ldt, kp, first, N, 1))
             switch (n) {
                 case RT: MQ_MICRO(RT); break;
                 case 8: MQ_MICRO(8); break;
@@ -230,7 +234,7 @@ int mq_panel_gemm(const mq_mat *m, const uint16_t *x, int T, void *y, int ldy, i
     if (nt > npan) nt = npan;
 #pragma omp parallel num_threads(nt) if (nt > 1)
     {
-        uint16_t *panel = (uint16_t *)aligned_alloc(64, sizeof(uint16_t) * (size_t)NC * KC);
+        uint16_t *panel = (uint16_t *)aligned_alloc(64, sizeof(uint16_t) * (size_t)NC * LDP(KC));
         if (!panel) {
 #pragma omp atomic write
             rc = -2;
