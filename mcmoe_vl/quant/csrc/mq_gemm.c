@@ -98,10 +98,15 @@ static int gemm_lut1(const mq_mat *m, const float *x, const uint16_t *xb, int T,
     free(tmp);
     return 0;
 }
-#else
+#else /* no table-lookup kernel off x86 (mq_lut1.c is not built): never chosen, so these are never called */
 int mq_use_lut1(const mq_mat *m, int isa, int T) {
     (void)m; (void)isa; (void)T;
     return 0;
+}
+size_t mq_lut1_floats(const mq_mat *m) { (void)m; return 0; }
+void mq_lut1_prepare(const mq_mat *m, const float *x, float *buf) { (void)m; (void)x; (void)buf; }
+void mq_rows_lut1(const mq_mat *m, const float *buf, int T, float *y, int ldy, int r0, int r1) {
+    (void)m; (void)buf; (void)T; (void)y; (void)ldy; (void)r0; (void)r1;
 }
 static int gemm_lut1(const mq_mat *m, const float *x, const uint16_t *xb, int T, float *y, int ldy, int nthreads) {
     (void)m; (void)x; (void)xb; (void)T; (void)y; (void)ldy; (void)nthreads;
