@@ -12,14 +12,16 @@
    experts as one 1792-wide MLP at 4 bits). Dense bf16 runs transformers' eager expert loop; packed runs the fused
    native call (``FusedMoE``) or, for prefill, the eager loop over packed experts. Widths: uniform 2-bit, and a
    PMQ-like per-expert plan averaging 2.5 bits (3,2,1,3,3,2,3,3 repeated). Decode (1 token) and prefill (128),
-   each also with 15% of the (token, expert) pairs pruned (never a token's top-1).
+   each also with 15% of the (token, expert) pairs pruned (never a token's top-1). Every round runs all variants on
+   one routing, so ratios are per round.
 
-Weights are random (codes, scales and zeros drawn at random: speed does not depend on their values). Times are the
-median over ``--repeat`` runs with the 10th-90th percentile spread, and the mean; ratios are against dense bf16
-measured in the same run. MoE rows draw a new routing every run (the same sequence for every variant), so their
-time varies with how many experts a step touches: compare pruning by the ratio of means. The CPU is shared: the
-header prints the load average before and after; ``--clock cpu --threads 1`` counts the thread's CPU time, which
-other jobs do not inflate (they still share the caches and memory bandwidth).
+Weights are random (codes, scales and zeros drawn at random: speed does not depend on their values). Every kernel
+is timed in rounds next to its baseline (dense bf16 F.linear / the dense eager loop) and each ratio is the median
+of the per-round ratios with its range, so a drift of the machine's speed during the run cancels. Between two calls
+of one kernel, dense bf16 reads 117 MB (a matrix) or more, so the packed weights come from memory, not from the
+L3, as in a model's decode step. The CPU is shared: the header prints the load average before and after;
+``--clock cpu --threads 1`` counts the thread's CPU time, which other jobs do not inflate (they still share the
+caches and memory bandwidth).
 """
 
 from __future__ import annotations
@@ -63,17 +65,6 @@ def random_packed(bits: int, r: int, c: int, g: torch.Generator, gs: int = 128) 
     s = (torch.rand(r, G, generator=g) * 0.01 + 0.001).half()
     z = None if bits == 1 else torch.randint(0, 1 << bits, (r, G), generator=g).half()
     return PackedTensor(q, s, z, None, PackedMeta(bits, (r, c), gs))
-
-
-def fmt(st: tuple[float, float, float, float], base: tuple[float, float, float, float]) -> str:
-    """``median [p10-p90] | mean | median ratio | mean ratio`` in ms against ``base`` (dense bf16, same run)."""
-    med, lo, hi, mean = st
-    return (f"{med * 1e3:.3f} [{lo * 1e3:.3f}-{hi * 1e3:.3f}] | {mean * 1e3:.3f} | {med / base[0]:.3f}x | "
-            f"{mean / base[3]:.3f}x")
-
-
-HEAD = "time ms: median [p10-p90] | mean | ratio of medians | ratio of means |"
-RULE = "---|---|---|---|"
 
 
 def bench_matrix(r: int, c: int, repeat: int) -> None:
@@ -187,70 +178,79 @@ class _Shared(torch.nn.Module):
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
 
-def routings(n: int, T: int, E: int, k: int, prune: float, g: torch.Generator):
-    out = []
-    for _ in range(n):
-        idx = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)])  # slot 0 = top-1
-        w = torch.rand(T, k, generator=g).bfloat16()
-        keep = torch.rand(T, k, generator=g) >= prune * k / max(k - 1, 1)
-        keep[:, 0] = True
-        out.append((idx, w, keep))
-    return out
+def routing(T: int, E: int, k: int, prune: float, g: torch.Generator):
+    """Random top-k routing of T tokens (slot 0 = top-1), and a keep-mask dropping ``prune`` of the pairs, never a
+    token's top-1."""
+    idx = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)])
+    w = torch.rand(T, k, generator=g).bfloat16()
+    keep = torch.rand(T, k, generator=g) >= prune * k / max(k - 1, 1)
+    keep[:, 0] = True
+    return idx, w, keep
 
 
-def bench_moe(name: str, h: int, i: int, E: int, k: int, shared_i: int, repeat: int) -> None:
-    g = torch.Generator().manual_seed(1)
-    print(f"\n### MoE layer, {name}: hidden {h}, expert {i}, {E} experts top-{k}"
-          f"{f', shared MLP {shared_i} at 4 bits' if shared_i else ''}; against dense bf16 in the same run\n")
+def moe_variants(h: int, i: int, E: int, shared_i: int, T: int, g: torch.Generator) -> dict:
+    """name -> fn(x, idx, w, keep): dense bf16's eager loop, and the packed layer at two plans (decode: the fused
+    native call; prefill: the eager loop over packed experts)."""
     gu = (torch.randn(E, 2 * i, h, generator=g) * 0.02).bfloat16()
     down = (torch.randn(E, h, i, generator=g) * 0.02).bfloat16()
     sh_d = None
     if shared_i:
         sh_d = tuple((torch.randn(*s, generator=g) * 0.02).bfloat16() for s in ((shared_i, h), (shared_i, h),
                                                                                (h, shared_i)))
-    plans = {"uniform 2-bit": [2] * E, "PMQ-like 2.5-bit": [PMQ_25[e % 8] for e in range(E)]}
-    print(f"| tokens | pruned | variant | {HEAD}\n|---|---|---|{RULE}")
+    out = {"dense bf16 eager loop": lambda x, idx, w, keep: dense_moe(gu, down, sh_d, x, idx.masked_fill(~keep, E), w)}
+    for pname, widths in {"uniform 2-bit": [2] * E, "PMQ-like 2.5-bit": [PMQ_25[e % 8] for e in range(E)]}.items():
+        experts = [packed_expert(b, h, i, g, Kernel.SIMD) for b in widths]
+        shared = [_Shared(h, shared_i, g, Kernel.SIMD)] if shared_i else []
+        if T == 1:
+            fused = FusedMoE.build(experts, shared)
+            out[f"{pname}: packed, fused native call"] = lambda x, idx, w, keep, f=fused: f(x, idx, w, keep)
+        else:
+            qe = QuantExperts(experts, F.silu)
+
+            def run(x, idx, w, keep, qe=qe, shared=shared):
+                y = qe(x, idx.masked_fill(~keep, E), w)
+                for s_ in shared:
+                    y = y + s_(x)
+                return y
+            out[f"{pname}: packed, eager loop over experts (cpu_matmul: blocked product / panel GEMM)"] = run
+    return out
+
+
+def bench_moe(name: str, h: int, i: int, E: int, k: int, shared_i: int, repeat: int) -> None:
+    g = torch.Generator().manual_seed(1)
+    print(f"\n### MoE layer, {name}: hidden {h}, expert {i}, {E} experts top-{k}"
+          f"{f', shared MLP {shared_i} at 4 bits' if shared_i else ''}\n")
+    print("Each round draws a routing and runs every variant on it, unpruned and with 15 % of the (token, expert) "
+          "pairs pruned; ratios to dense bf16 are medians of per-round ratios [min-max]; the speed-up from pruning is "
+          "total unpruned / total pruned time over the rounds [per-round min-max] (with top-2 and one token, a "
+          "round prunes either nothing or half the pairs, so its median says little).\n")
+    print("| tokens | variant | median ms | ratio to dense | median ms, 15 % pruned | ratio to dense, pruned | "
+          "speed-up from pruning |\n|---|---|---|---|---|---|---|")
     for T in (1, 128):
-        rep = repeat if T == 1 else max(5, repeat // 4)
-        for prune in (0.0, 0.15):
-            rs = routings(rep + 1, T, E, k, prune, g)
-            x = torch.randn(T, h, generator=g).bfloat16()
-            it = iter(range(10**9))
+        rounds = repeat if T == 1 else max(5, repeat // 4)
+        variants = moe_variants(h, i, E, shared_i, T, g)
+        x = torch.randn(T, h, generator=g).bfloat16()
+        times = {(n, p): [] for n in variants for p in (0, 1)}
+        for rnd in range(rounds + 1):  # round 0 warms up
+            idx, w, keep = routing(T, E, k, 0.15, g)
+            for n, fn in variants.items():
+                for p, kp in ((0, torch.ones_like(keep)), (1, keep)):
+                    t0 = CLOCK()
+                    fn(x, idx, w, kp)
+                    if rnd:
+                        times[(n, p)].append(CLOCK() - t0)
+        dense = next(iter(variants))
 
-            def nxt():
-                idx, w, keep = rs[next(it) % len(rs)]
-                return idx, w, keep
-
-            def run_dense():
-                idx, w, keep = nxt()
-                dense_moe(gu, down, sh_d, x, idx.masked_fill(~keep, E), w)
-
-            base = stats(run_dense, rep)
-            tag = f"{int(prune * 100)}%"
-            print(f"| {T} | {tag} | dense bf16 eager loop | {fmt(base, base)} |")
-            for pname, widths in plans.items():
-                experts = [packed_expert(b, h, i, g, Kernel.SIMD) for b in widths]
-                shared = [_Shared(h, shared_i, g, Kernel.SIMD)] if shared_i else []
-                if T == 1:
-                    fused = FusedMoE.build(experts, shared)
-
-                    def run():
-                        idx, w, keep = nxt()
-                        fused(x, idx, w, keep)
-                    label = "packed, fused native call"
-                else:
-                    qe = QuantExperts(experts, F.silu)
-
-                    def run():
-                        idx, w, keep = nxt()
-                        y = qe(x, idx.masked_fill(~keep, E), w)
-                        for s in shared:
-                            y = y + s(x)
-                    label = ("packed, eager loop: per expert cpu_matmul (the blocked product up to 8 / 16 tokens, "
-                             "the panel GEMM above)")
-                st = stats(run, rep)
-                print(f"| {T} | {tag} | {pname}: {label} | {fmt(st, base)} |")
-                del experts, shared
+        def cell(a: list[float], b: list[float]) -> str:
+            r = [u / v for u, v in zip(a, b)]
+            return f"{statistics.median(r):.3f}x [{min(r):.3f}-{max(r):.3f}]"
+        for n in variants:
+            t0, t1 = times[(n, 0)], times[(n, 1)]
+            r = [u / v for u, v in zip(t0, t1)]
+            print(f"| {T} | {n} | {statistics.median(t0) * 1e3:.3f} | {cell(t0, times[(dense, 0)])} | "
+                  f"{statistics.median(t1) * 1e3:.3f} | {cell(t1, times[(dense, 1)])} | "
+                  f"{sum(t0) / sum(t1):.3f}x [{min(r):.3f}-{max(r):.3f}] |")
+        del variants
 
 
 def cpu_model() -> str:
