@@ -1,7 +1,8 @@
 """Native CPU kernels for packed weights (C sources in ``csrc/``, built by ``python -m mcmoe_vl.quant.native build``).
 
 - :func:`packed_matmul`: ``y = x W^T`` for any number of tokens straight from the packed codes (up to 8 tokens
-  share each decoded block; it beats a dense bf16 GEMM only for decode-sized batches, see ``DECODE_MAX_TOKENS``). Per (row, group) ``s * sum_k q_k x_k - s z sum_k x_k`` in float32;
+  share each decoded block; it beats a dense bf16 GEMM only for decode-sized batches, see ``DECODE_MAX_TOKENS``).
+  Per (row, group) ``s * sum_k q_k x_k - s z sum_k x_k`` in float32;
   the codes are decoded into SIMD lanes (AVX-512 or AVX2, chosen at run time, or a portable scalar loop; bfloat16
   tokens on AVX512-BF16: codes looked up as bfloat16 integers and multiplied by ``vdpbf16ps``) and multiplied with
   the token, which is arranged once per call into the lanes' column order. It reads 1-4 bits per
@@ -265,11 +266,12 @@ def panel_ok(x: torch.Tensor, p: PackedTensor) -> bool:
 
 
 def panel_matmul(x: torch.Tensor, p: PackedTensor, out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-    """``x bf16(W)^T`` (..., R) in ``out_dtype`` (float32: the sums unrounded) for bfloat16 ``x`` (prefill, AVX512-BF16): a blocked GEMM whose weight
-    panels (128 rows x 2048 columns) are dequantised once into an L2-resident buffer, with a 12-row x 32-token
-    register micro-kernel, the tokens in the vector lanes (``csrc/mq_panel_bf16.c``). The weights are the values of :meth:`PackedTensor.dequantize`
-    rounded to bfloat16, the sums float32 (summation order aside, what ``F.linear`` on the dequantised bf16 weight
-    computes), the result rounded to ``out_dtype`` once."""
+    """``x bf16(W)^T`` (..., R) in ``out_dtype`` (float32: the sums unrounded) for bfloat16 ``x`` (prefill,
+    AVX512-BF16): a blocked GEMM whose weight panels (128 rows x 2048 columns) are dequantised once into an
+    L2-resident buffer, with a 12-row x 32-token register micro-kernel, the tokens in the vector lanes
+    (``csrc/mq_panel_bf16.c``). The weights are the values of :meth:`PackedTensor.dequantize` rounded to bfloat16,
+    the sums float32 (summation order aside, what ``F.linear`` on the dequantised bf16 weight computes), the result
+    rounded to ``out_dtype`` once."""
     if not panel_ok(x, p):
         raise ValueError("panel_matmul needs bfloat16 tokens, a CPU with AVX512-BF16 and columns and group size "
                          f"multiples of 128; got {x.dtype}, {p.meta.cols} columns, group {p.meta.group_size}")

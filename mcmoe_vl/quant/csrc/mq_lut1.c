@@ -97,7 +97,8 @@ static inline __attribute__((always_inline)) void scales16(const rowset *rs, int
     const int ng = G - g0 < 16 ? G - g0 : 16;
     const __mmask16 mk = (__mmask16)((1u << ng) - 1u);
     __m512 a[16];
-    for (int i = 0; i < 16; i++) a[i] = _mm512_cvtph_ps(_mm512_castsi512_si256(_mm512_maskz_loadu_epi16(mk, srow(rs, i) + g0)));
+    for (int i = 0; i < 16; i++)
+        a[i] = _mm512_cvtph_ps(_mm512_castsi512_si256(_mm512_maskz_loadu_epi16(mk, srow(rs, i) + g0)));
     mq_transpose16(a);
     for (int k = 0; k < 16; k++) _mm512_storeu_ps(st + 16 * k, a[k]);
 }

@@ -184,7 +184,8 @@ static int pack_tokens(const mq_mat *m, const uint16_t *x, int T, int TV, uint32
         for (int j0 = 0; j0 < cp; j0 += 16) /* C is a multiple of 128: whole blocks of 16 pairs */
             for (int v = 0; v < tv; v++) {
                 __m512 a[16];
-                for (int i = 0; i < 16; i++) a[i] = _mm512_loadu_ps((const float *)(a32 + (size_t)(16 * v + i) * cp + j0));
+                for (int i = 0; i < 16; i++)
+                    a[i] = _mm512_loadu_ps((const float *)(a32 + (size_t)(16 * v + i) * cp + j0));
                 mq_transpose16(a); /* a[j]: pair j0 + j of the 16 tokens */
                 for (int j = 0; j < 16; j++) _mm512_storeu_ps((float *)(dst + ((size_t)(j0 + j) * tv + v) * 16), a[j]);
             }
