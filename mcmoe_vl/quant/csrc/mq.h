@@ -27,6 +27,12 @@ enum { MQ_SCALAR = 0, MQ_AVX2 = 1, MQ_AVX512 = 2 };
 
 float mq_h2f(uint16_t h);
 
+/* a bfloat16 (bits) as float32, exactly */
+static inline float mq_bf2f(uint16_t h) {
+    union { uint32_t u; float f; } v = {(uint32_t)h << 16};
+    return v.f;
+}
+
 static inline int mq_groups(const mq_mat *m) { return (m->C + m->gs - 1) / m->gs; }
 
 /* w = s (q - z) for (row r, group g); binary folded into s = 2 s1, z = 1/2 */

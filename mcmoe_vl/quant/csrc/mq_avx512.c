@@ -3,6 +3,7 @@
 #include <string.h>
 
 #include "mq.h"
+#include "mq_avx512_util.h"
 
 #define LANES 16
 #define NT_MAX 8
@@ -20,19 +21,7 @@ typedef __m512i vi;
 #define DECODE_1(p) _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(p)))
 #define DECODE_2(p) DECODE_1(p)
 #define DECODE_4(p) DECODE_1(p)
-/* 48 bytes -> lane i = 24-bit word i: 128-bit lane L loads bytes 12L.. (the last from 32, so no load leaves the
- * block), then one byte shuffle puts bytes 3i..3i+2 of each lane's 12 into dword i */
-static inline vi DECODE_3(const uint8_t *p) {
-    __m512i v = _mm512_castsi128_si512(_mm_loadu_si128((const __m128i *)p));
-    v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(p + 12)), 1);
-    v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(p + 24)), 2);
-    v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(p + 32)), 3);
-    const __m512i sh = _mm512_setr_epi32(0xff020100, 0xff050403, 0xff080706, 0xff0b0a09,
-                                         0xff020100, 0xff050403, 0xff080706, 0xff0b0a09,
-                                         0xff020100, 0xff050403, 0xff080706, 0xff0b0a09,
-                                         0xff060504, 0xff090807, 0xff0c0b0a, 0xff0f0e0d);
-    return _mm512_shuffle_epi8(v, sh);
-}
+#define DECODE_3(p) mq_load_words3(p)
 #define VSTOREU(p, v) _mm512_storeu_ps(p, v)
 #define VCASTI(v) _mm512_castps_si512(v)
 #define VADDI(a, b) _mm512_add_epi32(a, b)

@@ -215,13 +215,6 @@ static inline float bf16_round(float w) {
     return w;
 }
 
-static inline float bf16_to_f(uint16_t h) {
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
 static inline __attribute__((always_inline)) void prefill_tile(const mq_mat *m, const uint16_t *x0, float *y0,
                                                                int ldy, int r0, const int bits, const int RB,
                                                                const int TB) {
@@ -259,7 +252,7 @@ static inline __attribute__((always_inline)) void prefill_tile(const mq_mat *m, 
                 const float q = (float)mq_code_at(m->q + (size_t)(r0 + r) * m->row_bytes, k, bits, m->row_bytes);
                 const float s1 = _cvtsh_ss(m->sc[gi]);
                 const float w = bf16_round(m->zr ? s1 * (q - _cvtsh_ss(m->zr[gi])) : s1 * (2.0f * q - 1.0f));
-                for (int t = 0; t < TB; t++) sacc[r][t] += w * bf16_to_f(x0[(size_t)t * C + k]);
+                for (int t = 0; t < TB; t++) sacc[r][t] += w * mq_bf2f(x0[(size_t)t * C + k]);
             }
     }
     for (int r = 0; r < RB; r++)

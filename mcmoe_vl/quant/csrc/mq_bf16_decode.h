@@ -6,22 +6,11 @@
 #include <string.h>
 
 #include "mq.h"
+#include "mq_avx512_util.h"
 
 /* static inline so that the row loop sees constants (an exported function is called through the PLT) */
 static inline int passes(int bits) { return bits == 4 ? 2 : 4; }
 static inline int block(int bits) { return bits == 4 ? 64 : 128; }
-
-static inline __m512i load_words3(const uint8_t *p) {
-    __m512i v = _mm512_castsi128_si512(_mm_loadu_si128((const __m128i *)p));
-    v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(p + 12)), 1);
-    v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(p + 24)), 2);
-    v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(p + 32)), 3);
-    const __m512i sh = _mm512_setr_epi32(0xff020100, 0xff050403, 0xff080706, 0xff0b0a09,
-                                         0xff020100, 0xff050403, 0xff080706, 0xff0b0a09,
-                                         0xff020100, 0xff050403, 0xff080706, 0xff0b0a09,
-                                         0xff060504, 0xff090807, 0xff0c0b0a, 0xff0f0e0d);
-    return _mm512_shuffle_epi8(v, sh);
-}
 
 /* the 16-bit code indices of pass p (only the low bits matter: the table repeats) */
 static inline __attribute__((always_inline)) __m512i indices(__m512i v, const int bits, const int p) {
@@ -42,7 +31,7 @@ static inline __attribute__((always_inline)) __m512i indices(__m512i v, const in
 }
 
 static inline __attribute__((always_inline)) __m512i decode(const uint8_t *p, const int bits) {
-    if (bits == 3) return load_words3(p);
+    if (bits == 3) return mq_load_words3(p);
     if (bits == 1) {
         return _mm512_cvtepu8_epi16(_mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)p)));
     }

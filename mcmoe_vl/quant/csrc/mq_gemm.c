@@ -66,13 +66,6 @@ void mq_rows_lut1(const mq_mat *m, const float *buf, int T, float *y, int ldy, i
 
 int mq_use_lut1(const mq_mat *m, int isa, int T) { return isa == MQ_AVX512 && T <= 2 && mq_lut1_ok(m); }
 
-static float bf2f_(uint16_t h) {
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
 /* y = x W^T for T <= 2 float32 tokens x, or bfloat16 tokens xb. Returns 0 or -2 (out of memory). */
 static int gemm_lut1(const mq_mat *m, const float *x, const uint16_t *xb, int T, float *y, int ldy, int nthreads) {
     const size_t n = mq_lut1_floats(m);
@@ -84,7 +77,7 @@ static int gemm_lut1(const mq_mat *m, const float *x, const uint16_t *xb, int T,
     }
     for (int t = 0; t < T; t++) {
         if (xb)
-            for (int k = 0; k < m->C; k++) tmp[k] = bf2f_(xb[(size_t)t * m->C + k]);
+            for (int k = 0; k < m->C; k++) tmp[k] = mq_bf2f(xb[(size_t)t * m->C + k]);
         mq_lut1_prepare(m, xb ? tmp : x + (size_t)t * m->C, buf + n * t);
     }
     const int nt = mq_threads_for((double)m->R * m->C * T, nthreads);
@@ -207,13 +200,6 @@ int mq_cpu_bf16(void) {
 #endif
 }
 
-static float bf2f(uint16_t h) {
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
 /* one bfloat16 token x (C) -> xp (C) in the path's order (perm applied), xs (G) group sums; nat: C scratch */
 void mq_prepare_token_bf16(const mq_mat *m, const uint16_t *x, uint16_t *xp, uint16_t *nat, float *xs) {
     const int B = mq_bf16_block(m->bits), NP = mq_bf16_passes(m->bits), C = m->C, G = mq_groups(m);
@@ -222,7 +208,7 @@ void mq_prepare_token_bf16(const mq_mat *m, const uint16_t *x, uint16_t *xp, uin
     for (int g = 0; g < G; g++) {
         int k0 = g * m->gs, k1 = k0 + m->gs < C ? k0 + m->gs : C;
         float sum = 0.0f;
-        for (int k = k0; k < k1; k++) sum += bf2f(nat[k]);
+        for (int k = k0; k < k1; k++) sum += mq_bf2f(nat[k]);
         xs[g] = sum;
         for (int k = k0; k + B <= k1; k += B)
             for (int p = 0; p < NP; p++)

@@ -11,7 +11,7 @@
 #include <immintrin.h>
 
 #include "mq.h"
-#include "mq_transpose.h"
+#include "mq_avx512_util.h"
 
 int mq_lut1_on = 1; /* 0: the bit-plane / bf16 dot-product kernels instead (for benchmarks) */
 

@@ -67,12 +67,6 @@ static void run_jobs(job *jobs, int nj, int nthreads) {
     free(start);
 }
 
-static float bf_round(float f) { /* f rounded to bfloat16, as a float */
-    uint32_t u = (uint32_t)f2bf(f) << 16;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
 /* 1-bit decode (T <= 2 on AVX-512): the token tables; tokens rounded to bfloat16 first when bf16 */
 static int prepare_lut1(job *jb, const mq_mat *m, int bf16, const float *x, int ldx, const int32_t *tok, int T) {
     const size_t n = mq_lut1_floats(m);
@@ -87,7 +81,7 @@ static int prepare_lut1(job *jb, const mq_mat *m, int bf16, const float *x, int 
     for (int t = 0; t < T; t++) {
         const float *xt = x + (size_t)(tok ? tok[t] : t) * ldx;
         if (bf16)
-            for (int k = 0; k < m->C; k++) row[k] = bf_round(xt[k]);
+            for (int k = 0; k < m->C; k++) row[k] = mq_bf2f(f2bf(xt[k])); /* rounded to bfloat16 */
         mq_lut1_prepare(m, bf16 ? row : xt, jb->xp + n * t);
     }
     free(row);

@@ -17,7 +17,6 @@
 
 #include "mq.h"
 #include "mq_bf16_decode.h"
-#include "mq_transpose.h"
 
 const int mq_panel_built = 1;
 
